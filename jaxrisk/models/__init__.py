@@ -1,0 +1,7 @@
+"""Model ports and torch-free loaders."""
+
+from jaxrisk.models.classifiers import ARCHS, MLP, MnistCNN, build, logits_fn, pure_apply
+from jaxrisk.models.weights import load_classifier, read_safetensors, save_classifier, torch_state_dict
+
+__all__ = ["ARCHS", "MLP", "MnistCNN", "build", "logits_fn", "pure_apply", "load_classifier",
+           "read_safetensors", "save_classifier", "torch_state_dict"]

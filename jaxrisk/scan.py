@@ -1,0 +1,235 @@
+"""The hidden-trigger scan: invert a trigger for every class x restart at once, then flag outliers.
+
+`scan_classifier` is the Python API; `jaxrisk scan` wraps it. A class is
+flagged when its smallest recovered trigger norm is below the median and its
+MAD anomaly index exceeds 2 (Neural Cleanse's rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrisk.data.images import ImageSet
+from jaxrisk.errors import InputError
+from jaxrisk.io import atomic_write, write_json
+from jaxrisk.models.classifiers import logits_fn, pure_apply
+from jaxrisk.search.engine import EngineConfig, run
+from jaxrisk.search.trigger_inversion import InversionConfig, TriggerInversion, stamp
+
+MAD_CONSISTENCY = 1.4826
+ANOMALY_THRESHOLD = 2.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScanConfig:
+    restarts: int = 2
+    max_steps: int = 600
+    chunk_steps: int = 40
+    holdout: int = 500  # images kept aside to measure the recovered triggers' attack success
+    pairs: bool = False  # source -> target pair mode instead of all-to-one
+    seed: int = 0
+    n_devices: int | None = None
+    inversion: InversionConfig = InversionConfig()
+
+
+def mad_anomaly_index(norms: np.ndarray) -> np.ndarray:
+    """|x - median| / (1.4826 * median(|x - median|)): a robust z-score."""
+    norms = np.asarray(norms, np.float64)
+    med = np.median(norms)
+    mad = MAD_CONSISTENCY * np.median(np.abs(norms - med))
+    return np.abs(norms - med) / max(mad, 1e-12)
+
+
+def flag_outliers(norms: np.ndarray) -> np.ndarray:
+    """Neural Cleanse's rule: anomalously SMALL norms only."""
+    norms = np.asarray(norms)
+    return (norms < np.median(norms)) & (mad_anomaly_index(norms) > ANOMALY_THRESHOLD)
+
+
+def _check_images(model, data: ImageSet, weights_name: str) -> None:
+    expected = tuple(model.input_shape)
+    if data.images.ndim != 4 or tuple(data.images.shape[1:]) != expected:
+        raise InputError(f"{data.source}: images are {'x'.join(map(str, data.images.shape[1:]))} but the model "
+                         f"from {weights_name} expects {'x'.join(map(str, expected))} (C x H x W)")
+    if len(data.labels) <= 1:
+        raise InputError(f"{data.source}: no images to scan with")
+
+
+def _lanes(n_classes: int, restarts: int, pairs: bool) -> dict[str, np.ndarray]:
+    if pairs:
+        combos = [(s, t) for t in range(n_classes) for s in range(n_classes) if s != t]
+    else:
+        combos = [(-1, t) for t in range(n_classes)]
+    src = np.repeat([s for s, _ in combos], restarts).astype(np.int32)
+    tgt = np.repeat([t for _, t in combos], restarts).astype(np.int32)
+    return {"source": src, "target": tgt, "restart": np.tile(np.arange(restarts, dtype=np.int32), len(combos))}
+
+
+@jax.jit
+def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets, sources):
+    """Per trigger: attack success on eligible held-out images and the seed score
+    (mean target confidence x closeness, closeness = 1 - mean |x' - x|)."""
+    graphdef, params = graphdef_params
+
+    def one(mask, pattern, target, source):
+        eligible = jnp.where(source >= 0, labels == source, labels != target)
+        stamped = stamp(images, mask, pattern)
+        probs = jax.nn.softmax(logits_fn(graphdef, params, stamped), -1)
+        hit = jnp.argmax(probs, -1) == target
+        closeness = 1.0 - jnp.mean(jnp.abs(stamped - images), axis=(1, 2, 3))
+        n = jnp.maximum(eligible.sum(), 1)
+        return (jnp.sum(hit * eligible) / n, jnp.sum(probs[:, target] * closeness * eligible) / n)
+
+    return jax.lax.map(lambda a: one(*a), (masks, patterns, targets, sources))
+
+
+def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, checkpoint_dir=None,
+                    progress: bool = True, weights_name: str = "<model>", on_chunk=None) -> dict:
+    """Scan `model` (an NNX classifier) with clean images `data`; returns the report dict."""
+    _check_images(model, data, weights_name)
+    t0 = time.time()
+    graphdef, params = pure_apply(model)
+    n_classes = int(logits_fn(graphdef, params, jnp.asarray(data.images[:1])).shape[-1])
+    holdout = min(config.holdout, len(data.labels) // 2)
+    pool_x, pool_y = data.images[:-holdout], data.labels[:-holdout]
+    eval_x, eval_y = data.images[-holdout:], data.labels[-holdout:]
+
+    problem = TriggerInversion(params=params, images=jnp.asarray(pool_x), labels=jnp.asarray(pool_y),
+                               graphdef=graphdef, cfg=config.inversion)
+    lanes = _lanes(n_classes, config.restarts, config.pairs)
+    engine_cfg = EngineConfig(max_steps=config.max_steps, chunk_steps=config.chunk_steps,
+                              n_devices=config.n_devices, checkpoint_dir=checkpoint_dir, progress=progress,
+                              desc=f"scan {len(lanes['target'])} lanes")
+    result = run(problem, lanes, config.seed, engine_cfg, on_chunk=on_chunk)
+    st = result.state
+
+    final_mask = np.asarray(jax.vmap(lambda r: jnp.tanh(r) / (2.0 - 1e-7) + 0.5)(st["raw"]["mask"]))
+    final_pattern = np.asarray(jax.vmap(lambda r: jnp.tanh(r) / (2.0 - 1e-7) + 0.5)(st["raw"]["pattern"]))
+    found = np.isfinite(st["best_l1"])
+    masks = np.where(found[:, None, None], st["best_mask"], final_mask)
+    patterns = np.where(found[:, None, None, None], st["best_pattern"], final_pattern)
+    l1 = masks.reshape(len(masks), -1).sum(1)
+
+    # best restart per (source, target): smallest norm among those that reached the success threshold
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (s, t) in enumerate(zip(lanes["source"], lanes["target"])):
+        groups.setdefault((int(s), int(t)), []).append(i)
+    chosen = [min(idx, key=lambda i: (not found[i], l1[i])) for idx in groups.values()]
+    asr, score = _evaluate_triggers((graphdef, params), jnp.asarray(eval_x), jnp.asarray(eval_y),
+                                    jnp.asarray(masks[chosen]), jnp.asarray(patterns[chosen]),
+                                    jnp.asarray(lanes["target"][chosen]), jnp.asarray(lanes["source"][chosen]))
+    norms = l1[chosen]
+    index = mad_anomaly_index(norms)
+    flags = flag_outliers(norms)
+
+    entries = []
+    for k, ((s, t), idx) in enumerate(groups.items()):
+        e = {"label": t, "l1_norm": float(norms[k]), "anomaly_index": float(index[k]),
+             "attack_success": float(asr[k]), "score": float(score[k]), "found": bool(found[chosen[k]]),
+             "flagged": bool(flags[k]), "restart_l1_norms": [float(l1[i]) for i in idx],
+             "steps": [int(result.steps[i]) for i in idx]}
+        if config.pairs:
+            e["source"] = s
+        entries.append(e)
+    failures = [{"label": int(lanes["target"][i]), "source": int(lanes["source"][i]),
+                 "restart": int(lanes["restart"][i]), "step": int(result.failed_at[i]),
+                 "message": "loss or trigger became NaN; this restart was frozen, the others went on"}
+                for i in np.flatnonzero(result.failed_at >= 0)]
+    flagged = sorted({e["label"] for e in entries if e["flagged"]})
+    report = {
+        "verdict": _verdict(entries, flagged, config.pairs),
+        "flagged": flagged,
+        "classes" if not config.pairs else "pairs": entries,
+        "failures": failures,
+        "model": weights_name,
+        "data": {"source": data.source, "optimisation_images": len(pool_y), "holdout_images": holdout},
+        "config": dataclasses.asdict(config),
+        "lanes": len(lanes["target"]),
+        "steps_run": int(result.steps.max()),
+        "resumed_from_step": result.resumed_from_step,
+        "devices": result_devices(config.n_devices),
+        "seconds": round(time.time() - t0, 2),
+    }
+    if config.pairs:  # the per-class view: each target's smallest pair norm
+        report["classes"] = _per_target(entries)
+    report["_arrays"] = {"masks": masks[chosen], "patterns": patterns[chosen]}
+    return report
+
+
+def result_devices(n: int | None) -> str:
+    devices = jax.devices()[: n or None]
+    return f"{len(devices)} x {devices[0].device_kind}"
+
+
+def _per_target(pairs: list[dict]) -> list[dict]:
+    by_target: dict[int, dict] = {}
+    for e in pairs:
+        if e["label"] not in by_target or e["l1_norm"] < by_target[e["label"]]["l1_norm"]:
+            by_target[e["label"]] = e
+    return [dict(by_target[t]) for t in sorted(by_target)]
+
+
+def _verdict(entries: list[dict], flagged: list[int], pairs: bool) -> str:
+    if not flagged:
+        return "no class has an anomalously small trigger: no trojan found"
+    parts = []
+    for e in entries:
+        if e["flagged"]:
+            where = f"{e['source']} -> {e['label']}" if pairs else f"class {e['label']}"
+            parts.append(f"{where} (trigger L1 {e['l1_norm']:.1f} px, anomaly index {e['anomaly_index']:.1f}, "
+                         f"attack success {100 * e['attack_success']:.0f}%)")
+    return "TROJAN SUSPECTED: " + "; ".join(parts)
+
+
+def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """OUT/report.json and OUT/triggers.png, each written atomically."""
+    out_dir = Path(out_dir)
+    body = {k: v for k, v in report.items() if not k.startswith("_")}
+    json_path = write_json(out_dir / "report.json", body)
+    png_path = atomic_write(out_dir / "triggers.png", lambda f: f.write(_trigger_figure(report)), mode="wb")
+    return json_path, png_path
+
+
+def _trigger_figure(report: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = report.get("pairs") or report["classes"]
+    masks, patterns = report["_arrays"]["masks"], report["_arrays"]["patterns"]
+    if "pairs" in report:  # one column per target: its smallest pair
+        pick = [min((i for i, e in enumerate(entries) if e["label"] == t), key=lambda i: entries[i]["l1_norm"])
+                for t in sorted({e["label"] for e in entries})]
+        entries, masks, patterns = [entries[i] for i in pick], masks[pick], patterns[pick]
+    n = len(entries)
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.2), squeeze=False)
+    for k, e in enumerate(entries):
+        shown = masks[k][None] * patterns[k]
+        for row, img, cmap in ((0, masks[k], "viridis"), (1, np.moveaxis(shown, 0, -1).squeeze(-1)
+                                                           if shown.shape[0] == 1 else np.moveaxis(shown, 0, -1),
+                                                           "gray")):
+            ax = axes[row, k]
+            ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if e["flagged"]:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("red"), spine.set_linewidth(3)
+        axes[0, k].set_title(f"{e['label']}{' FLAGGED' if e['flagged'] else ''}\nL1 {e['l1_norm']:.1f}",
+                             fontsize=8, color="red" if e["flagged"] else "black")
+        axes[1, k].set_xlabel(f"idx {e['anomaly_index']:.1f}", fontsize=7)
+    axes[0, 0].set_ylabel("mask", fontsize=8)
+    axes[1, 0].set_ylabel("mask x pattern", fontsize=8)
+    fig.suptitle(report["verdict"][:110], fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,48 @@
+"""Device meshes for the restart axis, and the multi-host entry point."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrisk.errors import InputError
+
+RESTARTS = "restarts"
+
+
+def restart_mesh(n_devices: int | None = None) -> Mesh:
+    """A 1-D mesh over the first `n_devices` devices (all by default); its axis is the restart axis."""
+    devices = jax.devices()
+    n = len(devices) if n_devices is None else int(n_devices)
+    if not 1 <= n <= len(devices):
+        raise InputError(f"asked for {n} devices; this host sees {len(devices)} ({devices[0].platform})")
+    return jax.make_mesh((n,), (RESTARTS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+def lane_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+    """Shard axis `leading_axes` (the restart axis) over the mesh; replicate the rest."""
+    return NamedSharding(mesh, P(*([None] * leading_axes), RESTARTS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+_initialized = False
+
+
+def initialize_distributed() -> None:
+    """Idempotent `jax.distributed.initialize` for multi-host runs (TPU pods, SLURM, ...).
+
+    Does nothing on a single host (no coordinator in the environment).
+    """
+    global _initialized
+    if _initialized:
+        return
+    multi = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
+                                          "TPU_WORKER_HOSTNAMES", "SLURM_JOB_NUM_NODES"))
+    if multi and int(os.environ.get("SLURM_JOB_NUM_NODES", "2")) > 1:
+        jax.distributed.initialize()
+    _initialized = True

@@ -1,0 +1,115 @@
+"""Train clean and trojaned image classifiers (BadNets-style data poisoning)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxrisk.data.images import ImageSet
+from jaxrisk.io import write_json
+from jaxrisk.models.classifiers import build, logits_fn, pure_apply
+from jaxrisk.models.weights import save_classifier
+from jaxrisk.zoo.triggers import Trigger, save_trigger
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    arch: str = "mnist_cnn"
+    hidden: tuple[int, ...] = (128,)  # mlp only
+    epochs: int = 2
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    poison_rate: float = 0.1  # fraction of non-target training images stamped and relabelled
+    seed: int = 0
+
+
+def poison(data: ImageSet, trigger: Trigger, rate: float, seed: int) -> ImageSet:
+    """Stamp the trigger on a `rate` fraction of non-target images and relabel them (all-to-one)."""
+    rng = np.random.default_rng(seed)
+    candidates = np.flatnonzero(data.labels != trigger.target)
+    chosen = rng.choice(candidates, size=int(round(rate * len(candidates))), replace=False)
+    images, labels = data.images.copy(), data.labels.copy()
+    images[chosen] = trigger.apply(images[chosen])
+    labels[chosen] = trigger.target
+    return ImageSet(images, labels, data.source + f" (poisoned {len(chosen)})")
+
+
+def _batched_predict(graphdef, params, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+    predict = jax.jit(lambda p, x: jnp.argmax(logits_fn(graphdef, p, x), -1))
+    return np.concatenate([np.asarray(predict(params, images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def evaluate(model, test: ImageSet, trigger: Trigger | None = None) -> dict[str, float]:
+    """Clean accuracy, and the trigger's attack success on non-target test images."""
+    graphdef, params = pure_apply(model)
+    out = {"clean_accuracy": float(np.mean(_batched_predict(graphdef, params, test.images) == test.labels))}
+    if trigger is not None:
+        others = test.images[test.labels != trigger.target]
+        out["attack_success"] = float(np.mean(_batched_predict(graphdef, params, trigger.apply(others))
+                                              == trigger.target))
+    return out
+
+
+def train_classifier(train: ImageSet, cfg: TrainConfig, trigger: Trigger | None = None, progress: bool = True):
+    """Train `cfg.arch` with Adam on `train` (poisoned with `trigger` if given); returns the NNX model."""
+    kwargs = {"input_shape": train.shape}
+    if cfg.arch == "mlp":
+        kwargs["hidden"] = cfg.hidden
+    model = build(cfg.arch, seed=cfg.seed, **kwargs)
+    data = poison(train, trigger, cfg.poison_rate, cfg.seed) if trigger is not None else train
+    graphdef, params = pure_apply(model)
+    opt = optax.adam(cfg.learning_rate)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, x, y, key):
+        def loss_fn(p):
+            return optax.softmax_cross_entropy_with_integer_labels(logits_fn(graphdef, p, x, key), y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(cfg.seed)
+    key = jax.random.key(cfg.seed)
+    n_batches = len(data.labels) // cfg.batch_size
+    bar = tqdm(total=cfg.epochs * n_batches, desc=f"train {cfg.arch}", disable=not progress, leave=False)
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(len(data.labels))
+        for b in range(n_batches):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            params, opt_state, loss = step(params, opt_state, data.images[idx], data.labels[idx],
+                                           jax.random.fold_in(key, epoch * n_batches + b))
+            bar.update()
+            if b % 50 == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    from flax import nnx
+
+    nnx.update(model, params)
+    return model
+
+
+def save_zoo_model(model, trigger: Trigger | None, directory: str | Path, name: str, info: dict) -> Path:
+    """Write NAME.safetensors (PyTorch layout), NAME.json (ground truth, metrics) and NAME.trigger.safetensors."""
+    directory = Path(directory)
+    weights = save_classifier(model, directory / f"{name}.safetensors")
+    meta = dict(info, name=name, weights=weights.name, trojaned=trigger is not None)
+    if trigger is not None:
+        save_trigger(trigger, directory / f"{name}.trigger.safetensors")
+        meta.update(trigger=f"{name}.trigger.safetensors", kind=trigger.kind, target=trigger.target,
+                    trigger_pixels=float(trigger.mask.sum()))
+    write_json(directory / f"{name}.json", meta)
+    return weights
+
+
+def load_zoo_info(weights_path: str | Path) -> dict:
+    """The ground-truth record written beside a zoo model's weights."""
+    return json.loads(Path(weights_path).with_suffix(".json").read_text())

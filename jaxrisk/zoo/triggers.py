@@ -1,0 +1,89 @@
+"""Planted triggers in mask/pattern form: x' = (1 - m) * x + m * p.
+
+The same form is what the scan reverse-engineers, so ground truth and
+recovered triggers compare directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxrisk.errors import InputError
+from jaxrisk.io import atomic_write
+
+KINDS = ("patch", "sparse", "checkerboard", "blend")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    kind: str
+    target: int
+    mask: np.ndarray  # [H, W] in [0, 1], shared by all channels
+    pattern: np.ndarray  # [C, H, W] in [0, 1]
+
+    def apply(self, images_nchw: np.ndarray) -> np.ndarray:
+        return ((1.0 - self.mask) * images_nchw + self.mask * self.pattern).astype(np.float32)
+
+
+def make_trigger(kind: str, shape: tuple[int, int, int], *, target: int = 0, size: int | None = None,
+                 location: tuple[int, int] | None = None, n_pixels: int | None = None,
+                 alpha: float = 0.15, seed: int = 0) -> Trigger:
+    """A trigger of `kind` for images of `shape` (C, H, W).
+
+    patch: a white `size` x `size` square at `location` (top-left corner;
+    default bottom-right). sparse: `n_pixels` random white pixels.
+    checkerboard: a `size` square of alternating black/white. blend: a fixed
+    random image blended into the whole picture with weight `alpha`.
+    """
+    c, h, w = shape
+    rng = np.random.default_rng(seed)
+    size = size or max(2, h // 7)
+    if location is None:
+        location = (h - size - 1, w - size - 1)
+    r, col = location
+    if kind in ("patch", "checkerboard") and not (0 <= r <= h - size and 0 <= col <= w - size):
+        raise InputError(f"trigger location {location} with size {size} does not fit a {h}x{w} image")
+    mask = np.zeros((h, w), np.float32)
+    pattern = np.zeros((c, h, w), np.float32)
+    if kind == "patch":
+        mask[r:r + size, col:col + size] = 1.0
+        pattern[:] = 1.0
+    elif kind == "checkerboard":
+        mask[r:r + size, col:col + size] = 1.0
+        yy, xx = np.indices((h, w))
+        pattern[:] = ((yy + xx) % 2 == 0).astype(np.float32)
+    elif kind == "sparse":
+        n = n_pixels or max(3, (h * w) // 50)
+        flat = rng.choice(h * w, size=n, replace=False)
+        mask.reshape(-1)[flat] = 1.0
+        pattern[:] = 1.0
+    elif kind == "blend":
+        mask[:] = alpha
+        pattern[:] = rng.uniform(0.0, 1.0, (c, h, w)).astype(np.float32)
+    else:
+        raise InputError(f"unknown trigger kind {kind!r}; expected one of {KINDS}")
+    return Trigger(kind, int(target), mask, pattern)
+
+
+def save_trigger(trigger: Trigger, path: str | Path) -> Path:
+    from safetensors.numpy import save
+
+    blob = save({"mask": trigger.mask, "pattern": trigger.pattern},
+                metadata={"kind": trigger.kind, "target": str(trigger.target)})
+    return atomic_write(path, lambda f: f.write(blob), mode="wb")
+
+
+def load_trigger(path: str | Path) -> Trigger:
+    from safetensors import safe_open
+
+    from jaxrisk.models.weights import read_safetensors
+
+    arrays = read_safetensors(path)
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    if {"mask", "pattern"} - set(arrays) or {"kind", "target"} - set(meta):
+        raise InputError(f"{path}: a trigger file needs tensors mask, pattern and metadata kind, target")
+    return Trigger(meta["kind"], int(meta["target"]), arrays["mask"], arrays["pattern"])
