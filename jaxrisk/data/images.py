@@ -75,13 +75,20 @@ def load_mnist(directory: str | Path, split: str = "test") -> ImageSet:
     return ImageSet((images[:, None] / 255.0).astype(np.float32), labels.astype(np.int32), str(img_path))
 
 
-def load_digits(split: str = "test", seed: int = 0) -> ImageSet:
-    """scikit-learn's bundled 8x8 digits (1,797 images, no download); 2/3 train, 1/3 test."""
+def load_digits(split: str = "test", size: int = 16, seed: int = 0) -> ImageSet:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download); 2/3 train, 1/3 test.
+
+    `size` (a multiple of 8) upscales by pixel repetition. The default, 16,
+    makes a 2x2 trigger small next to a digit's strokes, as on MNIST.
+    """
     from sklearn.datasets import load_digits as sk_digits
 
+    if size % 8 or size < 8:
+        raise InputError(f"digits size must be a multiple of 8, not {size}")
     d = sk_digits()
     order = np.random.default_rng(seed).permutation(len(d.target))
     cut = (2 * len(order)) // 3
     idx = order[:cut] if split == "train" else order[cut:]
-    images = (d.images[idx, None] / 16.0).astype(np.float32)
-    return ImageSet(images, d.target[idx].astype(np.int32), f"sklearn digits ({split})")
+    f = size // 8
+    images = np.repeat(np.repeat(d.images[idx, None] / 16.0, f, axis=2), f, axis=3).astype(np.float32)
+    return ImageSet(images, d.target[idx].astype(np.int32), f"sklearn digits {size}x{size} ({split})")

@@ -11,6 +11,7 @@ import json
 import struct
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -84,8 +85,8 @@ def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     out = {}
     for name in model.torch_layers:
         layer = getattr(model, name)
-        out[f"{name}.weight"] = np.ascontiguousarray(_to_torch(np.asarray(layer.kernel.value)))
-        out[f"{name}.bias"] = np.asarray(layer.bias.value)
+        out[f"{name}.weight"] = np.ascontiguousarray(_to_torch(np.asarray(layer.kernel.get_value())))
+        out[f"{name}.bias"] = np.asarray(layer.bias.get_value())
     return out
 
 
@@ -94,8 +95,8 @@ def load_torch_state_dict(model: nnx.Module, state: dict[str, np.ndarray], sourc
     expected = {}
     for name in model.torch_layers:
         layer = getattr(model, name)
-        expected[f"{name}.weight"] = _torch_shape(np.asarray(layer.kernel.value))
-        expected[f"{name}.bias"] = tuple(layer.bias.value.shape)
+        expected[f"{name}.weight"] = _torch_shape(np.asarray(layer.kernel.get_value()))
+        expected[f"{name}.bias"] = tuple(layer.bias.get_value().shape)
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -112,8 +113,8 @@ def load_torch_state_dict(model: nnx.Module, state: dict[str, np.ndarray], sourc
         raise InputError(f"{source}: weights do not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
     for name in model.torch_layers:
         layer = getattr(model, name)
-        layer.kernel.value = np.asarray(_from_torch(state[f"{name}.weight"]), np.float32)
-        layer.bias.value = np.asarray(state[f"{name}.bias"], np.float32)
+        layer.kernel.set_value(jnp.asarray(_from_torch(state[f"{name}.weight"]), jnp.float32))
+        layer.bias.set_value(jnp.asarray(state[f"{name}.bias"], jnp.float32))
     return model
 
 

@@ -37,7 +37,7 @@ class InversionConfig:
     patience: int = 3
     cost_up: float = 2.0
     cost_down: float = 2.0 ** 1.5
-    early_stop_patience: int = 10
+    early_stop_patience: int = 20
     early_stop_threshold: float = 0.99  # "improved" means best norm fell below this fraction of the old best
 
 

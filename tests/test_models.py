@@ -1,0 +1,118 @@
+"""Classifier ports: PyTorch parity of the layout, and refusal of bad weight files."""
+
+import pickle
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jaxrisk.errors import InputError
+from jaxrisk.models import build, load_classifier, logits_fn, pure_apply, save_classifier, torch_state_dict
+
+torch = pytest.importorskip("torch", reason="torch (CPU) is the parity reference; install the [test] extra")
+
+
+class TorchMnistCNN(torch.nn.Module):
+    """The PyTorch examples MNIST CNN, the layout jaxrisk must read."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = torch.nn.Conv2d(32, 64, 3, 1)
+        self.fc1 = torch.nn.Linear(9216, 128)
+        self.fc2 = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        x = torch.flatten(torch.nn.functional.max_pool2d(x, 2), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _torch_weights(tmp_path, module):
+    torch.manual_seed(0)
+    net = module()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.detach().numpy() for k, v in net.state_dict().items()}, str(path))
+    return net, path
+
+
+def test_mnist_cnn_matches_pytorch_logits(tmp_path):
+    net, path = _torch_weights(tmp_path, TorchMnistCNN)
+    x = np.random.default_rng(0).uniform(0, 1, (16, 1, 28, 28)).astype(np.float32)
+    graphdef, params = pure_apply(load_classifier(path, "mnist_cnn"))
+    ours = np.asarray(logits_fn(graphdef, params, jnp.asarray(x)))
+    ref = net(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_mlp_matches_pytorch_and_infers_its_widths(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.fc1, net.fc2, net.fc3 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 10)
+    path = tmp_path / "mlp.safetensors"
+    save_file({k: v.detach().numpy() for k, v in net.state_dict().items()}, str(path))
+    model = load_classifier(path, "mlp")
+    assert model.input_shape == (1, 8, 8)
+    x = np.random.default_rng(1).uniform(0, 1, (5, 1, 8, 8)).astype(np.float32)
+    ref = net.fc3(torch.relu(net.fc2(torch.relu(net.fc1(torch.from_numpy(x).reshape(5, -1)))))).detach().numpy()
+    ours = np.asarray(logits_fn(*pure_apply(model), jnp.asarray(x)))
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_save_then_load_round_trips(tmp_path):
+    model = build("mnist_cnn", seed=3)
+    save_classifier(model, tmp_path / "m.safetensors")
+    again = load_classifier(tmp_path / "m.safetensors", "mnist_cnn")
+    for k, v in torch_state_dict(model).items():
+        np.testing.assert_array_equal(v, torch_state_dict(again)[k])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"nope\.safetensors: no such file"):
+        load_classifier(tmp_path / "nope.safetensors", "mnist_cnn")
+
+
+def test_not_a_safetensors_file(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("these are not weights, just some text that is long enough")
+    with pytest.raises(InputError, match="notes.safetensors: not a safetensors file"):
+        load_classifier(path, "mnist_cnn")
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_pickle_checkpoint_is_refused_without_being_executed(tmp_path, writer):
+    path = tmp_path / "model.pt"
+    marker = tmp_path / "executed"
+
+    class Payload:  # unpickling this would create `marker`
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    if writer == "torch.save":
+        torch.save({"conv1.weight": torch.zeros(1), "evil": Payload()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"evil": Payload()}))
+    with pytest.raises(InputError, match="pickle checkpoint, which jaxrisk refuses to load: unpickling executes"):
+        load_classifier(path, "mnist_cnn")
+    assert not marker.exists()
+
+
+def test_every_key_problem_is_listed_at_once(tmp_path):
+    state = torch_state_dict(build("mnist_cnn"))
+    del state["conv2.bias"]
+    state["fc1.weight"] = state["fc1.weight"][:, :100]
+    state["extra.weight"] = np.zeros(3, np.float32)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(InputError) as err:
+        load_classifier(tmp_path / "bad.safetensors", "mnist_cnn")
+    msg = str(err.value)
+    assert "bad.safetensors" in msg
+    assert "missing keys: conv2.bias" in msg
+    assert "unexpected keys: extra.weight" in msg
+    assert "fc1.weight has shape [128, 100], expected [128, 9216]" in msg
+
+
+def test_unknown_arch():
+    with pytest.raises(InputError, match="unknown architecture 'resnet'"):
+        build("resnet")

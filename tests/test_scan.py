@@ -1,0 +1,146 @@
+"""The hidden-trigger scan on the embedded digits default: planted triggers are found, clean models pass."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxrisk.cli import main
+from jaxrisk.data import load_digits
+from jaxrisk.demo import TARGET, cache_dir, demo_models
+from jaxrisk.errors import InputError
+from jaxrisk.models import build
+from jaxrisk.scan import ScanConfig, flag_outliers, mad_anomaly_index, scan_classifier, write_report
+from jaxrisk.zoo import load_trigger
+
+FAST = ScanConfig(restarts=2, n_devices=1)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return demo_models(progress=False)
+
+
+@pytest.fixture(scope="module")
+def test_digits():
+    return load_digits("test")
+
+
+@pytest.fixture(scope="module")
+def trojan_report(models, test_digits):
+    return scan_classifier(models["trojaned"], test_digits, FAST, progress=False)
+
+
+def mask_overlap(recovered, planted):
+    """Fraction of the recovered mask's mass that lies on the planted trigger's pixels."""
+    return float((recovered * (planted > 0)).sum() / recovered.sum())
+
+
+def test_planted_digits_trigger_is_found(trojan_report):
+    assert trojan_report["flagged"] == [TARGET]
+    entry = trojan_report["classes"][TARGET]
+    assert entry["attack_success"] >= 0.9
+    planted = load_trigger(cache_dir() / "trojaned.trigger.safetensors")
+    assert mask_overlap(trojan_report["_arrays"]["masks"][TARGET], planted.mask) > 0.5
+    # the recovered trigger is about as small as the planted one, far smaller than any clean class's
+    others = [e["l1_norm"] for e in trojan_report["classes"] if e["label"] != TARGET]
+    assert entry["l1_norm"] < 2 * planted.mask.sum() < min(others)
+
+
+def test_clean_model_is_not_flagged(models, test_digits):
+    report = scan_classifier(models["clean"], test_digits, FAST, progress=False)
+    assert report["flagged"] == []
+    assert all(e["found"] for e in report["classes"])
+
+
+def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report):
+    report8 = scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=2, n_devices=8), progress=False)
+    assert report8["devices"].startswith("8 x")
+    assert report8["flagged"] == trojan_report["flagged"]
+    # Same lanes, same keys: only XLA's float reduction order differs with the per-device batch
+    # (last-bit differences), so norms agree to float precision, not bit for bit.
+    for a, b in zip(report8["classes"], trojan_report["classes"]):
+        np.testing.assert_allclose(a["restart_l1_norms"], b["restart_l1_norms"], rtol=1e-4)
+        assert a["found"] == b["found"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan_report, tmp_path):
+    def kill(step, info):
+        if step >= 2 * FAST.chunk_steps:
+            raise Killed
+
+    with pytest.raises(Killed):
+        scan_classifier(models["trojaned"], test_digits, FAST, checkpoint_dir=tmp_path, progress=False, on_chunk=kill)
+    resumed = scan_classifier(models["trojaned"], test_digits, FAST, checkpoint_dir=tmp_path, progress=False)
+    assert resumed["resumed_from_step"] == 2 * FAST.chunk_steps
+    assert resumed["classes"] == trojan_report["classes"]
+    np.testing.assert_array_equal(resumed["_arrays"]["masks"], trojan_report["_arrays"]["masks"])
+
+
+def test_pair_mode_finds_the_planted_target_from_every_source(models, test_digits):
+    report = scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=1, pairs=True, n_devices=1),
+                             progress=False)
+    assert len(report["pairs"]) == 90 and len(report["classes"]) == 10
+    assert report["flagged"] == [TARGET]
+    per_target = {e["label"]: e["l1_norm"] for e in report["classes"]}
+    assert per_target[TARGET] == min(per_target.values())
+
+
+def test_mad_anomaly_index_and_flagging_rule():
+    norms = np.array([20.0, 22, 19, 21, 23, 18, 20.5, 21.5, 19.5, 5, 60])
+    med = np.median(norms)
+    mad = 1.4826 * np.median(np.abs(norms - med))
+    np.testing.assert_allclose(mad_anomaly_index(norms), np.abs(norms - med) / mad)
+    # only the anomalously SMALL norm is a trojan signal; the huge one is not flagged
+    assert flag_outliers(norms).tolist() == [False] * 9 + [True, False]
+
+
+def test_wrong_image_size_is_a_clear_error(test_digits):
+    with pytest.raises(InputError, match=r"images are 1x16x16 but the model from cnn.safetensors expects 1x28x28"):
+        scan_classifier(build("mnist_cnn"), test_digits, FAST, weights_name="cnn.safetensors")
+
+
+def test_cli_contract_writes_report_and_figure(tmp_path, capsys):
+    weights = cache_dir() / "trojaned.safetensors"
+    demo_models(progress=False)
+    rc = main(["scan", "--weights", str(weights), "--arch", "mlp", "--out", str(tmp_path), "--no-progress",
+               "--devices", "1"])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["flagged"] == [TARGET]
+    assert {"label", "l1_norm", "anomaly_index", "attack_success"} <= set(report["classes"][0])
+    assert (tmp_path / "triggers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "checkpoint").exists()
+    assert f"TROJAN SUSPECTED: class {TARGET}" in capsys.readouterr().out
+
+
+def test_demo_prints_a_readable_verdict_for_both_models(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"TROJAN SUSPECTED: class {TARGET}" in out
+    assert "no trojan found" in out
+    assert json.loads((tmp_path / "clean" / "report.json").read_text())["flagged"] == []
+
+
+@pytest.mark.parametrize("setup,expected", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.write_bytes(b"\x80\x04\x95" + b"\x00" * 20), "refuses to load"),
+    (lambda p: p.write_text("{}" * 20), "not a safetensors file"),
+])
+def test_cli_bad_weights_give_one_line_errors(tmp_path, capsys, setup, expected):
+    weights = tmp_path / "w.safetensors"
+    setup(weights)
+    rc = main(["scan", "--weights", str(weights), "--arch", "mnist_cnn", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("jaxrisk: error: ") and str(weights) in err and expected in err
+    assert "Traceback" not in err
+
+
+def test_report_written_atomically(trojan_report, tmp_path):
+    write_report(trojan_report, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "triggers.png"]  # no temp files left
