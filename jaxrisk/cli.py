@@ -13,9 +13,9 @@ from jaxrisk.errors import InputError
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="PyTorch-layout .safetensors state dict to scan (default: the embedded demo)")
-    p.add_argument("--arch", default="mnist_cnn", help="architecture of --weights: mnist_cnn or mlp")
+    p.add_argument("--arch", default="mnist_cnn", choices=["mnist_cnn", "mlp"], help="architecture of --weights")
     p.add_argument("--mnist", metavar="DIR", help="directory with the four MNIST IDX files (test split is used)")
-    p.add_argument("--out", default="runs/scan", help="output directory (report.json, triggers.png)")
+    p.add_argument("--out", default="runs/scan", help="output directory (report.json, triggers.png, triggers.safetensors)")
     p.add_argument("--restarts", type=int, default=None, help="restarts per class (default 2; demo 4)")
     p.add_argument("--max-steps", type=int, default=None, help="step budget per restart")
     p.add_argument("--pairs", action="store_true", help="source->target pair mode instead of all-to-one")

@@ -30,7 +30,7 @@ ANOMALY_THRESHOLD = 2.0
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScanConfig:
     restarts: int = 2
-    max_steps: int = 600
+    max_steps: int = 500
     chunk_steps: int = 40
     holdout: int = 500  # images kept aside to measure the recovered triggers' attack success
     pairs: bool = False  # source -> target pair mode instead of all-to-one
@@ -60,6 +60,17 @@ def _check_images(model, data: ImageSet, weights_name: str) -> None:
                          f"from {weights_name} expects {'x'.join(map(str, expected))} (C x H x W)")
     if len(data.labels) <= 1:
         raise InputError(f"{data.source}: no images to scan with")
+
+
+def _check_labels(data: ImageSet, pool_y: np.ndarray, n_classes: int, config: ScanConfig) -> None:
+    if config.restarts < 1:
+        raise InputError(f"restarts must be >= 1, not {config.restarts}")
+    if data.labels.min() < 0 or data.labels.max() >= n_classes:
+        raise InputError(f"{data.source}: labels span {data.labels.min()}..{data.labels.max()} but the model has "
+                         f"{n_classes} outputs")
+    absent = sorted(set(range(n_classes)) - set(np.unique(pool_y).tolist()))
+    if config.pairs and absent:
+        raise InputError(f"{data.source}: pair mode needs images of every source class; none of class(es) {absent}")
 
 
 def _lanes(n_classes: int, restarts: int, pairs: bool) -> dict[str, np.ndarray]:
@@ -101,6 +112,7 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
     pool_x, pool_y = data.images[:-holdout], data.labels[:-holdout]
     eval_x, eval_y = data.images[-holdout:], data.labels[-holdout:]
 
+    _check_labels(data, pool_y, n_classes, config)
     problem = TriggerInversion(params=params, images=jnp.asarray(pool_x), labels=jnp.asarray(pool_y),
                                graphdef=graphdef, cfg=config.inversion)
     lanes = _lanes(n_classes, config.restarts, config.pairs)
@@ -189,8 +201,13 @@ def _verdict(entries: list[dict], flagged: list[int], pairs: bool) -> str:
 
 
 def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """OUT/report.json and OUT/triggers.png, each written atomically."""
+    """OUT/report.json, OUT/triggers.png and OUT/triggers.safetensors (the recovered masks and
+    patterns, one row per report entry), each written atomically."""
+    from safetensors.numpy import save
+
     out_dir = Path(out_dir)
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in report["_arrays"].items()}
+    atomic_write(out_dir / "triggers.safetensors", lambda f: f.write(save(arrays)), mode="wb")
     body = {k: v for k, v in report.items() if not k.startswith("_")}
     json_path = write_json(out_dir / "report.json", body)
     png_path = atomic_write(out_dir / "triggers.png", lambda f: f.write(_trigger_figure(report)), mode="wb")

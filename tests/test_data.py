@@ -61,9 +61,13 @@ def test_not_a_directory(tmp_path):
 
 def test_digits_default_is_embedded_and_split():
     train, test = load_digits("train"), load_digits("test")
-    assert train.shape == test.shape == (1, 8, 8)
+    assert train.shape == test.shape == (1, 16, 16)
     assert len(train.labels) + len(test.labels) == 1797
     assert 0.0 <= train.images.min() and train.images.max() <= 1.0
+    small = load_digits("test", size=8)
+    np.testing.assert_array_equal(test.images[:, :, ::2, ::2], small.images)  # 16x16 repeats each pixel 2x2
+    with pytest.raises(InputError, match="multiple of 8"):
+        load_digits(size=12)
 
 
 def test_real_mnist(mnist_dir):

@@ -143,4 +143,5 @@ def test_cli_bad_weights_give_one_line_errors(tmp_path, capsys, setup, expected)
 
 def test_report_written_atomically(trojan_report, tmp_path):
     write_report(trojan_report, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "triggers.png"]  # no temp files left
+    # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "triggers.png", "triggers.safetensors"]

@@ -195,8 +195,8 @@ def run(problem: SearchProblem, lanes: PyTree, key: jax.Array | int, config: Eng
             failed = int((np.asarray(carry_dev["failed_at"])[:n_real] >= 0).sum())
             if manager is not None:
                 _save(manager, c + 1, jax.device_get(carry_dev), history, n_real)
+            bar.set_postfix(done=f"{int(done[:n_real].sum())}/{n_real}", failed=failed, refresh=False)
             bar.update(config.chunk_steps)
-            bar.set_postfix(done=f"{int(done[:n_real].sum())}/{n_real}", failed=failed)
             if on_chunk is not None:
                 on_chunk((c + 1) * config.chunk_steps, {"done": done[:n_real], "failed": failed})
     finally:

@@ -1,8 +1,6 @@
-"""Device meshes for the restart axis, and the multi-host entry point."""
+"""Device meshes for the restart axis."""
 
 from __future__ import annotations
-
-import os
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -28,21 +26,3 @@ def lane_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-_initialized = False
-
-
-def initialize_distributed() -> None:
-    """Idempotent `jax.distributed.initialize` for multi-host runs (TPU pods, SLURM, ...).
-
-    Does nothing on a single host (no coordinator in the environment).
-    """
-    global _initialized
-    if _initialized:
-        return
-    multi = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
-                                          "TPU_WORKER_HOSTNAMES", "SLURM_JOB_NUM_NODES"))
-    if multi and int(os.environ.get("SLURM_JOB_NUM_NODES", "2")) > 1:
-        jax.distributed.initialize()
-    _initialized = True

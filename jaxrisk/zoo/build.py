@@ -40,7 +40,8 @@ def build_zoo(out: Path, *, mnist_dir: str, n_trojaned: int = 8, n_clean: int = 
         if spec["kind"] is not None:
             trigger = make_trigger(spec["kind"], train.shape, target=spec["target"], size=spec["size"],
                                    location=spec["location"], seed=spec["seed"])
-        model = train_classifier(train, TrainConfig(arch="mnist_cnn", epochs=epochs, seed=spec["seed"]), trigger,
+        model = train_classifier(train, TrainConfig(arch="mnist_cnn", epochs=epochs, batch_size=64, seed=spec["seed"]),
+                                 trigger,
                                  progress=progress)
         info = evaluate(model, test, trigger)
         save_zoo_model(model, trigger, out, spec["name"], dict(info, recipe=spec))
