@@ -21,7 +21,7 @@ from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write, write_json
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.search.engine import EngineConfig, run
-from jaxrisk.search.trigger_inversion import InversionConfig, TriggerInversion, stamp
+from jaxrisk.search.trigger_inversion import InversionConfig, TriggerInversion, stamp, to_mask
 
 MAD_CONSISTENCY = 1.4826
 ANOMALY_THRESHOLD = 2.0
@@ -122,8 +122,7 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
     result = run(problem, lanes, config.seed, engine_cfg, on_chunk=on_chunk)
     st = result.state
 
-    final_mask = np.asarray(jax.vmap(lambda r: jnp.tanh(r) / (2.0 - 1e-7) + 0.5)(st["raw"]["mask"]))
-    final_pattern = np.asarray(jax.vmap(lambda r: jnp.tanh(r) / (2.0 - 1e-7) + 0.5)(st["raw"]["pattern"]))
+    final_mask, final_pattern = np.asarray(to_mask(st["raw"]["mask"])), np.asarray(to_mask(st["raw"]["pattern"]))
     found = np.isfinite(st["best_l1"])
     masks = np.where(found[:, None, None], st["best_mask"], final_mask)
     patterns = np.where(found[:, None, None, None], st["best_pattern"], final_pattern)

@@ -64,6 +64,26 @@ def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report):
         assert a["found"] == b["found"]
 
 
+def test_trigger_search_compiles_nothing_after_its_first_chunk(models, test_digits):
+    import jax
+
+    compiles, after_chunk = [], []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=1, max_steps=160, chunk_steps=40,
+                                                                    n_devices=8), progress=False,
+                        on_chunk=lambda step, info: after_chunk.append(len(compiles)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(after_chunk) == 4 and after_chunk[0] > 0
+    assert after_chunk[-1] == after_chunk[0], f"compilations seen after each chunk: {after_chunk}"
+
+
 class Killed(Exception):
     pass
 

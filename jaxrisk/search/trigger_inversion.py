@@ -42,10 +42,12 @@ class InversionConfig:
 
 
 def to_mask(raw):
+    """tanh parametrisation: any real array -> values in [0, 1]."""
     return jnp.tanh(raw) / (2.0 - _EPS) + 0.5
 
 
 def stamp(images_bchw, mask_hw, pattern_chw):
+    """x' = (1 - m) * x + m * p."""
     return (1.0 - mask_hw) * images_bchw + mask_hw * pattern_chw
 
 

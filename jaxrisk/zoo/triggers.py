@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write
+from jaxrisk.search.trigger_inversion import stamp
 
 KINDS = ("patch", "sparse", "checkerboard", "blend")
 
@@ -25,7 +26,7 @@ class Trigger:
     pattern: np.ndarray  # [C, H, W] in [0, 1]
 
     def apply(self, images_nchw: np.ndarray) -> np.ndarray:
-        return ((1.0 - self.mask) * images_nchw + self.mask * self.pattern).astype(np.float32)
+        return stamp(images_nchw, self.mask, self.pattern).astype(np.float32)
 
 
 def make_trigger(kind: str, shape: tuple[int, int, int], *, target: int = 0, size: int | None = None,
