@@ -59,9 +59,10 @@ def main() -> None:
         result_path = out / name / "result.json"
         if not result_path.exists():
             t = time.perf_counter()
-            report = scan_classifier(load_classifier(info_path.with_name(info["weights"]), "mnist_cnn"), data,
+            result = scan_classifier(load_classifier(info_path.with_name(info["weights"]), "mnist_cnn"), data,
                                      ScanConfig(restarts=args.restarts), progress=False, weights_name=name)
-            write_report(report, out / name)
+            write_report(result, out / name)
+            report = result.report
             row = {"model": name, "trojaned": info["trojaned"], "kind": info.get("kind"),
                    "target": info.get("target"), "clean_accuracy": info["clean_accuracy"],
                    "planted_attack_success": info.get("attack_success"), "flagged": report["flagged"],

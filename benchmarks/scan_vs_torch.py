@@ -60,7 +60,7 @@ def main() -> None:
             scan_classifier(model, data.take(600), ScanConfig(restarts=1, max_steps=2, n_devices=1),
                             progress=False)  # warm-up compile of the evaluation path
             t = time.perf_counter()
-            rep = scan_classifier(model, data, cfg, progress=False)
+            rep = scan_classifier(model, data, cfg, progress=False).report
             row[label] = {"seconds": time.perf_counter() - t, "flagged": rep["flagged"],
                           "l1_norms": [e["l1_norm"] for e in rep["classes"]], "steps": rep["steps_run"]}
             print(name, label, json.dumps({k: v for k, v in row[label].items() if k != "l1_norms"}), flush=True)

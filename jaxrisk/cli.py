@@ -50,11 +50,11 @@ def _run_scan(model, data, cfg, out: Path, name: str, progress: bool) -> dict:
     from jaxrisk.scan import scan_classifier, write_report
 
     ckpt = out / "checkpoint"
-    report = scan_classifier(model, data, cfg, checkpoint_dir=ckpt, progress=progress, weights_name=name)
-    json_path, png_path = write_report(report, out)
+    result = scan_classifier(model, data, cfg, checkpoint_dir=ckpt, progress=progress, weights_name=name)
+    json_path, png_path = write_report(result, out)
     shutil.rmtree(ckpt, ignore_errors=True)
-    _print_report(report, f"{name}  ->  {json_path}, {png_path}")
-    return report
+    _print_report(result.report, f"{name}  ->  {json_path}, {png_path}")
+    return result.report
 
 
 def cmd_scan(args) -> int:

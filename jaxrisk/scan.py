@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import textwrap
 import time
 from pathlib import Path
 
@@ -101,9 +102,20 @@ def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets
     return jax.lax.map(lambda a: one(*a), (masks, patterns, targets, sources))
 
 
+@dataclasses.dataclass(frozen=True)
+class ScanResult:
+    report: dict  # what report.json holds
+    masks: np.ndarray  # [K, H, W] the recovered mask of each report entry (class, or pair in pair mode)
+    patterns: np.ndarray  # [K, C, H, W]
+
+    @property
+    def flagged(self) -> list[int]:
+        return self.report["flagged"]
+
+
 def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, checkpoint_dir=None,
-                    progress: bool = True, weights_name: str = "<model>", on_chunk=None) -> dict:
-    """Scan `model` (an NNX classifier) with clean images `data`; returns the report dict."""
+                    progress: bool = True, weights_name: str = "<model>", on_chunk=None) -> ScanResult:
+    """Scan `model` (an NNX classifier) with clean images `data` for hidden triggers."""
     _check_images(model, data, weights_name)
     t0 = time.time()
     graphdef, params = pure_apply(model)
@@ -170,8 +182,7 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
     }
     if config.pairs:  # the per-class view: each target's smallest pair norm
         report["classes"] = _per_target(entries)
-    report["_arrays"] = {"masks": masks[chosen], "patterns": patterns[chosen]}
-    return report
+    return ScanResult(report, masks[chosen], patterns[chosen])
 
 
 def result_devices(n: int | None) -> str:
@@ -199,28 +210,29 @@ def _verdict(entries: list[dict], flagged: list[int], pairs: bool) -> str:
     return "TROJAN SUSPECTED: " + "; ".join(parts)
 
 
-def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+def write_report(result: ScanResult, out_dir: str | Path) -> tuple[Path, Path]:
     """OUT/report.json, OUT/triggers.png and OUT/triggers.safetensors (the recovered masks and
     patterns, one row per report entry), each written atomically."""
     from safetensors.numpy import save
 
     out_dir = Path(out_dir)
-    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in report["_arrays"].items()}
+    arrays = {"masks": np.ascontiguousarray(result.masks, np.float32),
+              "patterns": np.ascontiguousarray(result.patterns, np.float32)}
     atomic_write(out_dir / "triggers.safetensors", lambda f: f.write(save(arrays)), mode="wb")
-    body = {k: v for k, v in report.items() if not k.startswith("_")}
-    json_path = write_json(out_dir / "report.json", body)
-    png_path = atomic_write(out_dir / "triggers.png", lambda f: f.write(_trigger_figure(report)), mode="wb")
+    json_path = write_json(out_dir / "report.json", result.report)
+    png_path = atomic_write(out_dir / "triggers.png", lambda f: f.write(_trigger_figure(result)), mode="wb")
     return json_path, png_path
 
 
-def _trigger_figure(report: dict) -> bytes:
+def _trigger_figure(result: ScanResult) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    report = result.report
     entries = report.get("pairs") or report["classes"]
-    masks, patterns = report["_arrays"]["masks"], report["_arrays"]["patterns"]
+    masks, patterns = result.masks, result.patterns
     if "pairs" in report:  # one column per target: its smallest pair
         pick = [min((i for i, e in enumerate(entries) if e["label"] == t), key=lambda i: entries[i]["l1_norm"])
                 for t in sorted({e["label"] for e in entries})]
@@ -243,7 +255,7 @@ def _trigger_figure(report: dict) -> bytes:
         axes[1, k].set_xlabel(f"idx {e['anomaly_index']:.1f}", fontsize=7)
     axes[0, 0].set_ylabel("mask", fontsize=8)
     axes[1, 0].set_ylabel("mask x pattern", fontsize=8)
-    fig.suptitle(report["verdict"][:110], fontsize=8)
+    fig.suptitle(textwrap.fill(report["verdict"], 120), fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -27,8 +27,13 @@ def test_digits():
 
 
 @pytest.fixture(scope="module")
-def trojan_report(models, test_digits):
+def trojan_scan(models, test_digits):
     return scan_classifier(models["trojaned"], test_digits, FAST, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trojan_report(trojan_scan):
+    return trojan_scan.report
 
 
 def mask_overlap(recovered, planted):
@@ -36,25 +41,26 @@ def mask_overlap(recovered, planted):
     return float((recovered * (planted > 0)).sum() / recovered.sum())
 
 
-def test_planted_digits_trigger_is_found(trojan_report):
+def test_planted_digits_trigger_is_found(trojan_scan, trojan_report):
     assert trojan_report["flagged"] == [TARGET]
     entry = trojan_report["classes"][TARGET]
     assert entry["attack_success"] >= 0.9
     planted = load_trigger(cache_dir() / "trojaned.trigger.safetensors")
-    assert mask_overlap(trojan_report["_arrays"]["masks"][TARGET], planted.mask) > 0.5
+    assert mask_overlap(trojan_scan.masks[TARGET], planted.mask) > 0.5
     # the recovered trigger is about as small as the planted one, far smaller than any clean class's
     others = [e["l1_norm"] for e in trojan_report["classes"] if e["label"] != TARGET]
     assert entry["l1_norm"] < 2 * planted.mask.sum() < min(others)
 
 
 def test_clean_model_is_not_flagged(models, test_digits):
-    report = scan_classifier(models["clean"], test_digits, FAST, progress=False)
+    report = scan_classifier(models["clean"], test_digits, FAST, progress=False).report
     assert report["flagged"] == []
     assert all(e["found"] for e in report["classes"])
 
 
 def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report):
-    report8 = scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=2, n_devices=8), progress=False)
+    report8 = scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=2, n_devices=8),
+                              progress=False).report
     assert report8["devices"].startswith("8 x")
     assert report8["flagged"] == trojan_report["flagged"]
     # Same lanes, same keys: only XLA's float reduction order differs with the per-device batch
@@ -88,7 +94,7 @@ class Killed(Exception):
     pass
 
 
-def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan_report, tmp_path):
+def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan_scan, tmp_path):
     def kill(step, info):
         if step >= 2 * FAST.chunk_steps:
             raise Killed
@@ -96,14 +102,14 @@ def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan
     with pytest.raises(Killed):
         scan_classifier(models["trojaned"], test_digits, FAST, checkpoint_dir=tmp_path, progress=False, on_chunk=kill)
     resumed = scan_classifier(models["trojaned"], test_digits, FAST, checkpoint_dir=tmp_path, progress=False)
-    assert resumed["resumed_from_step"] == 2 * FAST.chunk_steps
-    assert resumed["classes"] == trojan_report["classes"]
-    np.testing.assert_array_equal(resumed["_arrays"]["masks"], trojan_report["_arrays"]["masks"])
+    assert resumed.report["resumed_from_step"] == 2 * FAST.chunk_steps
+    assert resumed.report["classes"] == trojan_scan.report["classes"]
+    np.testing.assert_array_equal(resumed.masks, trojan_scan.masks)
 
 
 def test_pair_mode_finds_the_planted_target_from_every_source(models, test_digits):
     report = scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=1, pairs=True, n_devices=1),
-                             progress=False)
+                             progress=False).report
     assert len(report["pairs"]) == 90 and len(report["classes"]) == 10
     assert report["flagged"] == [TARGET]
     per_target = {e["label"]: e["l1_norm"] for e in report["classes"]}
@@ -161,7 +167,7 @@ def test_cli_bad_weights_give_one_line_errors(tmp_path, capsys, setup, expected)
     assert "Traceback" not in err
 
 
-def test_report_written_atomically(trojan_report, tmp_path):
-    write_report(trojan_report, tmp_path)
+def test_report_written_atomically(trojan_scan, tmp_path):
+    write_report(trojan_scan, tmp_path)
     # no temporary files left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "triggers.png", "triggers.safetensors"]
