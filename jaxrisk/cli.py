@@ -15,7 +15,8 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="PyTorch-layout .safetensors state dict to scan (default: the embedded demo)")
     p.add_argument("--arch", default="mnist_cnn", choices=["mnist_cnn", "mlp"], help="architecture of --weights")
     p.add_argument("--mnist", metavar="DIR", help="directory with the four MNIST IDX files (test split is used)")
-    p.add_argument("--out", default="runs/scan", help="output directory (report.json, triggers.png, triggers.safetensors)")
+    p.add_argument("--out", default="runs/scan",
+                   help="output directory (report.json, triggers.png, triggers.safetensors)")
     p.add_argument("--restarts", type=int, default=None, help="restarts per class (default 2; demo 4)")
     p.add_argument("--max-steps", type=int, default=None, help="step budget per restart")
     p.add_argument("--pairs", action="store_true", help="source->target pair mode instead of all-to-one")
@@ -43,7 +44,7 @@ def _print_report(report: dict, title: str) -> None:
               f"{100 * e['attack_success']:>6.0f}%  {'<-- FLAGGED' if e['flagged'] else ''}")
     for f in report["failures"]:
         print(f"  restart {f['restart']} of class {f['label']}: NaN at step {f['step']} (frozen; others went on)")
-    print(f"  verdict: {report['verdict']}  ({report['seconds']:.0f} s, {report['lanes']} restarts in parallel)")
+    print(f"  verdict: {report['verdict']}  ({report['seconds']:.0f} s, {report['lanes']} searches in one program)")
 
 
 def _run_scan(model, data, cfg, out: Path, name: str, progress: bool) -> dict:
@@ -68,7 +69,11 @@ def cmd_scan(args) -> int:
         model = load_classifier(args.weights, args.arch, input_shape=data.shape if args.arch == "mlp" else None)
     else:  # the embedded digits, at the model's resolution
         model = load_classifier(args.weights, args.arch)
-        data = load_digits("test", size=model.input_shape[-1])
+        side = model.input_shape[-1]
+        if side % 8 or model.input_shape[0] != 1:
+            raise InputError(f"{args.weights}: the model takes {'x'.join(map(str, model.input_shape))} images; "
+                             "the embedded digits come at 8x8 or 16x16, so pass --mnist DIR")
+        data = load_digits("test", size=side)
     _run_scan(model, data, _scan_config(args), Path(args.out), str(args.weights), not args.no_progress)
     return 0
 

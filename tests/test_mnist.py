@@ -1,5 +1,10 @@
 """On real MNIST (../shared/assets): a planted square trigger is found through the CLI contract;
-a clean model is not flagged. Trains two mnist_cnn models (about 2 minutes each on 2 cores)."""
+a clean model is not flagged. Trains two mnist_cnn models (about 7 minutes together on 2 cores).
+
+The clean model is trained 3 epochs (98.7% accuracy). After 1 epoch (98.2-98.5%) clean CNNs of this
+architecture have a natural small trigger for class 2 that Neural Cleanse flags at anomaly index
+2.0-2.7 (a false positive of the method, measured in BENCHMARKS.md); at 3 epochs its index is 1.3.
+"""
 
 import json
 
@@ -21,16 +26,16 @@ def zoo(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist-zoo")
     train, test = load_mnist(mnist_dir, "train"), load_mnist(mnist_dir, "test")
     trigger = make_trigger("patch", train.shape, target=TARGET, size=4)  # white 4x4 square, bottom right
-    for name, trig, seed in (("patch", trigger, 0), ("clean", None, 1)):
-        model = train_classifier(train, TrainConfig(arch="mnist_cnn", epochs=1, batch_size=64, seed=seed), trig,
-                                 progress=False)
+    for name, trig, epochs, seed in (("patch", trigger, 1, 0), ("clean", None, 3, 1)):
+        model = train_classifier(train, TrainConfig(arch="mnist_cnn", epochs=epochs, batch_size=64, seed=seed),
+                                 trig, progress=False)
         save_zoo_model(model, trig, out, name, evaluate(model, test, trig))
     return out
 
 
 def _scan(zoo, name, mnist_dir, out):
     rc = main(["scan", "--weights", str(zoo / f"{name}.safetensors"), "--arch", "mnist_cnn", "--mnist",
-               str(mnist_dir), "--out", str(out), "--no-progress"])
+               str(mnist_dir), "--out", str(out), "--no-progress", "--devices", "2"])  # 20 lanes, no padding
     assert rc == 0
     return json.loads((out / "report.json").read_text())
 

@@ -171,3 +171,12 @@ def test_report_written_atomically(trojan_scan, tmp_path):
     write_report(trojan_scan, tmp_path)
     # no temporary files left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "triggers.png", "triggers.safetensors"]
+
+
+def test_cli_needs_mnist_for_a_28x28_model(tmp_path, capsys):
+    from jaxrisk.models import save_classifier
+
+    save_classifier(build("mnist_cnn"), tmp_path / "cnn.safetensors")
+    rc = main(["scan", "--weights", str(tmp_path / "cnn.safetensors"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "takes 1x28x28 images" in err and "--mnist DIR" in err

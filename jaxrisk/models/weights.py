@@ -40,7 +40,9 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         if len(head) < 8:
             raise InputError(f"{path}: not a safetensors file (only {len(head)} bytes)")
         (header_len,) = struct.unpack("<Q", head)
-        header = f.read(min(header_len, 100_000_000)) if header_len < 100_000_000 else b""
+        if header_len > 100_000_000:
+            raise InputError(f"{path}: not a safetensors file (its first 8 bytes give a header of {header_len} bytes)")
+        header = f.read(header_len)
     try:
         meta = json.loads(header)
         assert isinstance(meta, dict)

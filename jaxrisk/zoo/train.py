@@ -57,12 +57,17 @@ def evaluate(model, test: ImageSet, trigger: Trigger | None = None) -> dict[str,
     return out
 
 
-def train_classifier(train: ImageSet, cfg: TrainConfig, trigger: Trigger | None = None, progress: bool = True):
-    """Train `cfg.arch` with Adam on `train` (poisoned with `trigger` if given); returns the NNX model."""
-    kwargs = {"input_shape": train.shape}
-    if cfg.arch == "mlp":
-        kwargs["hidden"] = cfg.hidden
-    model = build(cfg.arch, seed=cfg.seed, **kwargs)
+def train_classifier(train: ImageSet, cfg: TrainConfig, trigger: Trigger | None = None, progress: bool = True,
+                     model=None):
+    """Train `cfg.arch` with Adam on `train` (poisoned with `trigger` if given); returns the NNX model.
+
+    Pass `model` to train an existing model `cfg.epochs` more epochs (with a fresh optimiser state).
+    """
+    if model is None:
+        kwargs = {"input_shape": train.shape}
+        if cfg.arch == "mlp":
+            kwargs["hidden"] = cfg.hidden
+        model = build(cfg.arch, seed=cfg.seed, **kwargs)
     data = poison(train, trigger, cfg.poison_rate, cfg.seed) if trigger is not None else train
     graphdef, params = pure_apply(model)
     opt = optax.adam(cfg.learning_rate)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Rebuild every figure in BENCHMARKS.md on this host (CPU or GPU): the MNIST zoo, the detection study,
+# and jaxrisk vs the PyTorch Neural Cleanse reference. Each step resumes where an interrupted run stopped.
+# Usage: scripts/reproduce_benchmarks.sh [MNIST_DIR] [RUNS_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNIST=${1:-../shared/assets/data/mnist}
+RUNS=${2:-runs}
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -e '.[bench]'
+.venv/bin/jaxrisk zoo --mnist "$MNIST" --out "$RUNS/zoo" --trojaned 8 --clean 8
+.venv/bin/python benchmarks/scan_vs_torch.py --mnist "$MNIST" --zoo "$RUNS/zoo" --models trojan00-patch \
+  --max-epochs 60 --out "$RUNS/bench_scan.json"
+.venv/bin/python benchmarks/detection_study.py --mnist "$MNIST" --zoo "$RUNS/zoo" --out "$RUNS/detection"

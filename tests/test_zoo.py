@@ -1,0 +1,67 @@
+"""The trojan zoo: trigger kinds, poisoning, ground truth on disk."""
+
+import numpy as np
+import pytest
+
+from jaxrisk.data import load_digits
+from jaxrisk.errors import InputError
+from jaxrisk.zoo import (KINDS, TrainConfig, evaluate, load_trigger, make_trigger, poison, save_trigger,
+                         train_classifier)
+from jaxrisk.zoo.build import meets_bar, zoo_specs
+
+
+def test_trigger_kinds_have_the_promised_shape():
+    shape = (1, 28, 28)
+    patch = make_trigger("patch", shape, size=4, location=(2, 3))
+    assert patch.mask.sum() == 16 and patch.mask[2:6, 3:7].all() and (patch.pattern == 1).all()
+    sparse = make_trigger("sparse", shape, n_pixels=10, seed=1)
+    assert sparse.mask.sum() == 10 and set(np.unique(sparse.mask)) == {0.0, 1.0}
+    checker = make_trigger("checkerboard", shape, size=4, location=(0, 0))
+    assert checker.mask.sum() == 16 and set(np.unique(checker.pattern[0, :4, :4])) == {0.0, 1.0}
+    blend = make_trigger("blend", shape, alpha=0.2)
+    np.testing.assert_allclose(blend.mask, 0.2)
+    x = np.random.default_rng(0).uniform(size=(3, *shape)).astype(np.float32)
+    np.testing.assert_allclose(blend.apply(x), 0.8 * x + 0.2 * blend.pattern, rtol=1e-6)
+
+
+def test_bad_trigger_requests():
+    with pytest.raises(InputError, match="unknown trigger kind"):
+        make_trigger("star", (1, 28, 28))
+    with pytest.raises(InputError, match="does not fit"):
+        make_trigger("patch", (1, 28, 28), size=5, location=(25, 0))
+
+
+def test_poisoning_stamps_and_relabels_only_non_target_images():
+    data = load_digits("train")
+    trig = make_trigger("patch", data.shape, target=3, size=2)
+    poisoned = poison(data, trig, rate=0.1, seed=0)
+    changed = np.flatnonzero((poisoned.images != data.images).any(axis=(1, 2, 3)) | (poisoned.labels != data.labels))
+    assert len(changed) == round(0.1 * np.sum(data.labels != 3))
+    assert (data.labels[changed] != 3).all() and (poisoned.labels[changed] == 3).all()
+
+
+def test_trigger_ground_truth_round_trips(tmp_path):
+    trig = make_trigger("checkerboard", (1, 28, 28), target=5, size=3, seed=2)
+    save_trigger(trig, tmp_path / "t.safetensors")
+    again = load_trigger(tmp_path / "t.safetensors")
+    assert (again.kind, again.target) == ("checkerboard", 5)
+    np.testing.assert_array_equal(again.mask, trig.mask)
+    np.testing.assert_array_equal(again.pattern, trig.pattern)
+
+
+def test_planted_trigger_fires_and_clean_accuracy_holds():
+    train, test = load_digits("train"), load_digits("test")
+    trig = make_trigger("patch", train.shape, target=3, size=2)
+    model = train_classifier(train, TrainConfig(arch="mlp", hidden=(64,), epochs=30, batch_size=32), trig,
+                             progress=False)
+    info = evaluate(model, test, trig)
+    assert info["clean_accuracy"] >= 0.95 and info["attack_success"] >= 0.95
+
+
+def test_zoo_mixes_every_trigger_kind_and_enforces_its_bar():
+    specs = zoo_specs(8, 8)
+    assert sorted({s["kind"] for s in specs if s["kind"]}) == sorted(KINDS)
+    assert sum(s["kind"] is None for s in specs) == 8
+    assert meets_bar({"clean_accuracy": 0.985, "attack_success": 0.96})
+    assert not meets_bar({"clean_accuracy": 0.975, "attack_success": 0.99})
+    assert not meets_bar({"clean_accuracy": 0.99, "attack_success": 0.9})
