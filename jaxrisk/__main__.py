@@ -1,0 +1,7 @@
+"""`python -m jaxrisk` is the `jaxrisk` command."""
+
+import sys
+
+from jaxrisk.cli import main
+
+sys.exit(main())
