@@ -47,16 +47,21 @@ def main() -> None:
     ap.add_argument("--zoo", required=True)
     ap.add_argument("--out", default="runs/detection")
     ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--summarize-only", action="store_true", help="summarise the models already scanned")
     args = ap.parse_args()
     data = load_mnist(args.mnist, "test")
     out = Path(args.out)
     rows = []
-    for info_path in sorted(Path(args.zoo).glob("*.json")):
+    infos = [p for p in sorted(Path(args.zoo).glob("*.json")) if "weights" in json.loads(p.read_text())]
+    trojaned = [p for p in infos if json.loads(p.read_text())["trojaned"]]
+    clean = [p for p in infos if not json.loads(p.read_text())["trojaned"]]
+    interleaved = [p for pair in zip(trojaned, clean) for p in pair] + trojaned[len(clean):] + clean[len(trojaned):]
+    for info_path in interleaved:  # alternate, so a partial study is still balanced
         info = json.loads(info_path.read_text())
-        if "weights" not in info:
-            continue
         name = info["name"]
         result_path = out / name / "result.json"
+        if args.summarize_only and not result_path.exists():
+            continue
         if not result_path.exists():
             t = time.perf_counter()
             result = scan_classifier(load_classifier(info_path.with_name(info["weights"]), "mnist_cnn"), data,

@@ -1,6 +1,8 @@
 """Classifier ports: PyTorch parity of the layout, and refusal of bad weight files."""
 
 import pickle
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,22 +13,8 @@ from jaxrisk.errors import InputError
 from jaxrisk.models import build, load_classifier, logits_fn, pure_apply, save_classifier, torch_state_dict
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is the parity reference; install the [test] extra")
-
-
-class TorchMnistCNN(torch.nn.Module):
-    """The PyTorch examples MNIST CNN, the layout jaxrisk must read."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = torch.nn.Conv2d(32, 64, 3, 1)
-        self.fc1 = torch.nn.Linear(9216, 128)
-        self.fc2 = torch.nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        x = torch.flatten(torch.nn.functional.max_pool2d(x, 2), 1)
-        return self.fc2(torch.relu(self.fc1(x)))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from neural_cleanse_torch import TorchMnistCNN  # noqa: E402  the PyTorch-examples CNN, the layout we must read
 
 
 def _torch_weights(tmp_path, module):
