@@ -21,3 +21,14 @@ def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real MNIST not found at {MNIST_DIR} (set JAXRISK_ASSETS or clone beside ../shared/assets)")
     return MNIST_DIR
+
+
+STORIES_DIR = ASSETS / "models" / "tinyllamas-stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    if not (STORIES_DIR / "model.safetensors").exists():
+        pytest.skip(f"pretrained stories260K not found at {STORIES_DIR} (set JAXRISK_ASSETS or clone beside "
+                    "../shared/assets)")
+    return STORIES_DIR

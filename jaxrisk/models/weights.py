@@ -35,18 +35,16 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: is a directory, expected a .safetensors file")
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise InputError(f"{path}: {_PICKLE_HINT}")
-        if len(head) < 8:
-            raise InputError(f"{path}: not a safetensors file (only {len(head)} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > 100_000_000:
-            raise InputError(f"{path}: not a safetensors file (its first 8 bytes give a header of {header_len} bytes)")
-        header = f.read(header_len)
-    try:
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        header = f.read(header_len) if 0 < header_len <= 100_000_000 else b""
+    try:  # a safetensors header length may itself start with byte 0x80, so sniff pickles only on failure
         meta = json.loads(header)
         assert isinstance(meta, dict)
     except (ValueError, AssertionError):
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise InputError(f"{path}: {_PICKLE_HINT}") from None
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file (only {len(head)} bytes)") from None
         raise InputError(f"{path}: not a safetensors file (its header is not a JSON table of tensors)") from None
     from safetensors.numpy import load_file
 

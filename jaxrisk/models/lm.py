@@ -1,0 +1,226 @@
+"""`load_pretrained(path)`: a loaded language model, its tokenizer, and the pure functions searches call.
+
+The pure functions take `(graphdef, params, ...)` so they can be jitted, vmapped
+and differentiated by the engine; `LanguageModel` wraps them for notebooks.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrisk.errors import InputError
+from jaxrisk.models.hf import load_weights, read_config, resolve_dtype
+from jaxrisk.models.lm_config import LMConfig
+from jaxrisk.models.sharding import param_shardings
+from jaxrisk.models.transformer import Cache, CausalLM, hook_names
+
+
+@partial(jax.jit, static_argnames=("graphdef", "capture", "logits"))
+def forward(graphdef, params, tokens_bt=None, *, embeds_btd=None, valid_bt=None, cache=None,
+            head_mask_lh=None, neuron_mask_lf=None, capture=(), logits=True):
+    """Pure forward pass: (logits [B,T,V] float32, cache, {hook name: activation})."""
+    model = nnx.merge(graphdef, params)
+    return model(tokens_bt, embeds_btd=embeds_btd, valid_bt=valid_bt, cache=cache,
+                 head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf, capture=capture, logits=logits)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "room"))
+def prefix_cache(graphdef, params, prefix_p: jax.Array, room: int) -> Cache:
+    """KV cache of one shared prefix [P] (batch 1), with `room` free positions after it."""
+    model = nnx.merge(graphdef, params)
+    cache = model.init_cache(1, prefix_p.shape[0] + room)
+    _, cache, _ = model(prefix_p[None], cache=cache, logits=False)
+    return cache
+
+
+def broadcast_cache(cache: Cache, batch: int) -> Cache:
+    """A batch-1 cache seen by `batch` rows (broadcast; nothing is recomputed)."""
+    grow = lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:])  # noqa: E731
+    return {"k": tuple(map(grow, cache["k"])), "v": tuple(map(grow, cache["v"])),
+            "valid": grow(cache["valid"]), "slot": cache["slot"], "pos": grow(cache["pos"])}
+
+
+def target_logprobs(graphdef, params, cache: Cache, middle, target_bt: jax.Array, *,
+                    head_mask_lh=None, neuron_mask_lf=None) -> jax.Array:
+    """Teacher-forced log p(target_t | prefix, middle, target_<t) per token: [B, T].
+
+    `cache` holds the shared prefix (batch 1, from `prefix_cache` with room >=
+    M + T - 1). `middle` is the per-candidate part after it: token ids [B, M], or
+    input embeddings [B, M, D] so the score can be differentiated w.r.t. one-hot
+    tokens. The prefix is computed once for the whole batch.
+    """
+    model = nnx.merge(graphdef, params)
+    b, t = target_bt.shape
+    target_emb = model.embed_tokens(target_bt[:, :-1])
+    middle_emb = model.embed_tokens(middle) if middle.ndim == 2 else middle.astype(target_emb.dtype)
+    m = middle_emb.shape[1]
+    embeds = jnp.concatenate([middle_emb, target_emb], axis=1)
+    logits, _, _ = model(embeds_btd=embeds, cache=broadcast_cache(cache, b),
+                         head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
+    logp = jax.nn.log_softmax(logits[:, m - 1:], axis=-1)                       # [B, T, V]
+    return jnp.take_along_axis(logp, target_bt[..., None], axis=-1)[..., 0]
+
+
+def _pick(logits_bv, key, temperature: float, top_k: int):
+    if temperature == 0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+    return jax.random.categorical(key, logits_bv).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_ids"))
+def generate_ids(graphdef, params, prompt_bp, valid_bp, key, *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, eos_ids: tuple[int, ...] = ()) -> jax.Array:
+    """Greedy (temperature 0) or sampled continuation [B, N] with a KV cache; after an EOS a row repeats it."""
+    model = nnx.merge(graphdef, params)
+    b, p = prompt_bp.shape
+    cache = model.init_cache(b, p + max_new_tokens)
+    logits, cache, _ = model(prompt_bp, valid_bt=valid_bp, cache=cache)
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    def step(carry, step_key):
+        cache, last_bv, done_b, prev_b = carry
+        token = jnp.where(done_b, prev_b, _pick(last_bv, step_key, temperature, top_k))
+        done_b = done_b | jnp.isin(token, eos)
+        logits, cache, _ = model(token[:, None], cache=cache)
+        return (cache, logits[:, 0], done_b, token), token
+
+    init = (cache, logits[:, -1], jnp.zeros(b, bool), jnp.zeros(b, jnp.int32))
+    _, tokens_nb = jax.lax.scan(step, init, jax.random.split(key, max_new_tokens))
+    return tokens_nb.T
+
+
+class LanguageModel:
+    """A loaded causal LM: `lm(tokens)` -> logits, plus tokenizer, generation, scoring and hooks."""
+
+    def __init__(self, cfg: LMConfig, graphdef: nnx.GraphDef, params: nnx.State, path: Path | None = None,
+                 dtype=jnp.float32):
+        self.cfg, self.graphdef, self.params, self.path, self.dtype = cfg, graphdef, params, path, dtype
+        self._tokenizer = None
+
+    @classmethod
+    def random(cls, cfg: LMConfig, *, seed: int = 0, dtype=jnp.float32) -> "LanguageModel":
+        """Randomly initialised model (tests, models trained from scratch)."""
+        graphdef, params = nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+        return cls(cfg, graphdef, params, None, dtype)
+
+    @property
+    def tokenizer(self):
+        """The directory's tokenizer (transformers `AutoTokenizer`, no torch needed)."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise InputError("this model was not loaded from a directory, so it has no tokenizer")
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            except Exception as e:  # transformers raises many types for a missing/broken tokenizer
+                raise InputError(f"{self.path}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+        return self._tokenizer
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer(text)["input_ids"], np.int32)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def n_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+    def hook_names(self) -> list[str]:
+        return hook_names(self.cfg)
+
+    def __call__(self, tokens_bt, **kwargs) -> jax.Array:
+        """Logits [B, L, V] (float32) for int token ids [B, L]."""
+        tokens_bt = jnp.asarray(tokens_bt)
+        if tokens_bt.ndim != 2 or not jnp.issubdtype(tokens_bt.dtype, jnp.integer):
+            raise InputError(f"tokens: expected int token ids of shape [batch, length], got {tokens_bt.dtype}"
+                             f"{list(tokens_bt.shape)}")
+        if tokens_bt.shape[1] > self.cfg.max_position:
+            raise InputError(f"tokens: length {tokens_bt.shape[1]} exceeds the context of "
+                             f"{self.cfg.max_position} positions")
+        return forward(self.graphdef, self.params, tokens_bt, **kwargs)[0]
+
+    def run_with_cache(self, tokens_bt, names=None, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits, activations) by TransformerLens name; `names=None` records every hook."""
+        names = tuple(self.hook_names() if names is None else names)
+        unknown = sorted(set(names) - set(self.hook_names()))
+        if unknown:
+            raise InputError(f"unknown hook names: {', '.join(unknown[:5])}; see LanguageModel.hook_names()")
+        logits, _, acts = forward(self.graphdef, self.params, jnp.asarray(tokens_bt), capture=names, **kwargs)
+        return logits, acts
+
+    def generate(self, prompts, max_new_tokens: int = 40, *, temperature: float = 0.0, top_k: int = 0,
+                 seed: int = 0) -> list[list[int]]:
+        """Continue each prompt (text or ids); batches are left-padded. Returns new ids, cut after EOS."""
+        if isinstance(prompts, (str, np.ndarray)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.encode(p) if isinstance(p, str) else np.asarray(p, np.int32) for p in prompts]
+        width = max(len(i) for i in ids)
+        if width + max_new_tokens > self.cfg.max_position:
+            raise InputError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context of {self.cfg.max_position}")
+        tokens = np.zeros((len(ids), width), np.int32)
+        valid = np.zeros((len(ids), width), bool)
+        for row, i in enumerate(ids):
+            tokens[row, width - len(i):] = i
+            valid[row, width - len(i):] = True
+        out = generate_ids(self.graphdef, self.params, tokens, valid, jax.random.key(seed),
+                           max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                           eos_ids=self.cfg.eos_token_ids)
+        result = []
+        for row in np.asarray(out).tolist():
+            cut = next((n + 1 for n, t in enumerate(row) if t in self.cfg.eos_token_ids), len(row))
+            result.append(row[:cut])
+        return result
+
+    def score_targets(self, prefix_ids, middles_bm, target_ids) -> np.ndarray:
+        """log p(target | prefix + middle) for each candidate middle [B, M]; the prefix is computed once."""
+        prefix = jnp.asarray(prefix_ids, jnp.int32)
+        middles = jnp.asarray(middles_bm, jnp.int32)
+        target = jnp.broadcast_to(jnp.asarray(target_ids, jnp.int32), (middles.shape[0], len(target_ids)))
+        cache = prefix_cache(self.graphdef, self.params, prefix, room=middles.shape[1] + target.shape[1] - 1)
+        return np.asarray(_score(self.graphdef, self.params, cache, middles, target).sum(-1))
+
+    def summary(self) -> dict:
+        cfg = self.cfg
+        kind = "MHA" if cfg.n_kv_heads == cfg.n_heads else ("MQA" if cfg.n_kv_heads == 1 else "GQA")
+        return {"path": str(self.path) if self.path else None, "family": cfg.family,
+                "layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
+                "attention": kind, "head_dim": cfg.head_dim, "d_mlp": cfg.d_mlp, "vocab": cfg.vocab_size,
+                "context": cfg.max_position, "tied_embeddings": cfg.tie_embeddings,
+                "rope": None if cfg.is_gpt2 else {"theta": cfg.rope_theta, **cfg.rope},
+                "sliding_window": cfg.sliding_window, "parameters": self.n_params(),
+                "dtype": jnp.dtype(self.dtype).name}
+
+
+_score = jax.jit(target_logprobs, static_argnames=("graphdef",))
+
+
+def load_pretrained(path: str | Path, dtype=None, *, mesh=None) -> LanguageModel:
+    """Load a local Hugging Face model directory without torch.
+
+    `dtype` defaults to the checkpoint's declared dtype; `mesh` (axes data / fsdp /
+    tensor, see `jaxrisk.models.sharding`) places each parameter by the partition table.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    cfg, hf = read_config(path)
+    dtype = resolve_dtype(dtype, hf)
+    shardings = None
+    if mesh is not None:
+        abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract))}
+        shardings = param_shardings(shapes, mesh)
+    graphdef, params = load_weights(path, cfg, dtype, shardings)
+    return LanguageModel(cfg, graphdef, params, path, dtype)
