@@ -102,7 +102,6 @@ def test_kv_cache_decoding_equals_full_forward(saved, name):
     lm = load_pretrained(saved[name][1])
     tokens = _tokens(2, 120, seed=3)
     full = np.asarray(lm(tokens))
-    cache = lm_cache = None
     model_cache = nnx_cache(lm, batch=2, size=120)
     pieces = []
     logits, model_cache, _ = forward(lm.graphdef, lm.params, tokens[:, :90], cache=model_cache)
@@ -110,7 +109,6 @@ def test_kv_cache_decoding_equals_full_forward(saved, name):
     for t in range(90, 120):  # one token at a time, as generation does
         logits, model_cache, _ = forward(lm.graphdef, lm.params, tokens[:, t:t + 1], cache=model_cache)
         pieces.append(np.asarray(logits))
-    del cache, lm_cache
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
 
 
@@ -238,6 +236,16 @@ def test_sharded_load_matches_unsharded(saved):
     np.testing.assert_allclose(np.asarray(sharded(tokens)), np.asarray(load_pretrained(path)(tokens)), atol=1e-5)
 
 
+def test_bfloat16_load_tracks_float32(saved):
+    _, path = saved["llama_gqa_tied_smollm"]
+    half = load_pretrained(path, dtype="bfloat16")
+    assert half.params["blocks"][0]["mlp"]["up_kernel"].get_value().dtype == jnp.bfloat16
+    tokens = _tokens(2, 40, seed=13)
+    full = np.asarray(load_pretrained(path)(tokens))
+    ours = np.asarray(half(tokens))
+    assert ours.dtype == np.float32 and np.abs(ours - full).max() < 0.1 * np.abs(full).max()
+
+
 # ---- bad input: one clear error each -------------------------------------------------------------
 
 def _copy_dir(src, dst):
@@ -298,6 +306,9 @@ def test_other_bad_directories(saved, tmp_path):
     (path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(InputError, match="truncated"):
         load_pretrained(path)
+    from jaxrisk.cli import main
+
+    assert main(["inspect", "--model", str(tmp_path)]) == 2  # the CLI prints the same error, no traceback
     lm = load_pretrained(saved["gpt2"][1])
     with pytest.raises(InputError, match="int token ids"):
         lm(np.zeros((2, 3), np.float32))

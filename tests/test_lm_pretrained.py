@@ -45,3 +45,18 @@ def test_greedy_continuation_equals_reference(pair):
     assert reference == ONCE_UPON_A_TIME
     assert lm.generate("Once upon a time", max_new_tokens=40)[0] == reference
     assert lm.decode(reference).startswith(", there was a little girl named Lily.")
+
+
+def test_cli_generate_and_inspect(stories_dir, capsys):
+    import json
+
+    from jaxrisk.cli import main
+
+    assert main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["new_ids"] == ONCE_UPON_A_TIME
+    assert out["continuation"].startswith(", there was a little girl named Lily. She loved to play outside")
+    assert main(["inspect", "--model", str(stories_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["parameters"], info["attention"], info["kv_heads"], info["dtype"]) == (260032, "GQA", 4, "float32")
+    assert info["tokenizer"]["vocab"] == 512 and info["tokenizer"]["adds_bos"] is True
