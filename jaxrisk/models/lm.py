@@ -21,13 +21,13 @@ from jaxrisk.models.sharding import param_shardings
 from jaxrisk.models.transformer import Cache, CausalLM, hook_names
 
 
-@partial(jax.jit, static_argnames=("graphdef", "capture", "logits"))
+@partial(jax.jit, static_argnames=("graphdef", "capture", "logits", "logits_from"))
 def forward(graphdef, params, tokens_bt=None, *, embeds_btd=None, valid_bt=None, cache=None,
-            head_mask_lh=None, neuron_mask_lf=None, capture=(), logits=True):
+            head_mask_lh=None, neuron_mask_lf=None, capture=(), logits=True, logits_from=0):
     """Pure forward pass: (logits [B,T,V] float32, cache, {hook name: activation})."""
     model = nnx.merge(graphdef, params)
-    return model(tokens_bt, embeds_btd=embeds_btd, valid_bt=valid_bt, cache=cache,
-                 head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf, capture=capture, logits=logits)
+    return model(tokens_bt, embeds_btd=embeds_btd, valid_bt=valid_bt, cache=cache, head_mask_lh=head_mask_lh,
+                 neuron_mask_lf=neuron_mask_lf, capture=capture, logits=logits, logits_from=logits_from)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "room"))
@@ -61,9 +61,9 @@ def target_logprobs(graphdef, params, cache: Cache, middle, target_bt: jax.Array
     middle_emb = model.embed_tokens(middle) if middle.ndim == 2 else middle.astype(target_emb.dtype)
     m = middle_emb.shape[1]
     embeds = jnp.concatenate([middle_emb, target_emb], axis=1)
-    logits, _, _ = model(embeds_btd=embeds, cache=broadcast_cache(cache, b),
+    logits, _, _ = model(embeds_btd=embeds, cache=broadcast_cache(cache, b), logits_from=m - 1,
                          head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
-    logp = jax.nn.log_softmax(logits[:, m - 1:], axis=-1)                       # [B, T, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)                                  # [B, T, V]
     return jnp.take_along_axis(logp, target_bt[..., None], axis=-1)[..., 0]
 
 
