@@ -12,3 +12,4 @@ RUNS=${2:-runs}
 .venv/bin/python benchmarks/scan_vs_torch.py --mnist "$MNIST" --zoo "$RUNS/zoo" --models trojan00-patch \
   --max-epochs 60 --out "$RUNS/bench_scan.json"
 .venv/bin/python benchmarks/detection_study.py --mnist "$MNIST" --zoo "$RUNS/zoo" --out "$RUNS/detection"
+.venv/bin/python benchmarks/lm_vs_torch.py --out "$RUNS/bench_lm.json"
