@@ -147,6 +147,59 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_redteam(args) -> int:
+    """GCG over a behaviour file; writes OUT/results.jsonl (resumable)."""
+    from jaxrisk.data.prompts import load_behaviors
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.redteam import redteam
+    from jaxrisk.search.gcg import GCGConfig
+
+    behaviors = load_behaviors(args.behaviors)
+    lm = load_pretrained(args.model, dtype=_dtype(args))
+    cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len,
+                    mellowmax_alpha=args.mellowmax, early_stop=not args.no_early_stop,
+                    filter_retokenization=not args.no_filter, allow_non_ascii=args.allow_non_ascii)
+    extras = []
+    if args.fluency_weight:
+        extras.append((args.fluency_weight, _fluency_scorer(lm)))
+    if args.danger_probe_data:
+        extras.append((args.danger_weight, _probe_from_file(lm, args.danger_probe_data)))
+    rows = redteam(lm, behaviors, args.out, cfg, restarts=args.restarts, max_steps=args.steps, group=args.group,
+                   seed=args.seed, extras=extras, n_devices=args.devices, progress=not args.no_progress,
+                   source=args.behaviors)
+    ok = sum(r["success"] for r in rows)
+    print(f"{ok}/{len(rows)} behaviours succeeded (greedy output starts with the target) -> "
+          f"{Path(args.out) / 'results.jsonl'}")
+    return 0
+
+
+def _fluency_scorer(lm):
+    import jax.numpy as jnp
+
+    from jaxrisk.scorers.lm import SequenceScorer
+
+    bos = lm.tokenizer.bos_token_id
+    return SequenceScorer(params=lm.params, bos=jnp.asarray([] if bos is None else [bos], jnp.int32),
+                          graphdef=lm.graphdef)
+
+
+def _probe_from_file(lm, path):
+    import json
+
+    from jaxrisk.scorers.probe import train_probe
+
+    texts, labels = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                texts.append(str(row["text"]))
+                labels.append(int(row["label"]))
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{path}:{n}: expected a JSON object with 'text' and 'label' (1 = harmful)") from None
+    return train_probe(lm, texts, labels)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxrisk",
                                      description="jaxrisk finds hidden risks in neural networks by gradient descent.")
@@ -186,6 +239,30 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
             p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("redteam", help="GCG: find suffixes that make a language model say chosen targets")
+    p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
+    p.add_argument("--behaviors", required=True, metavar="FILE", help="CSV or JSONL with goal,target (AdvBench)")
+    p.add_argument("--out", required=True, help="output directory: results.jsonl (+ a checkpoint while running)")
+    p.add_argument("--steps", type=int, default=250, help="GCG steps per behaviour (early stop on success)")
+    p.add_argument("--search-width", type=int, default=512, help="candidates per step (B)")
+    p.add_argument("--topk", type=int, default=256, help="tokens per position from the gradient")
+    p.add_argument("--suffix-len", type=int, default=20)
+    p.add_argument("--restarts", type=int, default=1, help="independent restarts per behaviour")
+    p.add_argument("--group", type=int, default=8, help="behaviours per compiled run (x restarts lanes)")
+    p.add_argument("--mellowmax", type=float, default=None, metavar="ALPHA", help="mellowmax target loss")
+    p.add_argument("--fluency-weight", type=float, default=0.0, help="weight of log p(request) in the objective")
+    p.add_argument("--danger-probe-data", metavar="FILE",
+                   help="JSONL of {text, label}: train a linear danger probe and add its log-score")
+    p.add_argument("--danger-weight", type=float, default=1.0)
+    p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
+    p.add_argument("--allow-non-ascii", action="store_true")
+    p.add_argument("--no-early-stop", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_redteam)
 
     args = parser.parse_args(argv)
     try:

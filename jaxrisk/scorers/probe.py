@@ -1,0 +1,106 @@
+"""A linear probe on the model's own activations as a cheap, differentiable danger scorer.
+
+The seed's "specialised subnetwork" approximation: instead of asking a judge
+model, read the mean residual stream at one layer and apply logistic
+regression trained on labelled harmful / harmless texts. log sigmoid(w.h + b)
+is the log-score; it is differentiable w.r.t. one-hot input tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from jaxrisk.errors import InputError
+from jaxrisk.scorers.lm import embed
+
+
+def mean_residual(graphdef, params, tokens, valid_bl, layer: int) -> jax.Array:
+    """Mean over valid positions of `blocks.{layer}.hook_resid_post` [B, D] (float32)."""
+    model = nnx.merge(graphdef, params)
+    name = f"blocks.{layer}.hook_resid_post"
+    _, _, acts = model(embeds_btd=embed(model, tokens), valid_bt=valid_bl, capture=(name,), logits=False)
+    h = acts[name].astype(jnp.float32)
+    w = valid_bl.astype(jnp.float32)[..., None]
+    return jnp.sum(h * w, 1) / jnp.maximum(w.sum(1), 1.0)
+
+
+@struct.dataclass
+class ProbeScorer:
+    """log P(dangerous | text) = log sigmoid(w . mean_resid(layer) + b)."""
+
+    params: nnx.State
+    w: jax.Array                  # [D]
+    b: jax.Array                  # []
+    mu: jax.Array                 # [D] feature standardisation, fitted on the training texts
+    sigma: jax.Array              # [D]
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    layer: int = struct.field(pytree_node=False, default=0)
+
+    def logits(self, tokens, valid_bl) -> jax.Array:
+        h = (mean_residual(self.graphdef, self.params, tokens, valid_bl, self.layer) - self.mu) / self.sigma
+        return h @ self.w + self.b
+
+    def __call__(self, tokens, valid_bl) -> jax.Array:
+        return jax.nn.log_sigmoid(self.logits(tokens, valid_bl))
+
+
+def pad_batch(ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id lists to [B, L] with a valid mask."""
+    width = max(len(i) for i in ids)
+    tokens = np.zeros((len(ids), width), np.int32)
+    valid = np.zeros((len(ids), width), bool)
+    for r, i in enumerate(ids):
+        tokens[r, :len(i)] = i
+        valid[r, :len(i)] = True
+    return tokens, valid
+
+
+def train_probe(lm, texts: list[str], labels, *, layer: int | None = None, steps: int = 300,
+                l2: float = 1e-2, learning_rate: float = 0.05) -> ProbeScorer:
+    """Fit the probe by logistic regression (optax adam, L2) on `lm`'s activations; labels: 1 = harmful."""
+    labels = np.asarray(labels, np.float32)
+    if len(texts) != len(labels) or len(texts) < 4 or len(set(labels.tolist())) != 2:
+        raise InputError(f"train_probe: need >= 4 texts with both labels 0 and 1 (got {len(texts)} texts, "
+                         f"labels {sorted(set(labels.tolist()))})")
+    layer = lm.cfg.n_layers // 2 if layer is None else layer
+    if not 0 <= layer < lm.cfg.n_layers:
+        raise InputError(f"train_probe: layer {layer} is outside 0..{lm.cfg.n_layers - 1}")
+    tokens, valid = pad_batch([lm.encode(t) for t in texts])
+    feats = jax.jit(mean_residual, static_argnames=("graphdef", "layer"))(lm.graphdef, lm.params, tokens, valid,
+                                                                           layer=layer)
+    mu, sigma = feats.mean(0), feats.std(0) + 1e-6
+    x = (feats - mu) / sigma
+    y = jnp.asarray(labels)
+    opt = optax.adam(learning_rate)
+
+    def loss(wb):
+        logit = x @ wb["w"] + wb["b"]
+        return optax.sigmoid_binary_cross_entropy(logit, y).mean() + l2 * jnp.sum(wb["w"] ** 2)
+
+    @jax.jit
+    def fit(wb):
+        def body(carry, _):
+            wb, state = carry
+            g = jax.grad(loss)(wb)
+            updates, state = opt.update(g, state, wb)
+            return (optax.apply_updates(wb, updates), state), None
+        (wb, _), _ = jax.lax.scan(body, (wb, opt.init(wb)), None, length=steps)
+        return wb
+
+    wb = fit({"w": jnp.zeros(x.shape[1]), "b": jnp.zeros(())})
+    return ProbeScorer(params=lm.params, w=wb["w"], b=wb["b"], mu=mu, sigma=sigma, graphdef=lm.graphdef,
+                       layer=layer)
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U; ties count one half)."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        raise InputError("auroc: needs both positive and negative examples")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
