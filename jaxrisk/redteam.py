@@ -127,6 +127,13 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
         target = lanes["target"][i][lanes["target_valid"][i]]
         prompt_ids = np.concatenate([before, suffix, after]).astype(np.int32)
         greedy = lm.generate([prompt_ids], max_new_tokens=len(target))[0]
+        scores = {"target_logprob": float(lm.score_targets(np.concatenate([before, suffix]), after[None],
+                                                            target)[0]) / len(target)
+                  if len(after) else float(lm.score_targets(before, suffix[None], target)[0]) / len(target)}
+        request = np.concatenate([lanes["goal"][i][lanes["goal_valid"][i]], suffix])[None]
+        for n, (weight, scorer) in enumerate(extras):
+            name = f"{type(scorer).__name__}_{n}"
+            scores[name] = float(scorer(jnp.asarray(request), jnp.ones(request.shape, bool))[0])
         out.append({
             "behavior": bh.goal, "target": bh.target,
             "prompt": tok.decode(prompt_ids.tolist(), skip_special_tokens=True),
@@ -137,7 +144,7 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
             "greedy_output": tok.decode(greedy), "restart": int(r - rows[0]),
             "restart_losses": [float(state["best_loss"][j]) for j in rows],
             "restart_suffix_ids": [state["best"][j].tolist() for j in rows],
-            "candidates_evaluated": int(state["n_evals"][rows].sum()),
+            "candidates_evaluated": int(state["n_evals"][rows].sum()), "scores": scores,
         })
     return out
 

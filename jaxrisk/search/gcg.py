@@ -8,8 +8,9 @@ lanes x B candidate evaluations per step). Per step and lane:
    into a KV cache, candidates and target after it);
 2. the top-k tokens per position (disallowed tokens precomputed once);
 3. B single-token swaps, positions spread evenly, tokens drawn from the top-k;
-4. a host-side filter drops candidates whose decode/encode does not round-trip;
-   they are replaced by masked duplicates, so shapes never change;
+4. a host-side filter drops candidates whose decode/encode does not round-trip
+   (2B are drawn, the first B that pass are kept; any shortfall is filled with
+   masked duplicates), so shapes never change and little compute is wasted;
 5. exact evaluation of all B candidates; the best becomes the current suffix,
    the best ever is kept, and the lane stops once the greedy continuation
    equals the target (teacher-forced argmax at every target position).
@@ -41,6 +42,7 @@ class GCGConfig:
     mellowmax_alpha: float | None = None
     early_stop: bool = True
     filter_retokenization: bool = True
+    oversample: int = 2              # draw oversample x B swaps so ~B survive the round-trip filter
     allow_non_ascii: bool = False
 
 
@@ -153,14 +155,18 @@ class GCGProblem:
         top = jax.lax.top_k(-grad, cfg.topk)[1]                                        # [Ls, k]
 
         b = cfg.search_width
-        pos = (jnp.arange(b) * ls) // b                                                # evenly spread
-        pick = jax.random.randint(key, (b,), 0, cfg.topk)
-        cands = jnp.broadcast_to(state["current"], (b, ls)).at[jnp.arange(b), pos].set(top[pos, pick])
-        if cfg.filter_retokenization and self.roundtrip is not None:
-            ok = jax.pure_callback(self.roundtrip, jax.ShapeDtypeStruct((b,), jnp.bool_), cands,
+        filtering = cfg.filter_retokenization and self.roundtrip is not None
+        n = b * cfg.oversample if filtering else b        # draw more, keep the first B that round-trip
+        pos = jnp.arange(n) % ls                        # cyclic: any prefix of the draws covers all positions
+        pick = jax.random.randint(key, (n,), 0, cfg.topk)
+        drawn = jnp.broadcast_to(state["current"], (n, ls)).at[jnp.arange(n), pos].set(top[pos, pick])
+        if filtering:
+            ok = jax.pure_callback(self.roundtrip, jax.ShapeDtypeStruct((n,), jnp.bool_), drawn,
                                    vmap_method="expand_dims")
+            keep = jnp.argsort(~ok, stable=True)[:b]     # round-tripping candidates first, in draw order
+            cands, ok = drawn[keep], ok[keep]
         else:
-            ok = jnp.ones((b,), bool)
+            cands, ok = drawn, jnp.ones((b,), bool)
         cands = jnp.where(ok[:, None], cands, state["current"][None])                  # masked duplicates
 
         loss, match = self._losses(model, cache, state, cands)

@@ -1,0 +1,52 @@
+"""Runs nanoGCG (PyTorch) on behaviours and prints one JSON line per behaviour. Run in nanoGCG's own venv:
+
+    .venv-nanogcg/bin/python benchmarks/nanogcg_runner.py MODEL_DIR BEHAVIORS.json STEPS WIDTH TOPK SUFFIX SEED
+
+Counts the candidates nanoGCG really evaluates (after its re-tokenisation filter), times each behaviour
+from its start to its stop, and checks success by greedy generation from the optimised ids.
+"""
+
+import json
+import sys
+import time
+
+import nanogcg
+import torch
+import transformers
+from nanogcg import gcg as gcg_module
+
+
+def main() -> None:
+    model_dir, behaviors_file, steps, width, topk, suffix_len, seed = sys.argv[1:8]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    counted = {"n": 0}
+    original = gcg_module.GCG._compute_candidates_loss_original
+
+    def counting(self, batch_size, input_embeds):
+        counted["n"] += input_embeds.shape[0]
+        return original(self, batch_size, input_embeds)
+
+    gcg_module.GCG._compute_candidates_loss_original = counting
+    for bh in json.loads(open(behaviors_file).read()):
+        counted["n"] = 0
+        cfg = nanogcg.GCGConfig(num_steps=int(steps), search_width=int(width), topk=int(topk),
+                                optim_str_init=" ".join(["!"] * int(suffix_len)), early_stop=True,
+                                seed=int(seed), verbosity="WARNING")
+        t = time.perf_counter()
+        result = nanogcg.run(model, tok, bh["goal"], bh["target"], cfg)
+        seconds = time.perf_counter() - t
+        goal_ids = tok(bh["goal"])["input_ids"]
+        suffix_ids = tok(result.best_string, add_special_tokens=False)["input_ids"]
+        target_ids = tok(bh["target"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([goal_ids + suffix_ids]), max_new_tokens=len(target_ids),
+                                 do_sample=False)
+        success = out[0, len(goal_ids) + len(suffix_ids):].tolist() == target_ids
+        print(json.dumps({"behavior": bh["goal"], "target": bh["target"], "success": success,
+                          "steps": len(result.losses), "seconds": seconds, "candidates": counted["n"],
+                          "loss": result.best_loss, "suffix": result.best_string}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
