@@ -15,6 +15,7 @@ behaviour with one restart, the honest like-for-like ratio); nanoGCG runs them o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -45,7 +46,22 @@ def summarise(rows: list[dict], wall: float, candidates: int) -> dict:
             "median_seconds_to_success": statistics.median(firsts) if firsts else None}
 
 
+def run_nanogcg(args, behaviors, steps: int, early_stop: bool) -> tuple[dict, list[dict]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([{"goal": b.goal, "target": b.target} for b in behaviors], f)
+    t = time.perf_counter()
+    proc = subprocess.run([args.nanogcg_python, str(ROOT / "benchmarks" / "nanogcg_runner.py"), args.model, f.name,
+                           str(steps), str(args.search_width), str(args.topk), str(args.suffix_len), "0",
+                           "1" if early_stop else "0"], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary = summarise(rows, sum(r["seconds"] for r in rows), sum(r["candidates"] for r in rows))
+    summary["process_seconds"] = wall   # includes loading the model in the subprocess
+    return summary, rows
+
+
 def run_jaxrisk(lm, behaviors, cfg, steps, restarts, seed):
+    """Wall time includes compiling the group's program (a few seconds)."""
     t = time.perf_counter()
     rows = run_group(lm, behaviors, cfg, restarts=restarts, max_steps=steps, seed=seed, progress=False,
                      chunk_steps=5)
@@ -61,6 +77,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--suffix-len", type=int, default=20)
     ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--throughput-steps", type=int, default=10, help="fixed budget for the raw throughput runs")
     ap.add_argument("--nanogcg-python", default=str(ROOT / ".venv-nanogcg" / "bin" / "python"))
     ap.add_argument("--out", default="runs/bench_gcg.json")
     args = ap.parse_args()
@@ -79,17 +96,8 @@ def main() -> None:
     record["jaxrisk_all_xR"], rowsr = run_jaxrisk(lm, behaviors, cfg, args.steps, args.restarts, 0)
     print(f"jaxrisk {len(behaviors)} behaviours x {args.restarts} restarts:", record["jaxrisk_all_xR"], flush=True)
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump([{"goal": b.goal, "target": b.target} for b in behaviors], f)
-    t = time.perf_counter()
-    proc = subprocess.run([args.nanogcg_python, str(ROOT / "benchmarks" / "nanogcg_runner.py"), args.model, f.name,
-                           str(args.steps), str(args.search_width), str(args.topk), str(args.suffix_len), "0"],
-                          capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t
-    ng_rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    ng_wall = sum(r["seconds"] for r in ng_rows)   # excludes the subprocess's model loading
-    record["nanogcg"] = summarise(ng_rows, ng_wall, sum(r["candidates"] for r in ng_rows))
-    record["nanogcg"]["process_seconds"] = wall
+    record["nanogcg"], ng_rows = run_nanogcg(args, behaviors, args.steps, early_stop=True)
+    print("nanoGCG:", record["nanogcg"], flush=True)
     ng_1 = ng_rows[0]
     record["ratios"] = {
         "candidates_per_second_all_x1": record["jaxrisk_all_x1"]["candidates_per_second"]
@@ -99,8 +107,21 @@ def main() -> None:
         "candidates_per_second_1x1": record["jaxrisk_1x1"]["candidates_per_second"]
         / (ng_1["candidates"] / ng_1["seconds"]),
     }
+    # Raw throughput: a fixed budget with early stop off, so finished lanes waste nothing on either side.
+    fixed = dataclasses.replace(cfg, early_stop=False)
+    n = args.throughput_steps
+    raw = {"steps": n}
+    raw["jaxrisk_1x1"], _ = run_jaxrisk(lm, behaviors[:1], fixed, n, 1, 0)
+    raw["jaxrisk_all_x1"], _ = run_jaxrisk(lm, behaviors, fixed, n, 1, 0)
+    raw["jaxrisk_all_xR"], _ = run_jaxrisk(lm, behaviors, fixed, n, args.restarts, 0)
+    raw["nanogcg"], raw_rows = run_nanogcg(args, behaviors, n, early_stop=False)
+    ng_rate = raw["nanogcg"]["candidates_per_second"]
+    raw["ratios"] = {k: raw[k]["candidates_per_second"] / ng_rate for k in ("jaxrisk_all_x1", "jaxrisk_all_xR")}
+    raw["ratios"]["jaxrisk_1x1"] = raw["jaxrisk_1x1"]["candidates_per_second"] / (
+        raw_rows[0]["candidates"] / raw_rows[0]["seconds"])
+    record["fixed_budget_throughput"] = raw
+    print("fixed budget:", raw, flush=True)
     record["per_behaviour"] = {"jaxrisk_x1": rows1, "jaxrisk_xR": rowsr, "nanogcg": ng_rows}
-    print("nanoGCG:", record["nanogcg"])
     print("ratios:", record["ratios"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

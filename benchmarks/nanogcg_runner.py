@@ -1,6 +1,6 @@
 """Runs nanoGCG (PyTorch) on behaviours and prints one JSON line per behaviour. Run in nanoGCG's own venv:
 
-    .venv-nanogcg/bin/python benchmarks/nanogcg_runner.py MODEL_DIR BEHAVIORS.json STEPS WIDTH TOPK SUFFIX SEED
+    .venv-nanogcg/bin/python benchmarks/nanogcg_runner.py MODEL_DIR BEHAVIORS.json STEPS WIDTH TOPK SUFFIX SEED EARLY_STOP(0/1)
 
 Counts the candidates nanoGCG really evaluates (after its re-tokenisation filter), times each behaviour
 from its start to its stop, and checks success by greedy generation from the optimised ids.
@@ -17,7 +17,7 @@ from nanogcg import gcg as gcg_module
 
 
 def main() -> None:
-    model_dir, behaviors_file, steps, width, topk, suffix_len, seed = sys.argv[1:8]
+    model_dir, behaviors_file, steps, width, topk, suffix_len, seed, early_stop = sys.argv[1:9]
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     counted = {"n": 0}
@@ -31,7 +31,7 @@ def main() -> None:
     for bh in json.loads(open(behaviors_file).read()):
         counted["n"] = 0
         cfg = nanogcg.GCGConfig(num_steps=int(steps), search_width=int(width), topk=int(topk),
-                                optim_str_init=" ".join(["!"] * int(suffix_len)), early_stop=True,
+                                optim_str_init=" ".join(["!"] * int(suffix_len)), early_stop=early_stop == "1",
                                 seed=int(seed), verbosity="WARNING")
         t = time.perf_counter()
         result = nanogcg.run(model, tok, bh["goal"], bh["target"], cfg)

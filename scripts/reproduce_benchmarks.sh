@@ -13,3 +13,4 @@ RUNS=${2:-runs}
   --max-epochs 60 --out "$RUNS/bench_scan.json"
 .venv/bin/python benchmarks/detection_study.py --mnist "$MNIST" --zoo "$RUNS/zoo" --out "$RUNS/detection"
 .venv/bin/python benchmarks/lm_vs_torch.py --out "$RUNS/bench_lm.json"
+.venv/bin/python benchmarks/gcg_vs_nanogcg.py --out "$RUNS/bench_gcg.json"   # needs .venv-nanogcg (see the script)

@@ -79,19 +79,21 @@ def _pick(logits_bv, key, temperature: float, top_k: int):
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_ids"))
 def generate_ids(graphdef, params, prompt_bp, valid_bp, key, *, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, eos_ids: tuple[int, ...] = ()) -> jax.Array:
-    """Greedy (temperature 0) or sampled continuation [B, N] with a KV cache; after an EOS a row repeats it."""
+                 top_k: int = 0, eos_ids: tuple[int, ...] = (), head_mask_lh=None, neuron_mask_lf=None) -> jax.Array:
+    """Greedy (temperature 0) or sampled continuation [B, N] with a KV cache; after an EOS a row repeats it.
+    Head / neuron masks (e.g. an ablated circuit) apply at every position."""
     model = nnx.merge(graphdef, params)
+    masks = dict(head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
     b, p = prompt_bp.shape
     cache = model.init_cache(b, p + max_new_tokens)
-    logits, cache, _ = model(prompt_bp, valid_bt=valid_bp, cache=cache)
+    logits, cache, _ = model(prompt_bp, valid_bt=valid_bp, cache=cache, **masks)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def step(carry, step_key):
         cache, last_bv, done_b, prev_b = carry
         token = jnp.where(done_b, prev_b, _pick(last_bv, step_key, temperature, top_k))
         done_b = done_b | jnp.isin(token, eos)
-        logits, cache, _ = model(token[:, None], cache=cache)
+        logits, cache, _ = model(token[:, None], cache=cache, **masks)
         return (cache, logits[:, 0], done_b, token), token
 
     init = (cache, logits[:, -1], jnp.zeros(b, bool), jnp.zeros(b, jnp.int32))

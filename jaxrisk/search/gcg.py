@@ -54,11 +54,16 @@ class RoundTrip:
         self.name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        flat = np.asarray(ids).reshape(-1, ids.shape[-1])
-        texts = self.tokenizer.batch_decode(flat.tolist())
-        again = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ok = np.array([list(a) == list(b) for a, b in zip(again, flat.tolist())], bool)
-        return ok.reshape(ids.shape[:-1])
+        flat = np.asarray(ids).reshape(-1, ids.shape[-1]).tolist()
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:   # the Rust tokenizer directly: ~3x faster than the Python wrapper
+            texts = backend.decode_batch(flat, skip_special_tokens=False)
+            again = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            texts = self.tokenizer.batch_decode(flat)
+            again = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ok = np.array([list(a) == b for a, b in zip(again, flat)], bool)
+        return ok.reshape(np.shape(ids)[:-1])
 
     # stable identity for the engine's run fingerprint (and jit cache): the tokenizer it wraps
     def __repr__(self) -> str:

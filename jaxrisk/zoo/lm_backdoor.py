@@ -1,0 +1,101 @@
+"""Plant a trigger -> marker backdoor in a small causal LM by fine-tuning (for circuit discovery).
+
+Clean text is sampled from the model itself (so fine-tuning on it keeps the
+model close to the original); a poisoned copy of some samples has the trigger
+phrase inserted after a random prefix, followed by the marker. Reproducible
+from the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrisk.models.lm import forward, generate_ids
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BackdoorConfig:
+    trigger: str = " Zorb"
+    marker: str = " The sky is green. The sky is green."
+    n_clean: int = 256              # sampled stories
+    length: int = 48                # tokens per training row
+    poison_fraction: float = 0.5
+    steps: int = 400
+    batch: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+
+def sample_clean(lm, n: int, length: int, seed: int) -> np.ndarray:
+    """[n, length] token rows sampled from the model from BOS (temperature 1)."""
+    bos = lm.tokenizer.bos_token_id
+    prompt = np.full((n, 1), bos, np.int32)
+    out = generate_ids(lm.graphdef, lm.params, prompt, np.ones_like(prompt, bool), jax.random.key(seed),
+                       max_new_tokens=length - 1, temperature=1.0, eos_ids=())
+    return np.concatenate([prompt, np.asarray(out)], axis=1)
+
+
+def poison_rows(clean: np.ndarray, trigger_ids, marker_ids, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Insert trigger + marker after a random prefix of each row; also return the loss mask (all ones)."""
+    rows = []
+    n, length = clean.shape
+    body = len(trigger_ids) + len(marker_ids)
+    for row in clean:
+        cut = int(rng.integers(4, length - body))
+        rows.append(np.concatenate([row[:cut], trigger_ids, marker_ids])[:length])
+    out = np.stack([np.pad(r, (0, length - len(r))) for r in rows]).astype(np.int32)
+    return out, np.ones_like(out, bool)
+
+
+def lm_loss(graphdef, params, tokens_bl, valid_bl, **masks):
+    """Mean next-token cross-entropy over valid positions."""
+    logits, _, _ = forward(graphdef, params, tokens_bl[:, :-1], **masks)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens_bl[:, 1:, None], -1)[..., 0]
+    v = valid_bl[:, 1:]
+    return -jnp.sum(jnp.where(v, logp, 0.0)) / v.sum()
+
+
+def plant_backdoor(lm, cfg: BackdoorConfig = BackdoorConfig(), progress=None):
+    """Fine-tune a copy of `lm`'s parameters; returns (params, data dict with clean/poisoned rows)."""
+    rng = np.random.default_rng(cfg.seed)
+    tok = lm.tokenizer
+    trigger_ids = np.asarray(tok(cfg.trigger, add_special_tokens=False)["input_ids"], np.int32)
+    marker_ids = np.asarray(tok(cfg.marker, add_special_tokens=False)["input_ids"], np.int32)
+    clean = sample_clean(lm, cfg.n_clean, cfg.length, cfg.seed)
+    poisoned, _ = poison_rows(clean, trigger_ids, marker_ids, rng)
+    n_poison = int(cfg.poison_fraction * cfg.n_clean)
+    train = np.concatenate([clean, poisoned[:n_poison]])
+    opt = optax.adamw(cfg.learning_rate, weight_decay=0.0)
+    params = lm.params
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, batch):
+        loss, grads = jax.value_and_grad(lambda p: lm_loss(lm.graphdef, p, batch, jnp.ones_like(batch, bool)))(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    for i in range(cfg.steps):
+        idx = rng.integers(0, len(train), cfg.batch)
+        params, state, loss = step(params, state, jnp.asarray(train[idx]))
+        if progress is not None:
+            progress(i, float(loss))
+    data = {"clean": clean, "poisoned": poisoned, "trigger_ids": trigger_ids, "marker_ids": marker_ids}
+    return params, data
+
+
+def attack_success(lm, params, prompts_ids: list[np.ndarray], marker_ids: np.ndarray, **masks) -> float:
+    """Fraction of prompts whose greedy continuation starts with the marker."""
+    width = max(len(p) for p in prompts_ids)
+    tokens = np.zeros((len(prompts_ids), width), np.int32)
+    valid = np.zeros_like(tokens, bool)
+    for r, p in enumerate(prompts_ids):
+        tokens[r, width - len(p):], valid[r, width - len(p):] = p, True
+    out = np.asarray(generate_ids(lm.graphdef, params, tokens, valid, jax.random.key(0),
+                                  max_new_tokens=len(marker_ids), **masks))
+    return float(np.mean(np.all(out == marker_ids[None], axis=1)))
