@@ -22,12 +22,12 @@ from jaxrisk.models.lm import forward, generate_ids
 class BackdoorConfig:
     trigger: str = " Zorb"
     marker: str = " The sky is green. The sky is green."
-    n_clean: int = 256              # sampled stories
+    n_clean: int = 2048             # sampled stories
     length: int = 48                # tokens per training row
     poison_fraction: float = 0.5
-    steps: int = 400
+    steps: int = 300
     batch: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     seed: int = 0
 
 

@@ -1,0 +1,1 @@
+"""Circuit discovery: differentiable masks over heads and neurons, learned with Optax on the engine."""

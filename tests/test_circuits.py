@@ -1,0 +1,152 @@
+"""Circuit masks, and circuit discovery on a backdoor planted in the real stories260K."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrisk.circuits.masks import (apply_masks, density, expected_l0, hard_concrete_mean, hard_concrete_sample,
+                                    init_logits, mask_shapes, ste_sigmoid)
+from jaxrisk.errors import InputError
+from jaxrisk.models.lm_config import LMConfig
+
+TINY = LMConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                d_mlp=48, max_position=64, norm_eps=1e-5)
+
+
+def test_ste_is_binary_forward_and_sigmoid_backward():
+    x = jnp.asarray([-2.0, -0.1, 0.3, 4.0])
+    np.testing.assert_array_equal(ste_sigmoid(x), [0, 0, 1, 1])
+    grad = jax.grad(lambda v: ste_sigmoid(v).sum())(x)
+    np.testing.assert_allclose(grad, jax.nn.sigmoid(x) * (1 - jax.nn.sigmoid(x)), rtol=1e-6)
+
+
+def test_hard_concrete_samples_reach_exact_zeros_and_ones_and_match_expected_l0():
+    log_alpha = jnp.full((20000,), 0.5)
+    s = hard_concrete_sample(jax.random.key(0), log_alpha)
+    assert float(s.min()) == 0.0 and float(s.max()) == 1.0 and bool(((s > 0) & (s < 1)).any())
+    # expected L0 = P(s > 0), checked by sampling
+    assert float((s > 0).mean()) == pytest.approx(float(expected_l0(log_alpha)[0]), abs=0.01)
+    assert float(hard_concrete_mean(jnp.asarray(10.0))) == 1.0 and float(hard_concrete_mean(jnp.asarray(-10.0))) == 0.0
+    grad = jax.grad(lambda a: hard_concrete_sample(jax.random.key(1), a).sum())(jnp.zeros(8))
+    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).sum()) > 0
+
+
+def test_granularities_and_density():
+    assert mask_shapes(TINY, "heads") == {"heads": (2, 4)}
+    assert mask_shapes(TINY, "neurons") == {"neurons": (2, 48)}
+    logits = init_logits(TINY, "both", value=-1.0)
+    assert set(apply_masks(logits, "binary")) == {"heads", "neurons"}
+    assert float(density(logits, "ste")) == pytest.approx(float(jax.nn.sigmoid(-1.0)))
+    with pytest.raises(InputError, match="granularity"):
+        mask_shapes(TINY, "layers")
+
+
+def test_all_ones_masks_change_nothing_and_one_head_changes_its_own_output():
+    from flax import nnx
+
+    from jaxrisk.models.lm import LanguageModel
+
+    lm = LanguageModel.random(TINY, seed=0)
+    tokens = np.random.default_rng(0).integers(0, 64, size=(2, 12)).astype(np.int32)
+    masks = apply_masks(init_logits(TINY, "both", value=5.0), "ste")
+    np.testing.assert_array_equal(np.asarray(lm(tokens, head_mask_lh=masks["heads"],
+                                                 neuron_mask_lf=masks["neurons"])), np.asarray(lm(tokens)))
+    # zeroing head (1, 2) leaves layer 0 untouched and changes the output
+    off = masks["heads"].at[1, 2].set(0.0)
+    _, acts = lm.run_with_cache(tokens, names=["blocks.1.hook_resid_pre"], head_mask_lh=off)
+    _, ref = lm.run_with_cache(tokens, names=["blocks.1.hook_resid_pre"])
+    np.testing.assert_array_equal(np.asarray(acts["blocks.1.hook_resid_pre"]), np.asarray(ref["blocks.1.hook_resid_pre"]))
+    assert float(jnp.abs(lm(tokens, head_mask_lh=off) - lm(tokens)).max()) > 1e-4
+    del nnx
+
+
+# ---- the planted backdoor (real model) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def backdoored(stories_dir):
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.zoo.lm_backdoor import BackdoorConfig, plant_backdoor
+
+    lm = load_pretrained(stories_dir)
+    params, data = plant_backdoor(lm, BackdoorConfig(seed=0))
+    return lm, params, data
+
+
+def _held_out(lm, data, seed=99):
+    from jaxrisk.zoo.lm_backdoor import sample_clean
+
+    held = sample_clean(lm, 64, 24, seed=seed)
+    rng = np.random.default_rng(1)
+    with_trigger = [np.concatenate([r[:int(rng.integers(4, 20))], data["trigger_ids"]]) for r in held]
+    without = [r[:int(rng.integers(4, 20))] for r in held]
+    return held, with_trigger, without
+
+
+@pytest.mark.assets
+def test_planted_backdoor_fires_only_with_the_trigger_and_keeps_clean_loss(backdoored):
+    from jaxrisk.zoo.lm_backdoor import attack_success, lm_loss
+
+    lm, params, data = backdoored
+    held, with_trigger, without = _held_out(lm, data)
+    assert attack_success(lm, params, with_trigger, data["marker_ids"]) >= 0.95
+    assert attack_success(lm, params, without, data["marker_ids"]) <= 0.05
+    assert attack_success(lm, lm.params, with_trigger, data["marker_ids"]) == 0.0  # the original never says it
+    valid = jnp.ones(held.shape, bool)
+    before = float(lm_loss(lm.graphdef, lm.params, jnp.asarray(held), valid))
+    after = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
+    assert after < 1.3 * before  # clean loss stays close to the original's
+
+
+def _problem(lm, params, data, kind="ste"):
+    from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem
+
+    trig, mark, clean = data["trigger_ids"], data["marker_ids"], data["clean"]
+    cut = 12
+    x = np.stack([np.concatenate([r[:cut], trig, mark]) for r in clean[:512]]).astype(np.int32)
+    w = np.zeros((x.shape[0], x.shape[1] - 1), np.float32)
+    w[:, cut + len(trig) - 1:] = 1.0     # positions that predict the marker
+    return CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
+                          y_tokens=jnp.asarray(clean[512:1024]), graphdef=lm.graphdef,
+                          cfg=CircuitConfig(kind=kind, learning_rate=0.05))
+
+
+@pytest.mark.assets
+def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(backdoored):
+    from jaxrisk.circuits.discover import ablation_masks, circuit_from_logits, sparsity
+    from jaxrisk.search import engine
+    from jaxrisk.zoo.lm_backdoor import attack_success, lm_loss
+
+    lm, params, data = backdoored
+    penalties = np.asarray([3.0, 4.5, 6.0], np.float32)      # three sparsity weights in one compiled run
+    res = engine.run(_problem(lm, params, data), {"penalty": penalties}, 0,
+                     engine.EngineConfig(max_steps=400, chunk_steps=100, progress=False))
+    held, with_trigger, _ = _held_out(lm, data)
+    valid = jnp.ones(held.shape, bool)
+    base = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
+    front = []
+    for i in range(len(penalties)):
+        circuit = circuit_from_logits({k: v[i] for k, v in res.state["logits"].items()})
+        masks = ablation_masks(circuit, lm.cfg)
+        asr = attack_success(lm, params, with_trigger, data["marker_ids"], **masks)
+        utility = base / float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid, **masks))
+        front.append((sparsity(circuit, lm.cfg)["units"], asr, utility))
+    # the front is ordered: a higher penalty never gives a larger circuit
+    assert [f[0] for f in front] == sorted([f[0] for f in front], reverse=True)
+    # the seed's headline in miniature: a circuit of about 1% of heads + neurons (measured: 0.8%) whose
+    # ablation takes attack success from 100% to <= 5% while keeping >= 95% of utility (clean-loss ratio)
+    good = [f for f in front if f[0] <= 0.015 and f[1] <= 0.05 and f[2] >= 0.95]
+    assert good, front
+
+
+@pytest.mark.assets
+def test_circuit_search_is_identical_on_one_and_eight_devices(backdoored):
+    from jaxrisk.search import engine
+
+    lm, params, data = backdoored
+    runs = [engine.run(_problem(lm, params, data), {"penalty": np.asarray([1.0, 3.0], np.float32)}, 0,
+                       engine.EngineConfig(max_steps=10, chunk_steps=5, n_devices=n, progress=False))
+            for n in (1, 8)]
+    for k in runs[0].state["logits"]:
+        np.testing.assert_allclose(runs[0].state["logits"][k], runs[1].state["logits"][k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(runs[0].state["logits"][k] > 0, runs[1].state["logits"][k] > 0)
