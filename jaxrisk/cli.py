@@ -200,6 +200,32 @@ def _probe_from_file(lm, path):
     return train_probe(lm, texts, labels)
 
 
+def cmd_circuits(args) -> int:
+    """Learn the circuit whose ablation removes a behaviour; report.json, circuits.png, circuits.safetensors."""
+    from jaxrisk.circuits.discover import CircuitConfig
+    from jaxrisk.circuits.run import discover, load_circuit_data, write_circuit_report
+    from jaxrisk.models import load_pretrained
+
+    lm = load_pretrained(args.model, dtype=_dtype(args))
+    data = load_circuit_data(args.data, lm.tokenizer)
+    try:
+        penalties = [float(p) for p in args.penalties.split(",")]
+    except ValueError:
+        raise InputError(f"--penalties {args.penalties!r}: expected comma-separated numbers, e.g. 3,4.5,6") from None
+    cfg = CircuitConfig(granularity=args.granularity, kind=args.kind)
+    result = discover(lm, lm.params, data, penalties, steps=args.steps, cfg=cfg, progress=not args.no_progress,
+                      checkpoint_dir=Path(args.out) / "checkpoint")
+    json_path, png = write_circuit_report(result, lm, args.out)
+    shutil.rmtree(Path(args.out) / "checkpoint", ignore_errors=True)
+    print(f"behaviour before ablation: attack success {result['base_attack_success']}")
+    for c in result["circuits"]:
+        print(f"  penalty {c['penalty']:>5}: {c['n_heads']} heads + {c['n_neurons']} neurons "
+              f"({100 * c['units']:.2f}% of units): attack success {c['attack_success']}, "
+              f"utility {c['utility']:.3f}")
+    print(f"-> {json_path}, {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxrisk",
                                      description="jaxrisk finds hidden risks in neural networks by gradient descent.")
@@ -263,6 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_redteam)
+
+    p = sub.add_parser("circuits", help="learn the heads/neurons whose ablation removes a behaviour")
+    p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="JSONL: {prompt, completion} rows show the behaviour, {text} rows are clean text")
+    p.add_argument("--objective", default="backdoor", choices=["backdoor"],
+                   help="backdoor: smallest set whose ablation removes the completion and keeps clean loss")
+    p.add_argument("--out", required=True, help="output directory: report.json, circuits.png, circuits.safetensors")
+    p.add_argument("--penalties", default="3,4.5,6", help="sparsity weights, one circuit each (one program)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--granularity", default="both", choices=["heads", "neurons", "both"])
+    p.add_argument("--kind", default="ste", choices=["ste", "hard_concrete"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_circuits)
 
     args = parser.parse_args(argv)
     try:

@@ -43,12 +43,13 @@ def _seq_logprobs(model, tokens_bl, masks):
 @struct.dataclass
 class CircuitProblem:
     """Engine problem. Data: `x_tokens` [N, L] rows showing behaviour X with `x_weight` [N, L-1] marking the
-    X tokens to suppress; `y_tokens` [M, L] clean rows. Lane inputs: {"penalty": float}."""
+    X tokens to suppress; `y_tokens` [M, L] clean rows (`y_weight` marks real next tokens). Lane inputs: {"penalty": float}."""
 
     params: nnx.State
     x_tokens: jax.Array
     x_weight: jax.Array
     y_tokens: jax.Array
+    y_weight: jax.Array              # [M, L-1] 1 where the next token is real text (0 on padding)
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     cfg: CircuitConfig = struct.field(pytree_node=False, default=CircuitConfig())
 
@@ -68,7 +69,8 @@ class CircuitProblem:
         x_lp = _seq_logprobs(model, self.x_tokens[x_idx], ablate)
         w = self.x_weight[x_idx]
         remove = jnp.sum(jnp.exp(x_lp) * w) / jnp.maximum(w.sum(), 1.0)
-        keep = -jnp.mean(_seq_logprobs(model, self.y_tokens[y_idx], ablate))
+        yw = self.y_weight[y_idx]
+        keep = -jnp.sum(_seq_logprobs(model, self.y_tokens[y_idx], ablate) * yw) / jnp.maximum(yw.sum(), 1.0)
         return remove, keep, density(logits, self.cfg.kind)
 
     def step(self, state, key):

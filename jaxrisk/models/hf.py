@@ -224,3 +224,41 @@ def load_weights(path: Path, cfg: LMConfig, dtype, shardings=None) -> tuple[nnx.
     expected_paths = {p for p, _ in nnx.to_flat_state(abstract_state)}
     assert expected_paths == set(flat), f"key map does not cover the module: {expected_paths ^ set(flat)}"
     return graphdef, nnx.from_flat_state(flat)
+
+
+def save_pretrained(lm, params, out: str | Path) -> Path:
+    """Write `params` as a Hugging Face directory (config, tokenizer files copied from `lm.path`), Llama family.
+
+    The inverse of the key map: kernels back to PyTorch [out, in] layout. Used to hand a planted-behaviour
+    model to the command line or to transformers.
+    """
+    import shutil
+
+    from safetensors.numpy import save
+
+    from jaxrisk.io import atomic_write
+
+    cfg = lm.cfg
+    if cfg.is_gpt2:
+        raise InputError("save_pretrained: only the Llama family is supported")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
+    entries, _ = key_map(cfg)
+    tensors = {}
+    for e in entries:
+        ours = flat[e.path]
+        if e.key.endswith("_proj.weight") or e.key == "lm_head.weight":
+            w = ours.reshape(-1, ours.shape[-1]) if e.key.endswith("o_proj.weight") else ours.reshape(ours.shape[0], -1)
+            tensors[e.key] = np.ascontiguousarray(w.T)
+        else:
+            tensors[e.key] = np.ascontiguousarray(ours.reshape(e.shape))
+        assert tensors[e.key].shape == e.shape, (e.key, tensors[e.key].shape, e.shape)
+    blob = save(tensors, metadata={"format": "pt"})
+    atomic_write(out / "model.safetensors", lambda f: f.write(blob), mode="wb")
+    if lm.path is not None:
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "tokenizer.model", "special_tokens_map.json"):
+            if (Path(lm.path) / name).exists():
+                shutil.copyfile(Path(lm.path) / name, out / name)
+    return out

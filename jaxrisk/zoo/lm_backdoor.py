@@ -99,3 +99,23 @@ def attack_success(lm, params, prompts_ids: list[np.ndarray], marker_ids: np.nda
     out = np.asarray(generate_ids(lm.graphdef, params, tokens, valid, jax.random.key(0),
                                   max_new_tokens=len(marker_ids), **masks))
     return float(np.mean(np.all(out == marker_ids[None], axis=1)))
+
+
+def suppression_rows(data: dict, cut: int = 12, n: int = 512) -> dict[str, np.ndarray]:
+    """Circuit-discovery data from a planted backdoor: triggered rows (clean prefix + trigger + marker) with
+    weights on the positions that predict the marker, and clean rows."""
+    trig, mark, clean = data["trigger_ids"], data["marker_ids"], data["clean"]
+    x = np.stack([np.concatenate([r[:cut], trig, mark]) for r in clean[:n]]).astype(np.int32)
+    w = np.zeros((x.shape[0], x.shape[1] - 1), np.float32)
+    w[:, cut + len(trig) - 1:] = 1.0
+    y = clean[n:2 * n].astype(np.int32)
+    return {"x_tokens": x, "x_weight": w, "y_tokens": y, "y_weight": np.ones((len(y), y.shape[1] - 1), np.float32)}
+
+
+def held_out_prompts(lm, data: dict, n: int = 64, seed: int = 99):
+    """Fresh samples (not trained on): clean rows, the same prompts with the trigger, and without it."""
+    held = sample_clean(lm, n, 24, seed=seed)
+    rng = np.random.default_rng(seed)
+    with_trigger = [np.concatenate([r[:int(rng.integers(4, 20))], data["trigger_ids"]]) for r in held]
+    without = [r[:int(rng.integers(4, 20))] for r in held]
+    return held, with_trigger, without
