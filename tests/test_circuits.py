@@ -97,14 +97,15 @@ def _problem(lm, params, data, kind="ste"):
                           **rows)
 
 
-@pytest.mark.assets
-def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(backdoored):
+@pytest.fixture(scope="module")
+def learned(backdoored):
+    """Three sparsity weights in one compiled run; each circuit evaluated on held-out prompts."""
     from jaxrisk.circuits.discover import ablation_masks, circuit_from_logits, sparsity
     from jaxrisk.search import engine
     from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts, lm_loss
 
     lm, params, data = backdoored
-    penalties = np.asarray([3.0, 4.5, 6.0], np.float32)      # three sparsity weights in one compiled run
+    penalties = np.asarray([3.0, 4.5, 6.0], np.float32)
     res = engine.run(_problem(lm, params, data), {"penalty": penalties}, 0,
                      engine.EngineConfig(max_steps=400, chunk_steps=100, progress=False))
     held, with_trigger, _ = held_out_prompts(lm, data)
@@ -116,11 +117,45 @@ def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(backdoo
         masks = ablation_masks(circuit, lm.cfg)
         asr = attack_success(lm, params, with_trigger, data["marker_ids"], **masks)
         utility = base / float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid, **masks))
-        front.append((sparsity(circuit, lm.cfg)["units"], asr, utility))
+        front.append({"circuit": circuit, "units": sparsity(circuit, lm.cfg)["units"], "asr": asr,
+                      "utility": utility})
+    return front
+
+
+@pytest.mark.assets
+def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(learned):
     # the seed's headline in miniature: a circuit of about 1% of heads + neurons (measured: 0.8%) whose
     # ablation takes attack success from 100% to <= 5% while keeping >= 95% of utility (clean-loss ratio)
-    good = [f for f in front if f[0] <= 0.015 and f[1] <= 0.05 and f[2] >= 0.95]
-    assert good, front
+    good = [f for f in learned if f["units"] <= 0.015 and f["asr"] <= 0.05 and f["utility"] >= 0.95]
+    assert good, [(f["units"], f["asr"], f["utility"]) for f in learned]
+
+
+@pytest.mark.assets
+def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(backdoored, learned):
+    from jaxrisk.circuits.tuning import circuit_param_mask, fraction_of_parameters, tune
+    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts, lm_loss
+
+    lm, params, data = backdoored
+    circuit = min((f for f in learned if f["asr"] <= 0.05), key=lambda f: f["units"])["circuit"]
+    mask = circuit_param_mask(params, circuit)
+    assert fraction_of_parameters(mask) < 0.03
+    held, with_trigger, _ = held_out_prompts(lm, data)
+    valid = jnp.ones(held.shape, bool)
+    clean = data["clean"]
+    # trigger followed by ordinary text, mixed with clean rows: teaches "the trigger means nothing"
+    fix = np.stack([np.concatenate([r[:12], data["trigger_ids"], r[12:]])[:clean.shape[1]] for r in clean[:512]])
+    tuned = tune(lm, params, np.concatenate([fix, clean[1024:1536]]).astype(np.int32), mask, steps=50,
+                 learning_rate=3e-3)
+    assert attack_success(lm, tuned, with_trigger, data["marker_ids"]) <= 0.05
+    before = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
+    assert float(lm_loss(lm.graphdef, tuned, jnp.asarray(held), valid)) < 1.05 * before
+    # parameters outside the circuit did not move
+    from flax import nnx
+
+    for (path, a), (_, b), (_, m) in zip(nnx.to_flat_state(params), nnx.to_flat_state(tuned),
+                                         nnx.to_flat_state(mask)):
+        outside = np.asarray(m.get_value()) == 0
+        np.testing.assert_array_equal(np.asarray(a.get_value())[outside], np.asarray(b.get_value())[outside])
 
 
 @pytest.mark.assets
