@@ -12,7 +12,6 @@ utility (clean-loss ratio), units, time.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem, ablation_masks, circuit_from_logits, sparsity
+from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.models.lm import forward
 from jaxrisk.search import engine
@@ -104,10 +104,7 @@ def main() -> None:
     record["attribution_seconds"] = attribution_seconds
     print(f"time: learned masks {learned_seconds:.1f} s for {len(penalties)} penalties in one program; "
           f"attribution {attribution_seconds:.2f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"-> {out}")
+    print(f"-> {write_json(args.out, record)}")
 
 
 if __name__ == "__main__":

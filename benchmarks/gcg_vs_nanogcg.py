@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 
 from jaxrisk.data.prompts import Behavior
+from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.redteam import run_group
 from jaxrisk.search.gcg import GCGConfig
@@ -123,10 +124,7 @@ def main() -> None:
     print("fixed budget:", raw, flush=True)
     record["per_behaviour"] = {"jaxrisk_x1": rows1, "jaxrisk_xR": rowsr, "nanogcg": ng_rows}
     print("ratios:", record["ratios"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"-> {out}")
+    print(f"-> {write_json(args.out, record)}")
 
 
 if __name__ == "__main__":

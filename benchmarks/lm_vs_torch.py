@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 import transformers
 
+from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.models.lm import _score, forward, prefix_cache
 
@@ -144,10 +144,7 @@ def main() -> None:
               f"torch prefix-cache {s['torch_prefix_cache_cand_s']:,.0f}, jaxrisk {s['jaxrisk_cand_s']:,.0f} "
               f"({s['speedup_vs_full']:.2f}x vs full, {s['speedup_vs_prefix_cache']:.2f}x vs prefix cache; "
               f"max diff {s['max_score_diff']:.1e})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"-> {out}")
+    print(f"-> {write_json(args.out, record)}")
 
 
 if __name__ == "__main__":
