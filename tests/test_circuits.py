@@ -201,3 +201,68 @@ def test_cli_circuits_report_on_the_saved_backdoored_model(backdoored, tmp_path,
     best = min(report["circuits"], key=lambda c: c["attack_success"])
     assert best["attack_success"] <= 0.05 and best["units"] <= 0.05 and best["utility"] >= 0.9, report["circuits"]
     assert "attack success" in capsys.readouterr().out
+
+
+def _hand_built_model():
+    """A tiny random Llama with one hand-wired neuron (layer 1, neuron 11): after token 5 it writes token 7's
+    direction into the residual stream, so the model then predicts 7. Nothing else carries that behaviour."""
+    from flax import nnx
+
+    from jaxrisk.models.lm import LanguageModel
+
+    lm = LanguageModel.random(TINY, seed=0)
+    trigger, marker, layer, neuron = 5, 7, 1, 11
+    rng = np.random.default_rng(0)
+    d = TINY.d_model
+    u = np.eye(d)[0]                                   # the trigger's direction
+    v = np.eye(d)[1]                                   # the marker's direction
+    flat = {p: np.array(x.get_value()) for p, x in nnx.to_flat_state(lm.params)}
+    embed = rng.normal(0, 1, (TINY.vocab_size, d))
+    embed[:, :2] = 0.0                                 # nothing else lives on u or v
+    embed[trigger], embed[marker] = 3 * u, 3 * v
+    flat[("embed",)] = embed.astype(np.float32)
+    head = embed.T.copy()                              # TINY is untied: read out the same directions,
+    head[:, marker] = 0.9 * v                          # with a margin that does not saturate the softmax
+    flat[("lm_head",)] = head.astype(np.float32)
+    mlp = ("blocks", layer, "mlp")
+    for name in ("gate_kernel", "up_kernel"):
+        flat[mlp + (name,)][:, neuron] = 2.0 * u
+        flat[mlp + (name,)][0, :] = 0.0                # other neurons ignore u ...
+        flat[mlp + (name,)][0, neuron] = 2.0
+    flat[mlp + ("down_kernel",)][neuron] = 0.1 * v    # ... and only this one writes v (not so much that
+                                                       # the final RMSNorm saturates its effect)
+    flat[mlp + ("down_kernel",)][:, 1] = 0.0
+    flat[mlp + ("down_kernel",)][neuron, 1] = 0.1
+    params = nnx.from_flat_state({p: nnx.Param(jnp.asarray(x)) for p, x in flat.items()})
+    return lm, params, trigger, marker, layer, neuron
+
+
+def test_learned_mask_recovers_a_hand_built_circuit():
+    from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem, circuit_from_logits
+    from jaxrisk.models.lm import forward
+    from jaxrisk.search import engine
+
+    lm, params, trigger, marker, layer, neuron = _hand_built_model()
+    rng = np.random.default_rng(1)
+    others = np.asarray([t for t in range(TINY.vocab_size) if t not in (trigger, marker)])
+    x = rng.choice(others, size=(64, 10)).astype(np.int32)
+    pos = rng.integers(1, 8, size=64)
+    x[np.arange(64), pos], x[np.arange(64), pos + 1] = trigger, marker
+    w = np.zeros((64, 9), np.float32)
+    w[np.arange(64), pos] = 1.0                        # the position that predicts the marker
+    y = rng.choice(others, size=(64, 10)).astype(np.int32)
+    logp = jax.nn.log_softmax(forward(lm.graphdef, params, x[:, :-1])[0], -1)
+    p_marker = np.exp(np.asarray(logp)[np.arange(64), pos, marker])
+    assert p_marker.mean() > 0.5                       # the wiring works: after the trigger comes the marker
+
+    problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
+                             y_tokens=jnp.asarray(y), y_weight=jnp.ones((64, 9), jnp.float32), graphdef=lm.graphdef,
+                             cfg=CircuitConfig(granularity="both", learning_rate=0.1))
+    res = engine.run(problem, {"penalty": np.asarray([0.5, 1.0], np.float32)}, 0,
+                     engine.EngineConfig(max_steps=150, chunk_steps=50, progress=False))
+    for lane in range(2):
+        circuit = circuit_from_logits({k: v[lane] for k, v in res.state["logits"].items()})
+        expected = np.zeros((TINY.n_layers, TINY.d_mlp))
+        expected[layer, neuron] = 1
+        np.testing.assert_array_equal(circuit["neurons"], expected)   # exactly the wired neuron
+        assert circuit["heads"].sum() == 0
