@@ -237,7 +237,8 @@ def _hand_built_model():
     return lm, params, trigger, marker, layer, neuron
 
 
-def test_learned_mask_recovers_a_hand_built_circuit():
+@pytest.mark.parametrize("target_density", [None, 0.01])
+def test_learned_mask_recovers_a_hand_built_circuit(target_density):
     from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem, circuit_from_logits
     from jaxrisk.models.lm import forward
     from jaxrisk.search import engine
@@ -257,7 +258,8 @@ def test_learned_mask_recovers_a_hand_built_circuit():
 
     problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
                              y_tokens=jnp.asarray(y), y_weight=jnp.ones((64, 9), jnp.float32), graphdef=lm.graphdef,
-                             cfg=CircuitConfig(granularity="both", learning_rate=0.1))
+                             cfg=CircuitConfig(granularity="both", learning_rate=0.1,
+                                               target_density=target_density))  # fixed weight / Lagrangian
     res = engine.run(problem, {"penalty": np.asarray([0.5, 1.0], np.float32)}, 0,
                      engine.EngineConfig(max_steps=150, chunk_steps=50, progress=False))
     for lane in range(2):

@@ -7,6 +7,9 @@ model runs with the complement 1 - m(c) (the circuit ablated). Loss:
   + w_y * CE(Y text | ablated)                       # keep Y
   + lam * density(c)                                 # small circuit (fixed weight per lane)
 
+or, with `target_density` t, the Lagrangian form: lam * (density - t) with lam >= 0 raised by gradient
+ascent while the circuit is larger than t (the lane's penalty is lam's starting value).
+
 Each lane of the engine is one (penalty weight, seed): several weights in one
 compiled run give a sparsity / faithfulness front. Optax adam on the logits.
 """
@@ -33,6 +36,8 @@ class CircuitConfig:
     remove_weight: float = 1.0
     keep_weight: float = 1.0
     batch: int = 16
+    target_density: float | None = None   # Lagrangian form: the penalty becomes a multiplier driven to hit it
+    multiplier_rate: float = 1.0
 
 
 def _seq_logprobs(model, tokens_bl, masks):
@@ -79,14 +84,21 @@ class CircuitProblem:
         x_idx = jax.random.randint(k1, (cfg.batch,), 0, self.x_tokens.shape[0])
         y_idx = jax.random.randint(k2, (cfg.batch,), 0, self.y_tokens.shape[0])
 
+        target = 0.0 if cfg.target_density is None else cfg.target_density
+
         def total(logits):
             remove, keep, dens = self.losses(logits, k3, x_idx, y_idx)
-            return cfg.remove_weight * remove + cfg.keep_weight * keep + state["penalty"] * dens, (remove, keep, dens)
+            sparse = state["penalty"] * (dens - target)
+            return cfg.remove_weight * remove + cfg.keep_weight * keep + sparse, (remove, keep, dens)
 
         (loss, (remove, keep, dens)), grads = jax.value_and_grad(total, has_aux=True)(state["logits"])
         updates, opt = self.optimizer().update(grads, state["opt"], state["logits"])
         logits = optax.apply_updates(state["logits"], updates)
-        return dict(state, logits=logits, opt=opt), {"loss": loss, "remove": remove, "keep": keep, "density": dens}
+        penalty = state["penalty"]
+        if cfg.target_density is not None:   # dual ascent on the multiplier
+            penalty = jnp.maximum(0.0, penalty + cfg.multiplier_rate * (dens - target))
+        return dict(state, logits=logits, opt=opt, penalty=penalty), {
+            "loss": loss, "remove": remove, "keep": keep, "density": dens, "penalty": penalty}
 
     def done(self, state):
         return jnp.asarray(False)
