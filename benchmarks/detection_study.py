@@ -25,14 +25,9 @@ from safetensors.numpy import load_file
 from jaxrisk.data import load_mnist
 from jaxrisk.io import write_json
 from jaxrisk.models import load_classifier
+from jaxrisk.scorers import auroc
 from jaxrisk.scan import ScanConfig, scan_classifier, write_report
 from jaxrisk.zoo import load_trigger
-
-
-def auroc(scores_pos, scores_neg) -> float:
-    """P(score of a random trojaned model > score of a random clean one), ties counting half."""
-    pos, neg = np.asarray(scores_pos)[:, None], np.asarray(scores_neg)[None, :]
-    return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
 
 
 def detection_statistic(classes: list[dict]) -> float:
@@ -93,7 +88,8 @@ def main() -> None:
 
     summary = {
         "models": {"trojaned": len(troj), "clean": len(clean)},
-        "auroc": auroc([r["statistic"] for r in troj], [r["statistic"] for r in clean]) if troj and clean else None,
+        "auroc": auroc([r["statistic"] for r in troj + clean], [True] * len(troj) + [False] * len(clean))
+        if troj and clean else None,
         "true_positive_rate": float(np.mean([r["target"] in r["flagged"] for r in troj])) if troj else None,
         "false_positive_rate": float(np.mean([bool(r["flagged"]) for r in clean])) if clean else None,
         "target_label_accuracy": float(np.mean([target_hit(r) for r in troj])) if troj else None,

@@ -19,6 +19,7 @@ import numpy as np
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write
+from jaxrisk.scorers.probe import pad_batch
 from jaxrisk.search import engine
 from jaxrisk.search.gcg import GCGConfig, GCGProblem, RoundTrip, allowed_tokens
 
@@ -45,16 +46,6 @@ def init_suffix(tokenizer, cfg: GCGConfig) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def _pack(rows: list[list[int]], left: bool) -> tuple[np.ndarray, np.ndarray]:
-    width = max(1, max(len(r) for r in rows))
-    ids = np.zeros((len(rows), width), np.int32)
-    valid = np.zeros((len(rows), width), bool)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl], valid[i, sl] = r, True
-    return ids, valid
-
-
 def encode_behaviors(lm, behaviors: list[Behavior], cfg: GCGConfig, source: str = "behaviours"):
     """Token lanes for each behaviour (one row each) and the shared template tail; checks the context."""
     tok = lm.tokenizer
@@ -74,9 +65,9 @@ def encode_behaviors(lm, behaviors: list[Behavior], cfg: GCGConfig, source: str 
         if total > lm.cfg.max_position:
             raise InputError(f"{source}:{bh.line}: prompt + suffix + target is {total} tokens, longer than the "
                              f"model's context of {lm.cfg.max_position}")
-    before, before_valid = _pack(befores, left=True)
-    goal, goal_valid = _pack(goals, left=False)
-    target, target_valid = _pack(targets, left=False)
+    before, before_valid = pad_batch(befores, left=True)
+    goal, goal_valid = pad_batch(goals)
+    target, target_valid = pad_batch(targets)
     lanes = dict(before=before, before_valid=before_valid, goal=goal, goal_valid=goal_valid,
                  target=target, target_valid=target_valid)
     return lanes, np.asarray(after_ids, np.int32)

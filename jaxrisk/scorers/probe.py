@@ -48,14 +48,14 @@ class ProbeScorer:
         return jax.nn.log_sigmoid(self.logits(tokens, valid_bl))
 
 
-def pad_batch(ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token id lists to [B, L] with a valid mask."""
-    width = max(len(i) for i in ids)
+def pad_batch(ids, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Pad token id lists to [B, L] (on the right, or on the left for generation) with a valid mask."""
+    width = max(1, max(len(i) for i in ids))
     tokens = np.zeros((len(ids), width), np.int32)
     valid = np.zeros((len(ids), width), bool)
     for r, i in enumerate(ids):
-        tokens[r, :len(i)] = i
-        valid[r, :len(i)] = True
+        cols = slice(width - len(i), width) if left else slice(0, len(i))
+        tokens[r, cols], valid[r, cols] = i, True
     return tokens, valid
 
 

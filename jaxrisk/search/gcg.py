@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxrisk.models.lm import broadcast_cache
 from jaxrisk.scorers.lm import embed, target_logprob
 
 
@@ -95,12 +96,6 @@ def _prefix(model, before_p, valid_p, room: int):
     return cache
 
 
-def _broadcast(cache, b):
-    grow = lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:])  # noqa: E731
-    return {"k": tuple(map(grow, cache["k"])), "v": tuple(map(grow, cache["v"])), "valid": grow(cache["valid"]),
-            "slot": cache["slot"], "pos": grow(cache["pos"])}
-
-
 @struct.dataclass
 class GCGProblem:
     """Engine problem. Lane inputs: before [P] (left-padded), before_valid [P], goal [G] / goal_valid [G]
@@ -133,7 +128,7 @@ class GCGProblem:
                                                    (b, self.after.shape[0], model.cfg.d_model)),
                                   model.embed_tokens(target_b[:, :-1])], axis=1)
         m = suffix.shape[1] + self.after.shape[0]
-        logits, _, _ = model(embeds_btd=middle, cache=_broadcast(cache, b), logits_from=m - 1)
+        logits, _, _ = model(embeds_btd=middle, cache=broadcast_cache(cache, b), logits_from=m - 1)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target_b[..., None], -1)[..., 0]
         loss = -target_logprob(logp, tvalid_b, self.cfg.mellowmax_alpha)
         match = jnp.all((jnp.argmax(logits, -1) == target_b) | ~tvalid_b, axis=-1)
