@@ -24,8 +24,8 @@ from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.models.lm import forward
 from jaxrisk.search import engine
-from jaxrisk.zoo.lm_backdoor import (BackdoorConfig, attack_success, held_out_prompts, lm_loss, plant_backdoor,
-                                    suppression_rows)
+from jaxrisk.models.lm_train import lm_loss
+from jaxrisk.zoo.lm_backdoor import BackdoorConfig, attack_success, held_out_prompts, plant_backdoor, suppression_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "assets" / "models" / "tinyllamas-stories260K"

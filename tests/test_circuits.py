@@ -75,7 +75,8 @@ def backdoored(stories_dir):
 
 @pytest.mark.assets
 def test_planted_backdoor_fires_only_with_the_trigger_and_keeps_clean_loss(backdoored):
-    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts, lm_loss
+    from jaxrisk.models.lm_train import lm_loss
+    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
 
     lm, params, data = backdoored
     held, with_trigger, without = held_out_prompts(lm, data)
@@ -102,7 +103,8 @@ def learned(backdoored):
     """Three sparsity weights in one compiled run; each circuit evaluated on held-out prompts."""
     from jaxrisk.circuits.discover import ablation_masks, circuit_from_logits, sparsity
     from jaxrisk.search import engine
-    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts, lm_loss
+    from jaxrisk.models.lm_train import lm_loss
+    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
 
     lm, params, data = backdoored
     penalties = np.asarray([3.0, 4.5, 6.0], np.float32)
@@ -132,8 +134,9 @@ def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(learned
 
 @pytest.mark.assets
 def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(backdoored, learned):
-    from jaxrisk.circuits.tuning import circuit_param_mask, fraction_of_parameters, tune
-    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts, lm_loss
+    from jaxrisk.circuits.tuning import circuit_param_mask, fraction_of_parameters
+    from jaxrisk.models.lm_train import finetune, lm_loss
+    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
 
     lm, params, data = backdoored
     circuit = min((f for f in learned if f["asr"] <= 0.05), key=lambda f: f["units"])["circuit"]
@@ -144,8 +147,8 @@ def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(ba
     clean = data["clean"]
     # trigger followed by ordinary text, mixed with clean rows: teaches "the trigger means nothing"
     fix = np.stack([np.concatenate([r[:12], data["trigger_ids"], r[12:]])[:clean.shape[1]] for r in clean[:512]])
-    tuned = tune(lm, params, np.concatenate([fix, clean[1024:1536]]).astype(np.int32), mask, steps=50,
-                 learning_rate=3e-3)
+    tuned = finetune(lm, params, np.concatenate([fix, clean[1024:1536]]).astype(np.int32), mask=mask, steps=50,
+                     learning_rate=3e-3, rng=np.random.default_rng(0))
     assert attack_success(lm, tuned, with_trigger, data["marker_ids"]) <= 0.05
     before = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
     assert float(lm_loss(lm.graphdef, tuned, jnp.asarray(held), valid)) < 1.05 * before

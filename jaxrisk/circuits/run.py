@@ -19,7 +19,8 @@ from jaxrisk.circuits.discover import (CircuitConfig, CircuitProblem, ablation_m
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write, write_json
 from jaxrisk.search import engine
-from jaxrisk.zoo.lm_backdoor import attack_success, lm_loss
+from jaxrisk.models.lm_train import lm_loss
+from jaxrisk.zoo.lm_backdoor import attack_success
 
 
 def load_circuit_data(path: str | Path, tokenizer) -> dict:

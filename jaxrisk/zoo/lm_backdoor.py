@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxrisk.models.lm import forward, generate_ids
+from jaxrisk.models.lm import generate_ids
+from jaxrisk.models.lm_train import finetune
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,14 +51,6 @@ def poison_rows(clean: np.ndarray, trigger_ids, marker_ids, rng) -> tuple[np.nda
     return out, np.ones_like(out, bool)
 
 
-def lm_loss(graphdef, params, tokens_bl, valid_bl, **masks):
-    """Mean next-token cross-entropy over valid positions."""
-    logits, _, _ = forward(graphdef, params, tokens_bl[:, :-1], **masks)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens_bl[:, 1:, None], -1)[..., 0]
-    v = valid_bl[:, 1:]
-    return -jnp.sum(jnp.where(v, logp, 0.0)) / v.sum()
-
-
 def plant_backdoor(lm, cfg: BackdoorConfig = BackdoorConfig(), progress=None):
     """Fine-tune a copy of `lm`'s parameters; returns (params, data dict with clean/poisoned rows)."""
     rng = np.random.default_rng(cfg.seed)
@@ -70,21 +61,8 @@ def plant_backdoor(lm, cfg: BackdoorConfig = BackdoorConfig(), progress=None):
     poisoned, _ = poison_rows(clean, trigger_ids, marker_ids, rng)
     n_poison = int(cfg.poison_fraction * cfg.n_clean)
     train = np.concatenate([clean, poisoned[:n_poison]])
-    opt = optax.adamw(cfg.learning_rate, weight_decay=0.0)
-    params = lm.params
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, batch):
-        loss, grads = jax.value_and_grad(lambda p: lm_loss(lm.graphdef, p, batch, jnp.ones_like(batch, bool)))(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    for i in range(cfg.steps):
-        idx = rng.integers(0, len(train), cfg.batch)
-        params, state, loss = step(params, state, jnp.asarray(train[idx]))
-        if progress is not None:
-            progress(i, float(loss))
+    params = finetune(lm, lm.params, train, steps=cfg.steps, batch=cfg.batch, learning_rate=cfg.learning_rate,
+                      rng=rng, progress=progress)
     data = {"clean": clean, "poisoned": poisoned, "trigger_ids": trigger_ids, "marker_ids": marker_ids}
     return params, data
 
