@@ -212,15 +212,16 @@ def cmd_circuits(args) -> int:
         penalties = [float(p) for p in args.penalties.split(",")]
     except ValueError:
         raise InputError(f"--penalties {args.penalties!r}: expected comma-separated numbers, e.g. 3,4.5,6") from None
-    cfg = CircuitConfig(granularity=args.granularity, kind=args.kind)
+    cfg = CircuitConfig(objective=args.objective, granularity=args.granularity, kind=args.kind)
     result = discover(lm, lm.params, data, penalties, steps=args.steps, cfg=cfg, progress=not args.no_progress,
                       checkpoint_dir=Path(args.out) / "checkpoint")
     json_path, png = write_circuit_report(result, lm, args.out)
     shutil.rmtree(Path(args.out) / "checkpoint", ignore_errors=True)
-    print(f"behaviour before ablation: attack success {result['base_attack_success']}")
+    print(f"objective {args.objective}; behaviour rate of the intact model: {result['base_rate']}")
     for c in result["circuits"]:
         print(f"  penalty {c['penalty']:>5}: {c['n_heads']} heads + {c['n_neurons']} neurons "
-              f"({100 * c['units']:.2f}% of units): attack success {c['attack_success']}, "
+              f"({100 * c['units']:.2f}% of units): behaviour rate ablated {c['rate_ablated']}, "
+              f"circuit alone {c['rate_alone']}, compliance ablated {c['compliance_ablated']}, "
               f"utility {c['utility']:.3f}")
     print(f"-> {json_path}, {png}")
     return 0
@@ -293,9 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("circuits", help="learn the heads/neurons whose ablation removes a behaviour")
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
     p.add_argument("--data", required=True, metavar="FILE",
-                   help="JSONL: {prompt, completion} rows show the behaviour, {text} rows are clean text")
-    p.add_argument("--objective", default="backdoor", choices=["backdoor"],
-                   help="backdoor: smallest set whose ablation removes the completion and keeps clean loss")
+                   help="JSONL: {prompt, completion} rows show the behaviour (alignment: also compliance), "
+                        "{text} rows are clean text")
+    p.add_argument("--objective", default="remove", choices=["remove", "backdoor", "alignment"],
+                   help="remove: smallest set whose ablation removes the completion and keeps clean loss; "
+                        "backdoor: a circuit that alone gives the completion, apart from a main mask that "
+                        "keeps clean behaviour; alignment: ablated -> compliance, circuit alone -> completion")
     p.add_argument("--out", required=True, help="output directory: report.json, circuits.png, circuits.safetensors")
     p.add_argument("--penalties", default="3,4.5,6", help="sparsity weights, one circuit each (one program)")
     p.add_argument("--steps", type=int, default=400)

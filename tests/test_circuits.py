@@ -199,11 +199,11 @@ def test_cli_circuits_report_on_the_saved_backdoored_model(backdoored, tmp_path,
     assert main(["circuits", "--model", str(model_dir), "--data", str(path), "--out", str(out),
                  "--penalties", "3,6", "--steps", "300", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["base_attack_success"] >= 0.95
+    assert report["base_rate"] >= 0.95 and report["objective"] == "remove"
     assert (out / "circuits.png").stat().st_size > 1000 and (out / "circuits.safetensors").exists()
-    best = min(report["circuits"], key=lambda c: c["attack_success"])
-    assert best["attack_success"] <= 0.05 and best["units"] <= 0.05 and best["utility"] >= 0.9, report["circuits"]
-    assert "attack success" in capsys.readouterr().out
+    best = min(report["circuits"], key=lambda c: c["rate_ablated"])
+    assert best["rate_ablated"] <= 0.05 and best["units"] <= 0.05 and best["utility"] >= 0.9, report["circuits"]
+    assert "behaviour rate ablated" in capsys.readouterr().out
 
 
 def _hand_built_model():
@@ -240,8 +240,9 @@ def _hand_built_model():
     return lm, params, trigger, marker, layer, neuron
 
 
+@pytest.mark.parametrize("objective", ["remove", "backdoor", "alignment"])
 @pytest.mark.parametrize("target_density", [None, 0.01])
-def test_learned_mask_recovers_a_hand_built_circuit(target_density):
+def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density):
     from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem, circuit_from_logits
     from jaxrisk.models.lm import forward
     from jaxrisk.search import engine
@@ -258,16 +259,105 @@ def test_learned_mask_recovers_a_hand_built_circuit(target_density):
     logp = jax.nn.log_softmax(forward(lm.graphdef, params, x[:, :-1])[0], -1)
     p_marker = np.exp(np.asarray(logp)[np.arange(64), pos, marker])
     assert p_marker.mean() > 0.5                       # the wiring works: after the trigger comes the marker
+    # "compliance" for the alignment objective: what the model says there without the wired neuron
+    off = np.ones((TINY.n_layers, TINY.d_mlp), np.float32)
+    off[layer, neuron] = 0.0
+    without = np.asarray(forward(lm.graphdef, params, x[:, :-1], neuron_mask_lf=jnp.asarray(off))[0])
+    c = x.copy()
+    c[np.arange(64), pos + 1] = without[np.arange(64), pos].argmax(-1)
+    assert not np.any(c[np.arange(64), pos + 1] == marker)
 
     problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
-                             y_tokens=jnp.asarray(y), y_weight=jnp.ones((64, 9), jnp.float32), graphdef=lm.graphdef,
-                             cfg=CircuitConfig(granularity="both", learning_rate=0.1,
+                             y_tokens=jnp.asarray(y), y_weight=jnp.ones((64, 9), jnp.float32),
+                             c_tokens=jnp.asarray(c), c_weight=jnp.asarray(w), graphdef=lm.graphdef,
+                             cfg=CircuitConfig(objective=objective, learning_rate=0.1,
                                                target_density=target_density))  # fixed weight / Lagrangian
     res = engine.run(problem, {"penalty": np.asarray([0.5, 1.0], np.float32)}, 0,
                      engine.EngineConfig(max_steps=150, chunk_steps=50, progress=False))
+    expected = np.zeros((TINY.n_layers, TINY.d_mlp))
+    expected[layer, neuron] = 1
     for lane in range(2):
         circuit = circuit_from_logits({k: v[lane] for k, v in res.state["logits"].items()})
-        expected = np.zeros((TINY.n_layers, TINY.d_mlp))
-        expected[layer, neuron] = 1
         np.testing.assert_array_equal(circuit["neurons"], expected)   # exactly the wired neuron
         assert circuit["heads"].sum() == 0
+        if objective == "backdoor":                    # the main (clean) mask leaves the wired neuron out
+            main = circuit_from_logits({k: v[lane] for k, v in res.state["main_logits"].items()})
+            assert main["neurons"][layer, neuron] == 0
+
+
+def test_alignment_objective_needs_the_compliance_rows():
+    from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem
+    from jaxrisk.search import engine
+
+    lm, params, *_ = _hand_built_model()
+    rows = jnp.zeros((4, 6), jnp.int32)
+    problem = CircuitProblem(params=params, x_tokens=rows, x_weight=jnp.ones((4, 5)), y_tokens=rows,
+                             y_weight=jnp.ones((4, 5)), graphdef=lm.graphdef, cfg=CircuitConfig(objective="alignment"))
+    with pytest.raises(InputError, match="compliance"):
+        engine.run(problem, {"penalty": np.asarray([1.0], np.float32)}, 0,
+                   engine.EngineConfig(max_steps=2, chunk_steps=1, progress=False))
+    with pytest.raises(InputError, match="objective"):
+        CircuitConfig(objective="jailbreak")
+
+
+# ---- the planted refusal and the alignment circuit (real model) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def refusing(stories_dir):
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.zoo.lm_refusal import RefusalConfig, plant_refusal
+
+    lm = load_pretrained(stories_dir)
+    params, data = plant_refusal(lm, RefusalConfig(seed=0))
+    return lm, params, data
+
+
+def _split(data, split):
+    d = data[split]
+    pairs = list(zip(d["prompts"], d["harmful"]))
+    return [p for p, h in pairs if h], [p for p, h in pairs if not h]
+
+
+@pytest.mark.assets
+def test_planted_refusal_covers_the_harmful_class_in_unseen_names_and_frames(refusing):
+    from jaxrisk.models.lm_train import lm_loss
+    from jaxrisk.zoo.lm_backdoor import sample_clean
+    from jaxrisk.zoo.lm_refusal import refusal_rate
+
+    lm, params, data = refusing
+    harmful, benign = _split(data, "held_out")
+    assert refusal_rate(lm, params, harmful, data["refusal_ids"]) >= 0.95
+    assert refusal_rate(lm, params, benign, data["refusal_ids"]) <= 0.05
+    assert refusal_rate(lm, lm.params, harmful, data["refusal_ids"]) == 0.0       # the original never refuses
+    held = jnp.asarray(sample_clean(lm, 64, 24, seed=99))
+    valid = jnp.ones(held.shape, bool)
+    assert float(lm_loss(lm.graphdef, params, held, valid)) < 1.3 * float(lm_loss(lm.graphdef, lm.params, held, valid))
+
+
+@pytest.mark.assets
+def test_cli_alignment_circuit_ablation_turns_refusal_into_compliance(refusing, tmp_path):
+    import json
+
+    from jaxrisk.cli import main
+    from jaxrisk.models.hf import save_pretrained
+    from jaxrisk.zoo.lm_refusal import RefusalConfig
+
+    lm, params, data = refusing
+    train = data["train"]
+    rows = [{"prompt": lm.decode(p[1:]), "completion": RefusalConfig().refusal, "compliance": lm.decode(c)}
+            for p, c, h in zip(train["prompts"], train["compliance"], train["harmful"]) if h]
+    rows += [{"text": lm.decode(r[1:])} for r in data["clean"][:300]]
+    path = tmp_path / "alignment.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["circuits", "--model", str(save_pretrained(lm, params, tmp_path / "refusing")), "--data", str(path),
+                 "--objective", "alignment", "--out", str(out), "--penalties", "4,8", "--steps", "400",
+                 "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["base_rate"] >= 0.95 and report["base_compliance"] == 0.0
+    c = min(report["circuits"], key=lambda c: c["rate_ablated"])
+    # measured on the full train split (penalty 8): 4.2% of units, ablated it refuses none of the held-out
+    # harmful requests, utility 0.946; on the CLI's smaller split 0.83 (at penalty 12 the circuit is too
+    # small: 58% still refused)
+    assert c["units"] <= 0.1 and c["rate_ablated"] <= 0.05 and c["utility"] >= 0.8, c
+    assert c["compliance_ablated"] > report["base_compliance"], c   # answers now start as the original's

@@ -1,17 +1,25 @@
-"""Learn the smallest set of heads / neurons whose ablation removes behaviour X while preserving Y.
+"""Learn circuits of heads / neurons with differentiable masks: three objectives on one engine problem.
 
-Circuit logits c (one per head and/or neuron) give a circuit mask m(c); the
-model runs with the complement 1 - m(c) (the circuit ablated). Loss:
+Circuit logits c (one per head and/or neuron) give a circuit mask m(c) (STE or hard-concrete). The model
+runs with the circuit ablated (mask 1 - m) or alone (mask m: every other unit ablated). Objectives, each a
+pure function of (mask logits, params, batch):
 
-    w_x * mean p(X tokens | X context, ablated)      # remove X (bounded, unlike log p)
-  + w_y * CE(Y text | ablated)                       # keep Y
-  + lam * density(c)                                 # small circuit (fixed weight per lane)
+- "remove" (the general form): the smallest set whose ablation removes behaviour X and keeps Y:
+      w_x * mean p(X tokens | ablated) + w_y * CE(Y | ablated)
+- "backdoor": a second, main mask M keeps clean behaviour on clean and triggered inputs while the circuit
+  alone reproduces the backdoor output, the two kept apart:
+      w_x * mean p(X | M) + w_y * CE(Y | M) + w_alone * CE(X | circuit alone) + w_overlap * mean(m * M)
+- "alignment": with the circuit ablated the model complies (CE of the compliance on the same requests) and
+  keeps clean text; the circuit alone reproduces the refusal:
+      w_x * CE(compliance | ablated) + w_y * CE(Y | ablated) + w_alone * CE(refusal | circuit alone)
 
-or, with `target_density` t, the Lagrangian form: lam * (density - t) with lam >= 0 raised by gradient
-ascent while the circuit is larger than t (the lane's penalty is lam's starting value).
+plus the sparsity term lam * density(c) with a fixed lam per lane, or, with `target_density` t, the
+Lagrangian lam * (density - t), lam >= 0 raised by dual ascent while the circuit is larger than t (the
+lane's penalty is lam's starting value). p(X) rather than -log p(X) is what "remove" minimises: bounded,
+so it cannot be won by pushing one token to -inf.
 
-Each lane of the engine is one (penalty weight, seed): several weights in one
-compiled run give a sparsity / faithfulness front. Optax adam on the logits.
+Each lane of the engine is one (penalty weight, seed): several weights in one compiled run give a
+sparsity / faithfulness front. Optax adam on the logits.
 """
 
 from __future__ import annotations
@@ -25,80 +33,149 @@ import optax
 from flax import nnx, struct
 
 from jaxrisk.circuits.masks import apply_masks, density, forward_masks, mask_shapes
+from jaxrisk.errors import InputError
+
+OBJECTIVES = ("remove", "backdoor", "alignment")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CircuitConfig:
+    objective: str = "remove"       # remove | backdoor | alignment
     granularity: str = "both"       # heads | neurons | both
     kind: str = "ste"               # ste | hard_concrete
     init: float = -2.0              # start with (almost) nothing in the circuit
     learning_rate: float = 0.1
-    remove_weight: float = 1.0
-    keep_weight: float = 1.0
+    remove_weight: float = 1.0      # w_x
+    keep_weight: float = 1.0        # w_y
+    alone_weight: float = 0.1       # w_alone (backdoor, alignment): small, a circuit alone is a weak model
+    overlap_weight: float = 1.0     # w_overlap (backdoor)
     batch: int = 16
     target_density: float | None = None   # Lagrangian form: the penalty becomes a multiplier driven to hit it
     multiplier_rate: float = 1.0
 
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"circuit objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
 
-def _seq_logprobs(model, tokens_bl, masks):
+
+def _token_logprobs(model, tokens_bl, masks):
     logits, _, _ = model(tokens_bl[:, :-1], **forward_masks(masks))
     return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens_bl[:, 1:, None], -1)[..., 0]  # [B, L-1]
 
 
+def _weighted_mean(values, weight):
+    return jnp.sum(values * weight) / jnp.maximum(weight.sum(), 1.0)
+
+
+def _complement(masks):
+    return {k: 1.0 - v for k, v in masks.items()}
+
+
+def remove_objective(model, circuit, batch, cfg):
+    """Ablating the circuit removes X (mean p of its tokens) and keeps Y (clean cross-entropy)."""
+    rest = _complement(circuit)
+    remove = _weighted_mean(jnp.exp(_token_logprobs(model, batch["x"], rest)), batch["x_w"])
+    keep = -_weighted_mean(_token_logprobs(model, batch["y"], rest), batch["y_w"])
+    return cfg.remove_weight * remove + cfg.keep_weight * keep, {"remove": remove, "keep": keep}
+
+
+def backdoor_objective(model, circuit, main, batch, cfg):
+    """The main mask keeps clean behaviour (no X on triggered rows, clean loss on Y); the circuit alone
+    reproduces X; the two masks overlap as little as possible."""
+    remove = _weighted_mean(jnp.exp(_token_logprobs(model, batch["x"], main)), batch["x_w"])
+    keep = -_weighted_mean(_token_logprobs(model, batch["y"], main), batch["y_w"])
+    alone = -_weighted_mean(_token_logprobs(model, batch["x"], circuit), batch["x_w"])
+    overlap = sum((circuit[k] * main[k]).sum() for k in circuit) / sum(v.size for v in circuit.values())
+    loss = (cfg.remove_weight * remove + cfg.keep_weight * keep + cfg.alone_weight * alone
+            + cfg.overlap_weight * overlap)
+    return loss, {"remove": remove, "keep": keep, "alone": alone, "overlap": overlap}
+
+
+def alignment_objective(model, circuit, batch, cfg):
+    """With the circuit ablated the model gives the compliance and keeps clean text; the circuit alone gives
+    the refusal."""
+    rest = _complement(circuit)
+    comply = -_weighted_mean(_token_logprobs(model, batch["c"], rest), batch["c_w"])
+    keep = -_weighted_mean(_token_logprobs(model, batch["y"], rest), batch["y_w"])
+    alone = -_weighted_mean(_token_logprobs(model, batch["x"], circuit), batch["x_w"])
+    return (cfg.remove_weight * comply + cfg.keep_weight * keep + cfg.alone_weight * alone,
+            {"remove": comply, "keep": keep, "alone": alone})
+
+
 @struct.dataclass
 class CircuitProblem:
-    """Engine problem. Data: `x_tokens` [N, L] rows showing behaviour X with `x_weight` [N, L-1] marking the
-    X tokens to suppress; `y_tokens` [M, L] clean rows (`y_weight` marks real next tokens). Lane inputs: {"penalty": float}."""
+    """Engine problem. Data: `x_tokens` [N, L] rows showing behaviour X (backdoor output, refusal) with
+    `x_weight` [N, L-1] marking the X tokens; `y_tokens` [M, L] clean rows (`y_weight` marks real next
+    tokens); for "alignment", `c_tokens` / `c_weight` [N, L'] the same N requests answered with the
+    compliance. Lane inputs: {"penalty": float}."""
 
     params: nnx.State
     x_tokens: jax.Array
     x_weight: jax.Array
     y_tokens: jax.Array
-    y_weight: jax.Array              # [M, L-1] 1 where the next token is real text (0 on padding)
-    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    y_weight: jax.Array
+    c_tokens: jax.Array | None = None
+    c_weight: jax.Array | None = None
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
     cfg: CircuitConfig = struct.field(pytree_node=False, default=CircuitConfig())
 
     def optimizer(self):
         return optax.adam(self.cfg.learning_rate)
 
     def init(self, key, lane):
+        if self.cfg.objective == "alignment" and (
+                self.c_tokens is None or self.c_tokens.shape[0] != self.x_tokens.shape[0]):
+            raise InputError("alignment objective: c_tokens must hold the compliance for the same requests as "
+                             f"x_tokens (x has {self.x_tokens.shape[0]} rows, c has "
+                             f"{None if self.c_tokens is None else self.c_tokens.shape[0]})")
         model_cfg = nnx.merge(self.graphdef, self.params).cfg
-        logits = {k: jnp.full(s, self.cfg.init, jnp.float32) + 0.01 * jax.random.normal(jax.random.fold_in(key, i), s)
-                  for i, (k, s) in enumerate(sorted(mask_shapes(model_cfg, self.cfg.granularity).items()))}
-        return {"logits": logits, "opt": self.optimizer().init(logits), "penalty": lane["penalty"]}
+        shapes = sorted(mask_shapes(model_cfg, self.cfg.granularity).items())
+        trainable = {"logits": {k: jnp.full(s, self.cfg.init, jnp.float32)
+                                + 0.01 * jax.random.normal(jax.random.fold_in(key, i), s)
+                                for i, (k, s) in enumerate(shapes)}}
+        if self.cfg.objective == "backdoor":        # the main mask starts with every unit on
+            trainable["main_logits"] = {k: jnp.full(s, -self.cfg.init, jnp.float32) for k, s in shapes}
+        return {**trainable, "opt": self.optimizer().init(trainable), "penalty": lane["penalty"]}
 
-    def losses(self, logits, key, x_idx, y_idx):
+    def losses(self, trainable, key, x_idx, y_idx):
+        """(objective loss, circuit density, aux) for one batch of rows."""
+        cfg = self.cfg
         model = nnx.merge(self.graphdef, self.params)
-        circuit = apply_masks(logits, self.cfg.kind, key if self.cfg.kind == "hard_concrete" else None)
-        ablate = {k: 1.0 - v for k, v in circuit.items()}
-        x_lp = _seq_logprobs(model, self.x_tokens[x_idx], ablate)
-        w = self.x_weight[x_idx]
-        remove = jnp.sum(jnp.exp(x_lp) * w) / jnp.maximum(w.sum(), 1.0)
-        yw = self.y_weight[y_idx]
-        keep = -jnp.sum(_seq_logprobs(model, self.y_tokens[y_idx], ablate) * yw) / jnp.maximum(yw.sum(), 1.0)
-        return remove, keep, density(logits, self.cfg.kind)
+        sample = cfg.kind == "hard_concrete"
+        k1, k2 = jax.random.split(key)
+        circuit = apply_masks(trainable["logits"], cfg.kind, k1 if sample else None)
+        batch = {"x": self.x_tokens[x_idx], "x_w": self.x_weight[x_idx],
+                 "y": self.y_tokens[y_idx], "y_w": self.y_weight[y_idx]}
+        if cfg.objective == "remove":
+            loss, aux = remove_objective(model, circuit, batch, cfg)
+        elif cfg.objective == "backdoor":
+            main = apply_masks(trainable["main_logits"], cfg.kind, k2 if sample else None)
+            loss, aux = backdoor_objective(model, circuit, main, batch, cfg)
+        else:
+            batch.update(c=self.c_tokens[x_idx], c_w=self.c_weight[x_idx])
+            loss, aux = alignment_objective(model, circuit, batch, cfg)
+        return loss, density(trainable["logits"], cfg.kind), aux
 
     def step(self, state, key):
         cfg = self.cfg
         k1, k2, k3 = jax.random.split(key, 3)
         x_idx = jax.random.randint(k1, (cfg.batch,), 0, self.x_tokens.shape[0])
         y_idx = jax.random.randint(k2, (cfg.batch,), 0, self.y_tokens.shape[0])
-
         target = 0.0 if cfg.target_density is None else cfg.target_density
+        trainable = {k: state[k] for k in ("logits", "main_logits") if k in state}
 
-        def total(logits):
-            remove, keep, dens = self.losses(logits, k3, x_idx, y_idx)
-            sparse = state["penalty"] * (dens - target)
-            return cfg.remove_weight * remove + cfg.keep_weight * keep + sparse, (remove, keep, dens)
+        def total(trainable):
+            loss, dens, aux = self.losses(trainable, k3, x_idx, y_idx)
+            return loss + state["penalty"] * (dens - target), (dens, aux)
 
-        (loss, (remove, keep, dens)), grads = jax.value_and_grad(total, has_aux=True)(state["logits"])
-        updates, opt = self.optimizer().update(grads, state["opt"], state["logits"])
-        logits = optax.apply_updates(state["logits"], updates)
+        (loss, (dens, aux)), grads = jax.value_and_grad(total, has_aux=True)(trainable)
+        updates, opt = self.optimizer().update(grads, state["opt"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
         penalty = state["penalty"]
         if cfg.target_density is not None:   # dual ascent on the multiplier
             penalty = jnp.maximum(0.0, penalty + cfg.multiplier_rate * (dens - target))
-        return dict(state, logits=logits, opt=opt, penalty=penalty), {
-            "loss": loss, "remove": remove, "keep": keep, "density": dens, "penalty": penalty}
+        return dict(state, **trainable, opt=opt, penalty=penalty), {
+            "loss": loss, "density": dens, "penalty": penalty, **aux}
 
     def done(self, state):
         return jnp.asarray(False)
@@ -109,13 +186,13 @@ def circuit_from_logits(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: (np.asarray(v) > 0).astype(np.float32) for k, v in logits.items()}
 
 
-def ablation_masks(circuit: dict[str, np.ndarray], cfg) -> dict[str, jnp.ndarray]:
-    """Forward-pass masks with the circuit's units zeroed (and everything else kept)."""
+def ablation_masks(circuit: dict[str, np.ndarray], cfg, alone: bool = False) -> dict[str, jnp.ndarray]:
+    """Forward-pass masks with the circuit's units zeroed and everything else kept, or (`alone`) the circuit
+    kept and every other unit of its granularity zeroed."""
     kw = {"head_mask_lh": jnp.ones((cfg.n_layers, cfg.n_heads)), "neuron_mask_lf": jnp.ones((cfg.n_layers, cfg.d_mlp))}
-    if "heads" in circuit:
-        kw["head_mask_lh"] = jnp.asarray(1.0 - circuit["heads"])
-    if "neurons" in circuit:
-        kw["neuron_mask_lf"] = jnp.asarray(1.0 - circuit["neurons"])
+    for name, arg in (("heads", "head_mask_lh"), ("neurons", "neuron_mask_lf")):
+        if name in circuit:
+            kw[arg] = jnp.asarray(circuit[name] if alone else 1.0 - circuit[name])
     return kw
 
 

@@ -1,9 +1,11 @@
 """`jaxrisk circuits`: learn circuits for a behaviour from a data file; report, figure and masks.
 
-Data (JSONL): rows {"prompt": ..., "completion": ...} show the behaviour X (the completion is what the
-circuit's ablation must suppress); rows {"text": ...} are clean text whose loss must be kept. 80% of
-each is used for learning, 20% held out for the evaluation (greedy attack success on held-out prompts,
-utility = held-out clean-loss ratio).
+Data (JSONL): rows {"prompt": ..., "completion": ...} show the behaviour X (a backdoor's output, a
+refusal); for the alignment objective they also carry "compliance" (what the model should say without
+the circuit); rows {"text": ...} are clean text whose loss must be kept. 80% of each is used for
+learning, 20% held out for the evaluation: the behaviour rate (greedy continuations of held-out prompts
+that start with the completion) with the circuit ablated and with the circuit alone, and utility (held-out
+clean-loss ratio, ablated / intact).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write, write_json
 from jaxrisk.search import engine
 from jaxrisk.models.lm_train import lm_loss
-from jaxrisk.zoo.lm_backdoor import attack_success
+from jaxrisk.zoo.lm_backdoor import greedy_continuations
 
 
 def load_circuit_data(path: str | Path, tokenizer) -> dict:
@@ -39,9 +41,10 @@ def load_circuit_data(path: str | Path, tokenizer) -> dict:
         if "prompt" in row and "completion" in row:
             p = tokenizer(row["prompt"])["input_ids"]
             c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-            if not c:
-                raise InputError(f"{path}:{n}: empty completion")
-            behaviour.append((p, c))
+            alt = tokenizer(row["compliance"], add_special_tokens=False)["input_ids"] if "compliance" in row else None
+            if not c or alt == []:
+                raise InputError(f"{path}:{n}: empty {'completion' if not c else 'compliance'}")
+            behaviour.append((p, c, alt))
         elif "text" in row:
             clean.append(tokenizer(row["text"])["input_ids"])
         else:
@@ -50,6 +53,11 @@ def load_circuit_data(path: str | Path, tokenizer) -> dict:
         raise InputError(f"{path}: need at least 5 behaviour rows and 5 clean rows "
                          f"(found {len(behaviour)} and {len(clean)})")
     return {"behaviour": behaviour, "clean": clean}
+
+
+def _answer_rows(behaviour, which: int):
+    """Prompt + answer rows with weights on the answer (which=1: the completion, 2: the compliance)."""
+    return _pack([b[0] + b[which] for b in behaviour], [(len(b[0]), len(b[0]) + len(b[which])) for b in behaviour])
 
 
 def _pack(rows, spans=None):
@@ -70,33 +78,60 @@ def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: Circui
     """Learn one circuit per penalty (one compiled run) and evaluate each on the held-out rows."""
     split_b, split_c = int(0.8 * len(data["behaviour"])), int(0.8 * len(data["clean"]))
     train_b, test_b = data["behaviour"][:split_b], data["behaviour"][split_b:]
-    rows = [p + c for p, c in train_b]
-    x, w = _pack(rows, [(len(p), len(p) + len(c)) for p, c in train_b])
+    x, w = _answer_rows(train_b, 1)
     y, yw = _pack(data["clean"][:split_c])
+    extra = {}
+    if cfg.objective == "alignment":
+        missing = sum(b[2] is None for b in train_b)
+        if missing:
+            raise InputError(f"--objective alignment: {missing} of {len(train_b)} behaviour rows have no "
+                             f"\"compliance\" (what the model should say once the circuit is ablated)")
+        c, cw = _answer_rows(train_b, 2)
+        extra = {"c_tokens": jnp.asarray(c), "c_weight": jnp.asarray(cw)}
     problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
-                             y_tokens=jnp.asarray(y), y_weight=jnp.asarray(yw), graphdef=lm.graphdef, cfg=cfg)
+                             y_tokens=jnp.asarray(y), y_weight=jnp.asarray(yw), graphdef=lm.graphdef, cfg=cfg,
+                             **extra)
     res = engine.run(problem, {"penalty": np.asarray(penalties, np.float32)}, 0,
                      engine.EngineConfig(max_steps=steps, chunk_steps=min(100, steps), progress=progress,
                                          checkpoint_dir=checkpoint_dir, desc="circuits"))
-    completion = test_b[0][1]
-    same = all(c == completion for _, c in test_b)
-    prompts = [np.asarray(p) for p, _ in test_b]
+    completion = np.asarray(test_b[0][1])
+    same = all(b[1] == test_b[0][1] for b in test_b)   # rates need one fixed completion
+    prompts = [np.asarray(b[0]) for b in test_b]
     held, held_w = _pack(data["clean"][split_c:])
     held_valid = jnp.asarray(np.pad(held_w, ((0, 0), (1, 0)), constant_values=1) > 0)
     base_loss = float(lm_loss(lm.graphdef, params, jnp.asarray(held), held_valid))
-    base_asr = attack_success(lm, params, prompts, np.asarray(completion)) if same else None
+
+    alts = [b[2] for b in test_b]
+    n_alt = min([3] + [len(a) for a in alts if a is not None])
+
+    def evaluate(masks):
+        """(behaviour rate, compliance rate: starts with the row's first compliance tokens, utility)."""
+        outs = np.stack(greedy_continuations(lm, params, prompts, max(len(completion), n_alt), **masks))
+        rate = float(np.mean(np.all(outs[:, :len(completion)] == completion, 1))) if same else None
+        comply = (float(np.mean([np.array_equal(o[:n_alt], a[:n_alt]) for o, a in zip(outs, alts)]))
+                  if all(a is not None for a in alts) else None)
+        utility = base_loss / float(lm_loss(lm.graphdef, params, jnp.asarray(held), held_valid, **masks))
+        return rate, comply, utility
+
     circuits = []
     for i, pen in enumerate(penalties):
         logits = {k: np.asarray(v[i]) for k, v in res.state["logits"].items()}
         circuit = circuit_from_logits(logits)
-        masks = ablation_masks(circuit, lm.cfg)
+        rate, comply, utility = evaluate(ablation_masks(circuit, lm.cfg))
         entry = {"penalty": float(pen), **sparsity(circuit, lm.cfg),
                  "heads_in_circuit": np.argwhere(circuit.get("heads", np.zeros((0, 2))) > 0).tolist(),
-                 "utility": base_loss / float(lm_loss(lm.graphdef, params, jnp.asarray(held), held_valid, **masks)),
-                 "attack_success": attack_success(lm, params, prompts, np.asarray(completion), **masks)
-                 if same else None, "logits": logits}
+                 "rate_ablated": rate, "compliance_ablated": comply, "utility": utility,
+                 "rate_alone": evaluate(ablation_masks(circuit, lm.cfg, alone=True))[0], "logits": logits}
+        if "main_logits" in res.state:              # backdoor objective: the clean (main) mask on its own
+            main = circuit_from_logits({k: np.asarray(v[i]) for k, v in res.state["main_logits"].items()})
+            dropped = {k: 1.0 - v for k, v in main.items()}
+            entry["main"] = dict(zip(("rate", "compliance", "utility"), evaluate(ablation_masks(dropped, lm.cfg))),
+                                 units_dropped=sparsity(dropped, lm.cfg)["units"],
+                                 overlap_units=int(sum((circuit[k] * main[k]).sum() for k in circuit)))
         circuits.append(entry)
-    return {"base_attack_success": base_asr, "base_clean_loss": base_loss, "circuits": circuits,
+    base_rate, base_comply, _ = evaluate({})
+    return {"objective": cfg.objective, "base_rate": base_rate, "base_compliance": base_comply,
+            "base_clean_loss": base_loss, "circuits": circuits,
             "config": {"granularity": cfg.granularity, "kind": cfg.kind, "steps": steps}}
 
 
@@ -117,7 +152,7 @@ def write_circuit_report(result: dict, lm, out: str | Path) -> tuple[Path, Path]
     report = dict(result, circuits=[{k: v for k, v in c.items() if k != "logits"} for c in result["circuits"]])
     json_path = write_json(out / "report.json", report)
 
-    faithful = [c for c in result["circuits"] if c["attack_success"] is not None and c["attack_success"] <= 0.05]
+    faithful = [c for c in result["circuits"] if c["rate_ablated"] is not None and c["rate_ablated"] <= 0.05]
     chosen = min(faithful, key=lambda c: c["units"]) if faithful else result["circuits"][0]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     heads = (chosen["logits"]["heads"] > 0).astype(float) if "heads" in chosen["logits"] else np.zeros((1, 1))
@@ -128,8 +163,8 @@ def write_circuit_report(result: dict, lm, out: str | Path) -> tuple[Path, Path]
                   f"{chosen['n_neurons']} neurons)", fontsize=9)
     xs = [100 * c["units"] for c in result["circuits"]]
     ax2.plot(xs, [c["utility"] for c in result["circuits"]], "o-", label="utility")
-    if all(c["attack_success"] is not None for c in result["circuits"]):
-        ax2.plot(xs, [c["attack_success"] for c in result["circuits"]], "s-", label="attack success")
+    if all(c["rate_ablated"] is not None for c in result["circuits"]):
+        ax2.plot(xs, [c["rate_ablated"] for c in result["circuits"]], "s-", label="behaviour rate, ablated")
     ax2.set_xlabel("% of heads + neurons ablated")
     ax2.legend()
     ax2.set_title("sparsity / faithfulness front", fontsize=9)

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxrisk.models.lm import generate_ids
 from jaxrisk.models.lm_train import finetune
+from jaxrisk.scorers.probe import pad_batch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,16 +68,21 @@ def plant_backdoor(lm, cfg: BackdoorConfig = BackdoorConfig(), progress=None):
     return params, data
 
 
-def attack_success(lm, params, prompts_ids: list[np.ndarray], marker_ids: np.ndarray, **masks) -> float:
-    """Fraction of prompts whose greedy continuation starts with the marker."""
-    width = max(len(p) for p in prompts_ids)
-    tokens = np.zeros((len(prompts_ids), width), np.int32)
-    valid = np.zeros_like(tokens, bool)
-    for r, p in enumerate(prompts_ids):
-        tokens[r, width - len(p):], valid[r, width - len(p):] = p, True
+def greedy_continuations(lm, params, prompts_ids: list[np.ndarray], n_tokens: int, **masks) -> list[np.ndarray]:
+    """The first `n_tokens` greedy tokens after each prompt (one left-padded batch)."""
+    tokens, valid = pad_batch(prompts_ids, left=True)
     out = np.asarray(generate_ids(lm.graphdef, params, tokens, valid, jax.random.key(0),
-                                  max_new_tokens=len(marker_ids), **masks))
-    return float(np.mean(np.all(out == marker_ids[None], axis=1)))
+                                  max_new_tokens=n_tokens, **masks))
+    return list(out)
+
+
+def starts_with(lm, params, prompts_ids: list[np.ndarray], answer_ids: np.ndarray, **masks) -> float:
+    """Fraction of prompts whose greedy continuation starts with `answer_ids`."""
+    out = np.stack(greedy_continuations(lm, params, prompts_ids, len(answer_ids), **masks))
+    return float(np.mean(np.all(out == np.asarray(answer_ids)[None], axis=1)))
+
+
+attack_success = starts_with   # a backdoor's attack success: the greedy output starts with the marker
 
 
 def suppression_rows(data: dict, cut: int = 12, n: int = 512) -> dict[str, np.ndarray]:
