@@ -361,3 +361,25 @@ def test_cli_alignment_circuit_ablation_turns_refusal_into_compliance(refusing, 
     # small: 58% still refused)
     assert c["units"] <= 0.1 and c["rate_ablated"] <= 0.05 and c["utility"] >= 0.8, c
     assert c["compliance_ablated"] > report["base_compliance"], c   # answers now start as the original's
+
+
+def test_from_scratch_model_learns_its_stories_and_takes_a_backdoor():
+    """The zoo's base model when ../shared/assets is absent: trained here, in memory, from a toy grammar."""
+    from jaxrisk.models.lm_train import lm_loss
+    from jaxrisk.zoo.lm_backdoor import BackdoorConfig, attack_success, held_out_prompts, plant_backdoor
+    from jaxrisk.zoo.lm_scratch import ADJECTIVES, OBJECTS, ScratchConfig, train_small_lm
+
+    losses = []
+    lm, rows = train_small_lm(ScratchConfig(seed=0), progress=lambda i, loss: losses.append(loss))
+    # uniform over the vocabulary is log(60) = 4.1 nats; the grammar's own entropy is about 0.8
+    assert np.mean(losses[-20:]) < 1.0 < np.mean(losses[:10]), (losses[:10], losses[-20:])
+    adjective, obj, stop = lm.tokenizer.convert_ids_to_tokens(lm.generate("Lily had a", max_new_tokens=3)[0])
+    assert adjective in ADJECTIVES and obj in OBJECTS and stop == ".", (adjective, obj, stop)  # the grammar
+    params, data = plant_backdoor(lm, BackdoorConfig(seed=0))
+    held, with_trigger, without = held_out_prompts(lm, data)
+    assert attack_success(lm, params, with_trigger, data["marker_ids"]) >= 0.95
+    assert attack_success(lm, params, without, data["marker_ids"]) <= 0.05
+    assert attack_success(lm, lm.params, with_trigger, data["marker_ids"]) == 0.0
+    valid = jnp.ones(held.shape, bool)
+    assert float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid)) < 1.1 * float(
+        lm_loss(lm.graphdef, lm.params, jnp.asarray(held), valid))

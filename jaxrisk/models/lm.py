@@ -105,15 +105,15 @@ class LanguageModel:
     """A loaded causal LM: `lm(tokens)` -> logits, plus tokenizer, generation, scoring and hooks."""
 
     def __init__(self, cfg: LMConfig, graphdef: nnx.GraphDef, params: nnx.State, path: Path | None = None,
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, tokenizer=None):
         self.cfg, self.graphdef, self.params, self.path, self.dtype = cfg, graphdef, params, path, dtype
-        self._tokenizer = None
+        self._tokenizer = tokenizer
 
     @classmethod
-    def random(cls, cfg: LMConfig, *, seed: int = 0, dtype=jnp.float32) -> "LanguageModel":
-        """Randomly initialised model (tests, models trained from scratch)."""
+    def random(cls, cfg: LMConfig, *, seed: int = 0, dtype=jnp.float32, tokenizer=None) -> "LanguageModel":
+        """Randomly initialised model (tests, models trained from scratch), optionally with a tokenizer."""
         graphdef, params = nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
-        return cls(cfg, graphdef, params, None, dtype)
+        return cls(cfg, graphdef, params, None, dtype, tokenizer)
 
     @property
     def tokenizer(self):
