@@ -15,3 +15,4 @@ RUNS=${2:-runs}
 .venv/bin/python benchmarks/lm_vs_torch.py --out "$RUNS/bench_lm.json"
 .venv/bin/python benchmarks/gcg_vs_nanogcg.py --out "$RUNS/bench_gcg.json"   # needs .venv-nanogcg (see the script)
 .venv/bin/python benchmarks/circuits_vs_attribution.py --out "$RUNS/bench_circuits.json"
+.venv/bin/python benchmarks/circuit_freezing.py --seeds 2 --out "$RUNS/bench_freezing.json"
