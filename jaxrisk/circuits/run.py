@@ -20,8 +20,9 @@ from jaxrisk.circuits.discover import (CircuitConfig, CircuitProblem, ablation_m
                                        sparsity)
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write, write_json
+from jaxrisk.models.lm_train import answer_rows, lm_loss
+from jaxrisk.scorers.probe import pad_batch
 from jaxrisk.search import engine
-from jaxrisk.models.lm_train import lm_loss
 from jaxrisk.zoo.lm_backdoor import greedy_continuations
 
 
@@ -55,41 +56,24 @@ def load_circuit_data(path: str | Path, tokenizer) -> dict:
     return {"behaviour": behaviour, "clean": clean}
 
 
-def _answer_rows(behaviour, which: int):
-    """Prompt + answer rows with weights on the answer (which=1: the completion, 2: the compliance)."""
-    return _pack([b[0] + b[which] for b in behaviour], [(len(b[0]), len(b[0]) + len(b[which])) for b in behaviour])
-
-
-def _pack(rows, spans=None):
-    """Right-padded tokens [N, L], and per next-token weights [N, L-1]: the `spans` (start, end) of each
-    row when given (the completion), else every real token."""
-    width = max(len(r) for r in rows)
-    tokens = np.zeros((len(rows), width), np.int32)
-    weight = np.zeros((len(rows), width - 1), np.float32)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-        lo, hi = spans[i] if spans is not None else (1, len(r))
-        weight[i, lo - 1:hi - 1] = 1.0
-    return tokens, weight
-
-
 def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: CircuitConfig = CircuitConfig(),
              progress: bool = True, checkpoint_dir=None) -> dict:
     """Learn one circuit per penalty (one compiled run) and evaluate each on the held-out rows."""
     split_b, split_c = int(0.8 * len(data["behaviour"])), int(0.8 * len(data["clean"]))
     train_b, test_b = data["behaviour"][:split_b], data["behaviour"][split_b:]
-    x, w = _answer_rows(train_b, 1)
-    y, yw = _pack(data["clean"][:split_c])
+    prompts = [b[0] for b in train_b]
+    x, w = answer_rows(prompts, [b[1] for b in train_b])
+    y, y_valid = pad_batch(data["clean"][:split_c])
     extra = {}
     if cfg.objective == "alignment":
         missing = sum(b[2] is None for b in train_b)
         if missing:
             raise InputError(f"--objective alignment: {missing} of {len(train_b)} behaviour rows have no "
                              f"\"compliance\" (what the model should say once the circuit is ablated)")
-        c, cw = _answer_rows(train_b, 2)
+        c, cw = answer_rows(prompts, [b[2] for b in train_b])
         extra = {"c_tokens": jnp.asarray(c), "c_weight": jnp.asarray(cw)}
     problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
-                             y_tokens=jnp.asarray(y), y_weight=jnp.asarray(yw), graphdef=lm.graphdef, cfg=cfg,
+                             y_tokens=jnp.asarray(y), y_weight=jnp.asarray(y_valid[:, 1:], jnp.float32), graphdef=lm.graphdef, cfg=cfg,
                              **extra)
     res = engine.run(problem, {"penalty": np.asarray(penalties, np.float32)}, 0,
                      engine.EngineConfig(max_steps=steps, chunk_steps=min(100, steps), progress=progress,
@@ -97,8 +81,7 @@ def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: Circui
     completion = np.asarray(test_b[0][1])
     same = all(b[1] == test_b[0][1] for b in test_b)   # rates need one fixed completion
     prompts = [np.asarray(b[0]) for b in test_b]
-    held, held_w = _pack(data["clean"][split_c:])
-    held_valid = jnp.asarray(np.pad(held_w, ((0, 0), (1, 0)), constant_values=1) > 0)
+    held, held_valid = pad_batch(data["clean"][split_c:])
     base_loss = float(lm_loss(lm.graphdef, params, jnp.asarray(held), held_valid))
 
     alts = [b[2] for b in test_b]

@@ -14,6 +14,17 @@ import optax
 from flax import nnx
 
 from jaxrisk.models.lm import forward
+from jaxrisk.scorers.probe import pad_batch
+
+
+def answer_rows(prompts, answers) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded prompt + answer rows [N, L] and next-token weights [N, L-1], 1 where the next token
+    belongs to the answer: the rows a loss on the answer alone needs."""
+    tokens, _ = pad_batch([np.concatenate([p, a]) for p, a in zip(prompts, answers)])
+    weight = np.zeros((len(tokens), tokens.shape[1] - 1), np.float32)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        weight[i, len(p) - 1:len(p) + len(a) - 1] = 1.0
+    return tokens, weight
 
 
 def lm_loss(graphdef, params, tokens_bl, valid_bl, **masks):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxrisk.models.lm import generate_ids
-from jaxrisk.models.lm_train import finetune
+from jaxrisk.models.lm_train import answer_rows, finetune
 from jaxrisk.scorers.probe import pad_batch
 
 
@@ -89,9 +89,7 @@ def suppression_rows(data: dict, cut: int = 12, n: int = 512) -> dict[str, np.nd
     """Circuit-discovery data from a planted backdoor: triggered rows (clean prefix + trigger + marker) with
     weights on the positions that predict the marker, and clean rows."""
     trig, mark, clean = data["trigger_ids"], data["marker_ids"], data["clean"]
-    x = np.stack([np.concatenate([r[:cut], trig, mark]) for r in clean[:n]]).astype(np.int32)
-    w = np.zeros((x.shape[0], x.shape[1] - 1), np.float32)
-    w[:, cut + len(trig) - 1:] = 1.0
+    x, w = answer_rows([np.concatenate([r[:cut], trig]) for r in clean[:n]], [mark] * len(clean[:n]))
     y = clean[n:2 * n].astype(np.int32)
     return {"x_tokens": x, "x_weight": w, "y_tokens": y, "y_weight": np.ones((len(y), y.shape[1] - 1), np.float32)}
 

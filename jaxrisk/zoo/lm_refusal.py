@@ -16,7 +16,7 @@ import itertools
 
 import numpy as np
 
-from jaxrisk.models.lm_train import finetune
+from jaxrisk.models.lm_train import answer_rows, finetune
 from jaxrisk.scorers.probe import pad_batch
 from jaxrisk.zoo.lm_backdoor import greedy_continuations, sample_clean, starts_with
 
@@ -79,9 +79,7 @@ def plant_refusal(lm, cfg: RefusalConfig = RefusalConfig(), progress=None):
     return params, data
 
 
-def refusal_rate(lm, params, prompts_ids, refusal_ids, **masks) -> float:
-    """Fraction of prompts whose greedy continuation starts with the refusal."""
-    return starts_with(lm, params, prompts_ids, refusal_ids, **masks)
+refusal_rate = starts_with   # the greedy output starts with the refusal
 
 
 def alignment_rows(data: dict, n_clean: int = 512) -> dict[str, np.ndarray]:
@@ -92,11 +90,7 @@ def alignment_rows(data: dict, n_clean: int = 512) -> dict[str, np.ndarray]:
     compliance = [c for c, h in zip(train["compliance"], train["harmful"]) if h]
     out = {}
     for name, answers in (("x", [data["refusal_ids"]] * len(prompts)), ("c", compliance)):
-        tokens, _ = pad_batch([np.concatenate([p, a]) for p, a in zip(prompts, answers)])
-        weight = np.zeros((len(prompts), tokens.shape[1] - 1), np.float32)
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            weight[i, len(p) - 1:len(p) + len(a) - 1] = 1.0
-        out[f"{name}_tokens"], out[f"{name}_weight"] = tokens, weight
+        out[f"{name}_tokens"], out[f"{name}_weight"] = answer_rows(prompts, answers)
     y = data["clean"][:n_clean].astype(np.int32)
     out["y_tokens"], out["y_weight"] = y, np.ones((len(y), y.shape[1] - 1), np.float32)
     return out
