@@ -8,24 +8,21 @@ checkpoints (`pytorch_model.bin`) are refused: unpickling executes code.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError
 from jaxrisk.models.lm_config import LMConfig, config_from_hf
+from jaxrisk.models.safetensors_file import WEIGHT_DTYPES, check_finite, open_safetensors
 from jaxrisk.models.transformer import CausalLM
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 
 
@@ -33,48 +30,8 @@ def read_config(path: Path) -> tuple[LMConfig, dict]:
     file = path / "config.json"
     if not file.exists():
         raise InputError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    try:
-        hf = json.loads(file.read_text())
-        assert isinstance(hf, dict)
-    except (ValueError, AssertionError):
-        raise InputError(f"{file}: not a JSON object") from None
+    hf = json_object(file, "the model's configuration")
     return config_from_hf(hf, str(file)), hf
-
-
-def _header(file: Path) -> tuple[dict, int]:
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        try:
-            assert 0 < n <= 100_000_000
-            meta = json.loads(f.read(n))
-            assert isinstance(meta, dict)
-        except (ValueError, AssertionError):
-            if head[:2] == b"PK" or head[:1] == b"\x80":
-                raise InputError(f"{file}: a PyTorch pickle under a safetensors name; refusing to unpickle it "
-                                 "(that would execute code from the file)") from None
-            raise InputError(f"{file}: not a safetensors file (no JSON header)") from None
-    meta.pop("__metadata__", None)
-    return meta, 8 + n
-
-
-def open_safetensors(file: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file (bf16 via ml_dtypes); nothing is copied yet."""
-    meta, start = _header(file)
-    size = file.stat().st_size
-    raw = np.memmap(file, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in meta.items():
-        try:
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            lo, hi = info["data_offsets"]
-            shape = tuple(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{file}: tensor {name!r} has an unreadable entry {info!r}") from None
-        if start + hi > size or hi - lo != dtype.itemsize * int(np.prod(shape)):
-            raise InputError(f"{file}: tensor {name!r} runs past the end of the file (truncated download?)")
-        out[name] = raw[start + lo:start + hi].view(dtype).reshape(shape)
-    return out
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -83,11 +40,15 @@ def weight_files(path: Path) -> list[Path]:
     if single.exists():
         return [single]
     if index.exists():
+        index_json = json_object(index, "a 'weight_map' of tensor name -> shard file")
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = index_json["weight_map"]
             names = sorted(set(weight_map.values()))
+            if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+                raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(f"{index}: expected a JSON object with a 'weight_map' of key -> file") from None
+            raise InputError(f"{index}: expected a JSON object with a 'weight_map' of key -> shard file name "
+                             "(a file in the same directory)") from None
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise InputError(f"{index}: lists shard files that are not in {path}: {', '.join(missing)}")
@@ -209,11 +170,13 @@ def load_weights(path: Path, cfg: LMConfig, dtype, shardings=None) -> tuple[nnx.
         arr = tensors[key]
         if tuple(arr.shape) != wanted[key]:
             problems.append(f"{key} (in {where[key].name}) has shape {list(arr.shape)}, expected {list(wanted[key])}")
-        elif not np.issubdtype(arr.dtype, np.floating) and arr.dtype != ml_dtypes.bfloat16:
-            problems.append(f"{key} has dtype {arr.dtype}, expected a float dtype")
+        elif arr.dtype not in WEIGHT_DTYPES:
+            problems.append(f"{key} has dtype {arr.dtype}, expected float32, float64, float16 or bfloat16")
     if problems:
         raise InputError(f"{path}: weights do not fit the {cfg.family} config in config.json:\n  "
                          + "\n  ".join(problems))
+    for key in sorted(wanted):
+        check_finite(str(where[key]), key, tensors[key])
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     flat = {}
@@ -222,7 +185,8 @@ def load_weights(path: Path, cfg: LMConfig, dtype, shardings=None) -> tuple[nnx.
         sharding = None if shardings is None else shardings[e.path]
         flat[e.path] = nnx.Param(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
     expected_paths = {p for p, _ in nnx.to_flat_state(abstract_state)}
-    assert expected_paths == set(flat), f"key map does not cover the module: {expected_paths ^ set(flat)}"
+    if expected_paths != set(flat):
+        raise RuntimeError(f"key map does not cover the module: {expected_paths ^ set(flat)}")
     return graphdef, nnx.from_flat_state(flat)
 
 
@@ -253,7 +217,8 @@ def save_pretrained(lm, params, out: str | Path) -> Path:
             tensors[e.key] = np.ascontiguousarray(w.T)
         else:
             tensors[e.key] = np.ascontiguousarray(ours.reshape(e.shape))
-        assert tensors[e.key].shape == e.shape, (e.key, tensors[e.key].shape, e.shape)
+        if tensors[e.key].shape != e.shape:
+            raise RuntimeError(f"save_pretrained: {e.key} came out {tensors[e.key].shape}, expected {e.shape}")
     blob = save(tensors, metadata={"format": "pt"})
     atomic_write(out / "model.safetensors", lambda f: f.write(blob), mode="wb")
     if lm.path is not None:

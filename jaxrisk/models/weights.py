@@ -7,8 +7,6 @@ whoever wrote the file.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,40 +16,12 @@ from flax import nnx
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write
 from jaxrisk.models.classifiers import build
-
-_PICKLE_HINT = (
-    "it looks like a PyTorch pickle checkpoint, which jaxrisk refuses to load: unpickling executes "
-    "code chosen by the file's author. Convert it where you trust it, e.g. "
-    "`from safetensors.torch import save_file; save_file(torch.load(p, weights_only=True), 'model.safetensors')`"
-)
+from jaxrisk.models.safetensors_file import WEIGHT_DTYPES, check_finite, open_safetensors
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Read every tensor of a safetensors file as numpy, with a clear error for anything else."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a .safetensors file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        header = f.read(header_len) if 0 < header_len <= 100_000_000 else b""
-    try:  # a safetensors header length may itself start with byte 0x80, so sniff pickles only on failure
-        meta = json.loads(header)
-        assert isinstance(meta, dict)
-    except (ValueError, AssertionError):
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise InputError(f"{path}: {_PICKLE_HINT}") from None
-        if len(head) < 8:
-            raise InputError(f"{path}: not a safetensors file (only {len(head)} bytes)") from None
-        raise InputError(f"{path}: not a safetensors file (its header is not a JSON table of tensors)") from None
-    from safetensors.numpy import load_file
-
-    try:
-        return dict(load_file(str(path)))
-    except Exception as e:  # truncated or inconsistent file
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    """Every tensor of a validated safetensors file, copied out of the memory map (classifiers are small)."""
+    return {name: np.array(array) for name, array in open_safetensors(path).items()}
 
 
 def _torch_shape(param: np.ndarray) -> tuple[int, ...]:
@@ -107,10 +77,12 @@ def load_torch_state_dict(model: nnx.Module, state: dict[str, np.ndarray], sourc
     for key in sorted(set(expected) & set(state)):
         if tuple(state[key].shape) != expected[key]:
             problems.append(f"{key} has shape {list(state[key].shape)}, expected {list(expected[key])}")
-        elif not np.issubdtype(state[key].dtype, np.floating):
-            problems.append(f"{key} has dtype {state[key].dtype}, expected a float dtype")
+        elif state[key].dtype not in WEIGHT_DTYPES:
+            problems.append(f"{key} has dtype {state[key].dtype}, expected float32, float64, float16 or bfloat16")
     if problems:
         raise InputError(f"{source}: weights do not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+    for key in sorted(expected):
+        check_finite(source, key, state[key])
     for name in model.torch_layers:
         layer = getattr(model, name)
         layer.kernel.set_value(jnp.asarray(_from_torch(state[f"{name}.weight"]), jnp.float32))
@@ -127,10 +99,13 @@ def load_classifier(path: str | Path, arch: str, input_shape: tuple[int, int, in
     state = read_safetensors(path)
     kwargs = {}
     if arch == "mlp":
-        layers = sorted({k.split(".")[0] for k in state if k.startswith("fc")}, key=lambda s: int(s[2:] or 0))
-        if "fc1.weight" not in state or len(layers) < 2:
-            raise InputError(f"{path}: an mlp needs keys fc1.weight ... fcN.weight (N >= 2); found {sorted(state)}")
-        widths = [int(state[f"{name}.weight"].shape[0]) for name in layers if f"{name}.weight" in state]
+        layers = sorted({k.split(".")[0] for k in state if k.startswith("fc") and k.split(".")[0][2:].isdecimal()},
+                        key=lambda s: int(s[2:]))
+        kernels = [state[f"{name}.weight"] for name in layers if f"{name}.weight" in state]
+        if "fc1.weight" not in state or len(layers) < 2 or any(w.ndim != 2 for w in kernels):
+            found = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(state.items()))
+            raise InputError(f"{path}: an mlp needs 2-D keys fc1.weight ... fcN.weight (N >= 2); found {found}")
+        widths = [int(w.shape[0]) for w in kernels]
         n_in = int(state["fc1.weight"].shape[-1])
         if input_shape is None:
             side = int(round(n_in ** 0.5))

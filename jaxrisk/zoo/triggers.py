@@ -78,13 +78,13 @@ def save_trigger(trigger: Trigger, path: str | Path) -> Path:
 
 
 def load_trigger(path: str | Path) -> Trigger:
-    from safetensors import safe_open
-
+    from jaxrisk.models.safetensors_file import read_header
     from jaxrisk.models.weights import read_safetensors
 
     arrays = read_safetensors(path)
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
+    meta = read_header(path)[2] or {}
     if {"mask", "pattern"} - set(arrays) or {"kind", "target"} - set(meta):
         raise InputError(f"{path}: a trigger file needs tensors mask, pattern and metadata kind, target")
+    if not meta["target"].isdecimal():
+        raise InputError(f"{path}: metadata target {meta['target']!r} is not a class index")
     return Trigger(meta["kind"], int(meta["target"]), arrays["mask"], arrays["pattern"])
