@@ -32,3 +32,61 @@ def stories_dir() -> Path:
         pytest.skip(f"pretrained stories260K not found at {STORIES_DIR} (set JAXRISK_ASSETS or clone beside "
                     "../shared/assets)")
     return STORIES_DIR
+
+
+# ---- small self-made inputs (no assets): a word-level Llama directory, a digits MLP, an MNIST-format dir ----
+
+TINY_WORDS = "Lily Tom had a red big ball kite The was happy sad went to the park with saw and".split()
+
+
+def write_tiny_lm(directory: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama with a word-level tokenizer, saved as a Hugging Face directory."""
+    import json
+
+    from jaxrisk.models.hf import save_pretrained
+    from jaxrisk.models.lm import LanguageModel
+    from jaxrisk.models.lm_config import LMConfig
+    from jaxrisk.zoo.lm_scratch import word_tokenizer
+
+    tokenizer = word_tokenizer(dict.fromkeys(TINY_WORDS))
+    cfg = LMConfig(family="llama", vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                   head_dim=8, d_mlp=64, max_position=64, norm_eps=1e-5, tie_embeddings=True, eos_token_ids=(2,))
+    lm = LanguageModel.random(cfg, seed=seed, tokenizer=tokenizer)
+    save_pretrained(lm, lm.params, directory)
+    tokenizer.save_pretrained(str(directory))
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.d_mlp,
+        "max_position_embeddings": cfg.max_position, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": True,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def write_digits_mlp(path: Path, seed: int = 0) -> Path:
+    """A random MLP for 8x8 single-channel images, saved in PyTorch layout (the embedded digits fit it)."""
+    from jaxrisk.models import build, save_classifier
+
+    return save_classifier(build("mlp", seed=seed, input_shape=(1, 8, 8), hidden=(16,), num_classes=10), path)
+
+
+def write_mnist_format(directory: Path, n: int = 600) -> Path:
+    """scikit-learn digits as 28x28 MNIST IDX files (3x upscaled, padded): MNIST's layout without the download."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.pad(np.kron(d.images[:n] * 255 / 16, np.ones((3, 3))), ((0, 0), (2, 2), (2, 2))).astype(np.uint8)
+    labels = d.target[:n].astype(np.uint8)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        head = bytes([0, 0, 8, 3]) + b"".join(int(s).to_bytes(4, "big") for s in images.shape)
+        (directory / f"{split}-images-idx3-ubyte").write_bytes(head + images.tobytes())
+        (directory / f"{split}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big")
+                                                               + labels.tobytes())
+    return directory

@@ -22,9 +22,9 @@ resumed run replays exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from jaxrisk.errors import InputError
 from jaxrisk.io import write_json
+from jaxrisk.search.fingerprint import fingerprint
 from jaxrisk.search.mesh import lane_sharding, replicated, restart_mesh
 
 PyTree = Any
@@ -92,16 +93,8 @@ def _pad_lanes(tree: PyTree, n_pad: int) -> PyTree:
 
 
 def _fingerprint(problem: PyTree, lanes: PyTree, key: np.ndarray, cfg: EngineConfig) -> str:
-    """Identifies a run: the problem's arrays and static config, the lanes, the key, the step budget."""
-    h = hashlib.sha256()
-    leaves, treedef = jax.tree.flatten((problem, lanes, key))
-    h.update(repr(treedef).encode())
-    for leaf in leaves:
-        a = np.asarray(leaf)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    h.update(f"{cfg.max_steps}/{cfg.chunk_steps}".encode())
-    return h.hexdigest()[:16]
+    """Identifies a run in any process: the problem's arrays and static config, the lanes, the key, the budget."""
+    return fingerprint(problem, lanes, key, (cfg.max_steps, cfg.chunk_steps))
 
 
 def _make_chunk_fn(n_lanes: int, chunk_steps: int, max_steps: int, mesh, carry_shardings):
@@ -212,21 +205,48 @@ def run(problem: SearchProblem, lanes: PyTree, key: jax.Array | int, config: Eng
 
 # ----------------------------------------------------------------------------- checkpoints
 
+MARKER = "jaxrisk-checkpoint.json"   # written first into a checkpoint directory jaxrisk creates
+_OWN_ENTRY = re.compile(r"\d+(\.orbax-checkpoint-tmp-\d+)?")   # orbax's step directories (and their temporaries)
+
+
+def _read_marker(marker: Path) -> str:
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))["fingerprint"]
+        if not isinstance(recorded, str):
+            raise TypeError
+        return recorded
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{marker}: not a checkpoint marker jaxrisk wrote (expected a JSON object with a "
+                         "'fingerprint'); move that directory away or choose another output directory") from None
+
+
 def _open_checkpoint(directory: Path, fingerprint: str, carry, history, n_real: int):
-    """Open (or create) the checkpoint directory; restore the latest chunk if this run wrote it."""
+    """Open (or create) the checkpoint directory; restore the latest chunk if this run wrote it.
+
+    Only a directory that is absent, empty, or marked by jaxrisk is used: anything else is refused,
+    never deleted.
+    """
     import orbax.checkpoint as ocp
 
     directory = directory.absolute()
-    marker = directory / "run.json"
+    marker = directory / MARKER
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: exists and is not a directory (jaxrisk keeps its checkpoint there); "
+                         "move it away or choose another output directory")
     if marker.exists():
-        recorded = json.loads(marker.read_text()).get("fingerprint")
+        recorded = _read_marker(marker)
         if recorded != fingerprint:
             raise InputError(f"{directory}: holds a checkpoint of a different run (fingerprint {recorded}, this "
                              f"run is {fingerprint}); use another output directory or delete that one")
     else:
         if directory.exists() and any(directory.iterdir()):
-            shutil.rmtree(directory)
-        write_json(marker, {"fingerprint": fingerprint})
+            raise InputError(f"{directory}: holds files jaxrisk did not write (no {MARKER}); jaxrisk keeps its "
+                             "checkpoint there and never deletes what it did not create: move them away or "
+                             "choose another output directory")
+        try:
+            write_json(marker, {"fingerprint": fingerprint, "written_by": "jaxrisk"})
+        except OSError as e:
+            raise InputError(f"{directory}: cannot write a checkpoint there ({e.strerror})") from None
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=1, enable_async_checkpointing=False))
     latest = manager.latest_step()
@@ -250,3 +270,21 @@ def _save(manager, chunk: int, carry, history, n_real: int) -> None:
 
     manager.save(chunk, args=ocp.args.StandardSave(_saved_tree(carry, history, n_real)))
     manager.wait_until_finished()
+
+
+def remove_checkpoint(directory: str | Path) -> None:
+    """Delete what the engine wrote into `directory` (its marker and step directories), nothing else.
+
+    The directory itself goes only when that leaves it empty; a directory without the marker is left alone.
+    """
+    directory = Path(directory)
+    if not (directory / MARKER).is_file():
+        return
+    for entry in directory.iterdir():
+        if _OWN_ENTRY.fullmatch(entry.name) and entry.is_dir():
+            shutil.rmtree(entry)
+    (directory / MARKER).unlink()
+    try:
+        directory.rmdir()
+    except OSError:   # someone put a file of their own there meanwhile: keep it (and the directory)
+        pass

@@ -23,6 +23,7 @@ or a danger probe; they enter the gradient too.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxrisk.errors import InputError, require_int, require_number
 from jaxrisk.models.lm import broadcast_cache
 from jaxrisk.scorers.lm import embed, target_logprob
 
@@ -45,6 +47,14 @@ class GCGConfig:
     filter_retokenization: bool = True
     oversample: int = 2              # draw oversample x B swaps so ~B survive the round-trip filter
     allow_non_ascii: bool = False
+
+    def __post_init__(self):
+        for name in ("search_width", "topk", "suffix_len", "oversample"):
+            require_int(f"GCGConfig.{name}", getattr(self, name), 1)
+        if self.mellowmax_alpha is not None:
+            require_number("GCGConfig.mellowmax_alpha", self.mellowmax_alpha, 0.0, above=True)
+        if not isinstance(self.init_token, str) or not self.init_token.strip():
+            raise InputError(f"GCGConfig.init_token: expected a non-empty token text, got {self.init_token!r}")
 
 
 class RoundTrip:
@@ -66,7 +76,13 @@ class RoundTrip:
         ok = np.array([list(a) == b for a, b in zip(again, flat)], bool)
         return ok.reshape(np.shape(ids)[:-1])
 
-    # stable identity for the engine's run fingerprint (and jit cache): the tokenizer it wraps
+    def fingerprint(self) -> str:
+        """The wrapped tokenizer by content (its full JSON where it has one), for the engine's run identity."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else self.name
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    # identity for the jit cache: the tokenizer it wraps
     def __repr__(self) -> str:
         return f"RoundTrip({self.name})"
 

@@ -1,0 +1,173 @@
+"""A killed run resumes across processes: each command line is killed (SIGKILL, SIGTERM) in a real child
+process once it has saved a checkpoint, run again, and compared with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_mnist_format, write_tiny_lm
+
+from jaxrisk.models.weights import read_safetensors
+
+pytestmark = pytest.mark.slow   # about 5 process starts per command
+
+
+def _command(args: list) -> list[str]:
+    return [sys.executable, "-m", "jaxrisk", *map(str, args), "--no-progress"]
+
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")   # one device: the child starts faster
+
+
+def _checkpoint_saved(ckpt: Path) -> bool:
+    """A step directory orbax has committed (it writes commit_success.txt last)."""
+    return ckpt.is_dir() and any(p.name.isdigit() and (p / "commit_success.txt").exists() for p in ckpt.iterdir())
+
+
+def run_killed(args: list, ckpt: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start the command, send `sig` as soon as its first checkpoint is on disk, return how it ended."""
+    proc = subprocess.Popen(_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 300
+    while not _checkpoint_saved(ckpt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc {proc.returncode}) before it saved a checkpoint:\n{err[-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_to_end(args: list) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(args), capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def check_interrupted(ended: subprocess.CompletedProcess, sig: int, ckpt: Path) -> None:
+    if sig == signal.SIGKILL:
+        assert ended.returncode == -signal.SIGKILL
+    else:   # handled like Ctrl-C: a one-line message, exit 143, the checkpoint kept
+        assert ended.returncode == 143, ended.stderr[-2000:]
+        assert "Traceback" not in ended.stderr
+        assert "terminated" in ended.stderr and "run the same command again to resume" in ended.stderr
+    assert _checkpoint_saved(ckpt)
+
+
+SIGNALS = [pytest.param(signal.SIGKILL, id="SIGKILL"), pytest.param(signal.SIGTERM, id="SIGTERM")]
+
+
+# ---- scan ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scan_case(tmp_path_factory):
+    """A random wide MLP on MNIST-format digits: chunks long enough to be killed in, short enough for CI."""
+    import numpy as np
+
+    from jaxrisk.models import build, save_classifier
+
+    root = tmp_path_factory.mktemp("scan")
+    mnist = write_mnist_format(root / "mnist")
+    weights = save_classifier(build("mlp", input_shape=(1, 28, 28), hidden=(512, 512), num_classes=10),
+                              root / "mlp.safetensors")
+    args = lambda out: ["scan", "--weights", weights, "--arch", "mlp", "--mnist", mnist, "--out", out,  # noqa: E731
+                        "--restarts", 1, "--max-steps", 320]
+    run_to_end(args(root / "full"))
+    report = json.loads((root / "full" / "report.json").read_text())
+    triggers = read_safetensors(root / "full" / "triggers.safetensors")
+    assert report["resumed_from_step"] == 0 and np.isfinite(triggers["masks"]).all()
+    return args, report, triggers
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_killed_scan_resumes_to_the_uninterrupted_result(scan_case, tmp_path, sig):
+    import numpy as np
+
+    args, full, full_triggers = scan_case
+    ckpt = tmp_path / "checkpoint"
+    check_interrupted(run_killed(args(tmp_path), ckpt, sig), sig, ckpt)
+    assert not (tmp_path / "report.json").exists()
+    run_to_end(args(tmp_path))
+    resumed = json.loads((tmp_path / "report.json").read_text())
+    assert resumed["resumed_from_step"] > 0
+    for key in ("classes", "flagged", "verdict", "failures", "steps_run"):
+        assert resumed[key] == full[key], key
+    triggers = read_safetensors(tmp_path / "triggers.safetensors")
+    for name in ("masks", "patterns"):
+        np.testing.assert_array_equal(triggers[name], full_triggers[name])
+    assert not ckpt.exists()   # removed once the report is written
+
+
+# ---- redteam -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    return write_tiny_lm(tmp_path_factory.mktemp("lm"))
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def redteam_case(lm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("redteam")
+    behaviors = root / "b.jsonl"
+    behaviors.write_text('{"goal": "Lily had a", "target": "red ball"}\n{"goal": "Tom went to the", "target": "park"}\n')
+    args = lambda out: ["redteam", "--model", lm_dir, "--behaviors", behaviors, "--out", out, "--steps", 60,  # noqa: E731
+                        "--search-width", 512, "--topk", 4, "--suffix-len", 6, "--group", 1, "--no-filter",
+                        "--no-early-stop"]
+    run_to_end(args(root / "full"))
+    return args, [json.loads(line) for line in (root / "full" / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_killed_redteam_resumes_to_the_uninterrupted_result(redteam_case, tmp_path, sig):
+    args, full = redteam_case
+    ckpt = tmp_path / "checkpoint"
+    check_interrupted(run_killed(args(tmp_path), ckpt, sig), sig, ckpt)
+    run_to_end(args(tmp_path))
+    resumed = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert _without_timing(resumed) == _without_timing(full)
+    assert not ckpt.exists()
+
+
+# ---- circuits ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def circuits_case(lm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("circuits")
+    rows = [{"prompt": f"{n} had a {a}", "completion": "The ball was happy"}
+            for n in ("Lily", "Tom") for a in ("red", "big", "ball", "kite", "sad")]
+    rows += [{"text": f"{n} went to the park with {m} and saw the {o}"}
+             for n in ("Lily", "Tom") for m in ("Tom", "Lily") for o in ("ball", "kite", "park")]
+    data = root / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = lambda out: ["circuits", "--model", lm_dir, "--data", data, "--out", out, "--steps", 1500]  # noqa: E731
+    run_to_end(args(root / "full"))
+    return args, json.loads((root / "full" / "report.json").read_text()), read_safetensors(
+        root / "full" / "circuits.safetensors")
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_killed_circuits_resumes_to_the_uninterrupted_result(circuits_case, tmp_path, sig):
+    import numpy as np
+
+    args, full, full_logits = circuits_case
+    ckpt = tmp_path / "checkpoint"
+    check_interrupted(run_killed(args(tmp_path), ckpt, sig), sig, ckpt)
+    run_to_end(args(tmp_path))
+    assert json.loads((tmp_path / "report.json").read_text()) == full
+    logits = read_safetensors(tmp_path / "circuits.safetensors")
+    assert logits.keys() == full_logits.keys()
+    for name in logits:
+        np.testing.assert_array_equal(logits[name], full_logits[name])
+    assert not ckpt.exists()
