@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import signal
 import sys
 from pathlib import Path
 
 from jaxrisk import __version__
-from jaxrisk.errors import InputError
+from jaxrisk.errors import InputError, require_int, require_number
+from jaxrisk.io import prepare_out_dir
+
+
+def _flag_type(convert, check, what: str):
+    """argparse type: `convert` the text, then `check` the value with the library's own range checks
+    (errors.require_*); argparse reports either failure as `argument --flag: ...` with exit code 2."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            return check(value)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+    return parse
+
+
+def _int_at_least(minimum: int):
+    return _flag_type(int, lambda v: require_int("flag", v, minimum), "an integer")
+
+
+def _number(minimum: float | None = None, above: bool = False):
+    return _flag_type(float, lambda v: require_number("flag", v, minimum, above=above), "a number")
+
+
+def _penalty_list(text: str) -> list[float]:
+    """argparse type: comma-separated sparsity weights, each a finite number >= 0."""
+    parse = _number(0.0)
+    values = [parse(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 3,4.5,6; got {text!r}")
+    return values
+
+
+POSITIVE = _int_at_least(1)
 
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
@@ -17,11 +53,11 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mnist", metavar="DIR", help="directory with the four MNIST IDX files (test split is used)")
     p.add_argument("--out", default="runs/scan",
                    help="output directory (report.json, triggers.png, triggers.safetensors)")
-    p.add_argument("--restarts", type=int, default=None, help="restarts per class (default 2; demo 4)")
-    p.add_argument("--max-steps", type=int, default=None, help="step budget per restart")
+    p.add_argument("--restarts", type=POSITIVE, default=None, help="restarts per class (default 2; demo 4)")
+    p.add_argument("--max-steps", type=POSITIVE, default=None, help="step budget per restart")
     p.add_argument("--pairs", action="store_true", help="source->target pair mode instead of all-to-one")
-    p.add_argument("--devices", type=int, default=None, help="devices to shard restarts over (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=POSITIVE, default=None, help="devices to shard restarts over (default: all)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -50,10 +86,12 @@ def _print_report(report: dict, title: str) -> None:
 def _run_scan(model, data, cfg, out: Path, name: str, progress: bool) -> dict:
     from jaxrisk.scan import scan_classifier, write_report
 
+    from jaxrisk.search.engine import remove_checkpoint
+
     ckpt = out / "checkpoint"
     result = scan_classifier(model, data, cfg, checkpoint_dir=ckpt, progress=progress, weights_name=name)
     json_path, png_path = write_report(result, out)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    remove_checkpoint(ckpt)
     _print_report(result.report, f"{name}  ->  {json_path}, {png_path}")
     return result.report
 
@@ -64,6 +102,7 @@ def cmd_scan(args) -> int:
     from jaxrisk.data import load_digits, load_mnist
     from jaxrisk.models import load_classifier
 
+    out = prepare_out_dir(args.out)
     if args.mnist:
         data = load_mnist(args.mnist)
         model = load_classifier(args.weights, args.arch, input_shape=data.shape if args.arch == "mlp" else None)
@@ -74,7 +113,7 @@ def cmd_scan(args) -> int:
             raise InputError(f"{args.weights}: the model takes {'x'.join(map(str, model.input_shape))} images; "
                              "the embedded digits come at 8x8 or 16x16, so pass --mnist DIR")
         data = load_digits("test", size=side)
-    _run_scan(model, data, _scan_config(args), Path(args.out), str(args.weights), not args.no_progress)
+    _run_scan(model, data, _scan_config(args), out, str(args.weights), not args.no_progress)
     return 0
 
 
@@ -83,13 +122,14 @@ def cmd_demo(args) -> int:
     from jaxrisk.data import load_digits
     from jaxrisk.demo import demo_models
 
+    out = prepare_out_dir(args.out)
+    cfg = _scan_config(args, restarts=4)
     models = demo_models(progress=not args.no_progress)
     data = load_digits("test")
-    out = Path(args.out)
     print("jaxrisk demo: a contractor delivered a digit classifier (scikit-learn digits at 16x16, MLP).")
     print("Is there a hidden trigger? Scanning every class x restarts in one compiled program...")
     for name, model in models.items():
-        _run_scan(model, data, _scan_config(args, restarts=4), out / name, f"{name} model", not args.no_progress)
+        _run_scan(model, data, cfg, out / name, f"{name} model", not args.no_progress)
     print(f"\nThe trojaned model's planted trigger: class 3, a 2x2 white patch (4 px). Figures: {out}/*/triggers.png")
     return 0
 
@@ -97,7 +137,9 @@ def cmd_demo(args) -> int:
 def cmd_zoo(args) -> int:
     from jaxrisk.zoo.build import build_zoo
 
-    build_zoo(Path(args.out), mnist_dir=args.mnist, n_trojaned=args.trojaned, n_clean=args.clean,
+    if args.trojaned + args.clean == 0:
+        raise InputError("--trojaned and --clean are both 0: nothing to build")
+    build_zoo(prepare_out_dir(args.out), mnist_dir=args.mnist, n_trojaned=args.trojaned, n_clean=args.clean,
               epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     return 0
 
@@ -155,6 +197,7 @@ def cmd_redteam(args) -> int:
     from jaxrisk.search.gcg import GCGConfig
 
     behaviors = load_behaviors(args.behaviors)
+    out = prepare_out_dir(args.out)
     lm = load_pretrained(args.model, dtype=_dtype(args))
     cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len,
                     mellowmax_alpha=args.mellowmax, early_stop=not args.no_early_stop,
@@ -164,12 +207,12 @@ def cmd_redteam(args) -> int:
         extras.append((args.fluency_weight, _fluency_scorer(lm)))
     if args.danger_probe_data:
         extras.append((args.danger_weight, _probe_from_file(lm, args.danger_probe_data)))
-    rows = redteam(lm, behaviors, args.out, cfg, restarts=args.restarts, max_steps=args.steps, group=args.group,
+    rows = redteam(lm, behaviors, out, cfg, restarts=args.restarts, max_steps=args.steps, group=args.group,
                    seed=args.seed, extras=extras, n_devices=args.devices, progress=not args.no_progress,
                    source=args.behaviors)
     ok = sum(r["success"] for r in rows)
     print(f"{ok}/{len(rows)} behaviours succeeded (greedy output starts with the target) -> "
-          f"{Path(args.out) / 'results.jsonl'}")
+          f"{out / 'results.jsonl'}")
     return 0
 
 
@@ -184,19 +227,18 @@ def _fluency_scorer(lm):
 
 
 def _probe_from_file(lm, path):
-    import json
-
+    from jaxrisk.data.text import jsonl_rows, text_field
     from jaxrisk.scorers.probe import train_probe
 
     texts, labels = [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                texts.append(str(row["text"]))
-                labels.append(int(row["label"]))
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f"{path}:{n}: expected a JSON object with 'text' and 'label' (1 = harmful)") from None
+    expected = "'text' and 'label' (1 = harmful, 0 = harmless)"
+    for n, row in jsonl_rows(path, expected):
+        if "text" not in row or row.get("label") not in (0, 1) or isinstance(row.get("label"), bool):
+            raise InputError(f"{path}:{n}: expected a JSON object with {expected}")
+        texts.append(text_field(Path(path), n, row, "text"))
+        labels.append(int(row["label"]))
+    if len(set(labels)) < 2:
+        raise InputError(f"{path}: a danger probe needs rows of both labels 0 and 1 (found {sorted(set(labels))})")
     return train_probe(lm, texts, labels)
 
 
@@ -206,17 +248,16 @@ def cmd_circuits(args) -> int:
     from jaxrisk.circuits.run import discover, load_circuit_data, write_circuit_report
     from jaxrisk.models import load_pretrained
 
+    from jaxrisk.search.engine import remove_checkpoint
+
+    out = prepare_out_dir(args.out)
     lm = load_pretrained(args.model, dtype=_dtype(args))
     data = load_circuit_data(args.data, lm.tokenizer)
-    try:
-        penalties = [float(p) for p in args.penalties.split(",")]
-    except ValueError:
-        raise InputError(f"--penalties {args.penalties!r}: expected comma-separated numbers, e.g. 3,4.5,6") from None
     cfg = CircuitConfig(objective=args.objective, granularity=args.granularity, kind=args.kind)
-    result = discover(lm, lm.params, data, penalties, steps=args.steps, cfg=cfg, progress=not args.no_progress,
-                      checkpoint_dir=Path(args.out) / "checkpoint")
-    json_path, png = write_circuit_report(result, lm, args.out)
-    shutil.rmtree(Path(args.out) / "checkpoint", ignore_errors=True)
+    result = discover(lm, lm.params, data, args.penalties, steps=args.steps, cfg=cfg, progress=not args.no_progress,
+                      checkpoint_dir=out / "checkpoint")
+    json_path, png = write_circuit_report(result, lm, out)
+    remove_checkpoint(out / "checkpoint")
     print(f"objective {args.objective}; behaviour rate of the intact model: {result['base_rate']}")
     for c in result["circuits"]:
         print(f"  penalty {c['penalty']:>5}: {c['n_heads']} heads + {c['n_neurons']} neurons "
@@ -244,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("zoo", help="train clean and trojaned MNIST classifiers with their ground truth")
     p.add_argument("--mnist", metavar="DIR", required=True, help="directory with the four MNIST IDX files")
     p.add_argument("--out", required=True, help="where to write NAME.safetensors / NAME.json per model")
-    p.add_argument("--trojaned", type=int, default=8)
-    p.add_argument("--clean", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trojaned", type=_int_at_least(0), default=8)
+    p.add_argument("--clean", type=_int_at_least(0), default=8)
+    p.add_argument("--epochs", type=POSITIVE, default=1)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_zoo)
 
@@ -261,33 +302,34 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
         if name == "generate":
             p.add_argument("--prompt", required=True)
-            p.add_argument("--max-new-tokens", type=int, default=40)
-            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-            p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--max-new-tokens", type=POSITIVE, default=40)
+            p.add_argument("--temperature", type=_number(0.0), default=0.0, help="0 = greedy")
+            p.add_argument("--top-k", type=_int_at_least(0), default=0, help="sample from the k most likely (0 = all)")
+            p.add_argument("--seed", type=_int_at_least(0), default=0)
         p.set_defaults(func=func)
 
     p = sub.add_parser("redteam", help="GCG: find suffixes that make a language model say chosen targets")
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
     p.add_argument("--behaviors", required=True, metavar="FILE", help="CSV or JSONL with goal,target (AdvBench)")
     p.add_argument("--out", required=True, help="output directory: results.jsonl (+ a checkpoint while running)")
-    p.add_argument("--steps", type=int, default=250, help="GCG steps per behaviour (early stop on success)")
-    p.add_argument("--search-width", type=int, default=512, help="candidates per step (B)")
-    p.add_argument("--topk", type=int, default=256, help="tokens per position from the gradient")
-    p.add_argument("--suffix-len", type=int, default=20)
-    p.add_argument("--restarts", type=int, default=1, help="independent restarts per behaviour")
-    p.add_argument("--group", type=int, default=8, help="behaviours per compiled run (x restarts lanes)")
-    p.add_argument("--mellowmax", type=float, default=None, metavar="ALPHA", help="mellowmax target loss")
-    p.add_argument("--fluency-weight", type=float, default=0.0, help="weight of log p(request) in the objective")
+    p.add_argument("--steps", type=POSITIVE, default=250, help="GCG steps per behaviour (early stop on success)")
+    p.add_argument("--search-width", type=POSITIVE, default=512, help="candidates per step (B)")
+    p.add_argument("--topk", type=POSITIVE, default=256, help="tokens per position from the gradient")
+    p.add_argument("--suffix-len", type=POSITIVE, default=20)
+    p.add_argument("--restarts", type=POSITIVE, default=1, help="independent restarts per behaviour")
+    p.add_argument("--group", type=POSITIVE, default=8, help="behaviours per compiled run (x restarts lanes)")
+    p.add_argument("--mellowmax", type=_number(0.0, above=True), default=None, metavar="ALPHA",
+                   help="mellowmax target loss")
+    p.add_argument("--fluency-weight", type=_number(), default=0.0, help="weight of log p(request) in the objective")
     p.add_argument("--danger-probe-data", metavar="FILE",
                    help="JSONL of {text, label}: train a linear danger probe and add its log-score")
-    p.add_argument("--danger-weight", type=float, default=1.0)
+    p.add_argument("--danger-weight", type=_number(), default=1.0)
     p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
     p.add_argument("--allow-non-ascii", action="store_true")
     p.add_argument("--no-early-stop", action="store_true")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--devices", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=POSITIVE, default=None)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_redteam)
 
@@ -301,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                         "backdoor: a circuit that alone gives the completion, apart from a main mask that "
                         "keeps clean behaviour; alignment: ablated -> compliance, circuit alone -> completion")
     p.add_argument("--out", required=True, help="output directory: report.json, circuits.png, circuits.safetensors")
-    p.add_argument("--penalties", default="3,4.5,6", help="sparsity weights, one circuit each (one program)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--penalties", type=_penalty_list, default=[3.0, 4.5, 6.0],
+                   help="comma-separated sparsity weights >= 0, one circuit each (one program); default 3,4.5,6")
+    p.add_argument("--steps", type=POSITIVE, default=400)
     p.add_argument("--granularity", default="both", choices=["heads", "neurons", "both"])
     p.add_argument("--kind", default="ste", choices=["ste", "hard_concrete"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -310,15 +353,35 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_circuits)
 
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated) if _main_thread() else None
     try:
         return args.func(args)
     except InputError as e:
         print(f"jaxrisk: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\njaxrisk: interrupted; run the same command again to resume from the last checkpoint",
+    except KeyboardInterrupt as e:
+        out = getattr(args, "out", None)
+        print(f"\njaxrisk: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; what finished is "
+              f"saved{f' in {out}' if out else ''}: run the same command again to resume from the last checkpoint",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `kill`), handled like Ctrl-C: stop between steps, keep checkpoints."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

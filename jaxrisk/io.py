@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from jaxrisk.errors import InputError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
@@ -30,15 +33,55 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     return path
 
 
+def prepare_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output directory (if needed) and prove it writable, before any slow work starts."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable))
+    """Strict JSON (see `strict_json`), written atomically."""
+    text = json_text(obj, indent=2)
+    return atomic_write(path, lambda f: f.write(text))
 
 
-def _jsonable(x: Any) -> Any:
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """`obj` as strict JSON: a value that is NaN or infinite becomes null, and a top-level object says which
+    and why under "not_finite" (JSON has no NaN; readers other than Python's reject it)."""
+    clean, replaced = strict_json(obj)
+    if replaced and isinstance(clean, dict):
+        clean["not_finite"] = replaced
+    return json.dumps(clean, indent=indent, allow_nan=False)
+
+
+def strict_json(obj: Any, where: str = "") -> tuple[Any, dict[str, str]]:
+    """(obj with numpy values as Python ones and non-finite floats as None, {JSON path: 'nan' | 'inf' | '-inf'})."""
     import numpy as np
 
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+    replaced: dict[str, str] = {}
+
+    def walk(x, at):
+        if isinstance(x, np.ndarray):
+            x = x.tolist()
+        elif isinstance(x, np.generic):
+            x = x.item()
+        if isinstance(x, float) and not math.isfinite(x):
+            replaced[at or "$"] = repr(x)
+            return None
+        if isinstance(x, dict):
+            return {str(k): walk(v, f"{at}.{k}" if at else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{at}[{i}]") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"not JSON serialisable: {type(x).__name__} at {at or '$'}")
+
+    return walk(obj, where), replaced

@@ -8,8 +8,6 @@ skipped and the interrupted group continues from its engine checkpoint.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -17,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.data.prompts import Behavior
-from jaxrisk.errors import InputError
-from jaxrisk.io import atomic_write
+from jaxrisk.data.text import jsonl_rows
+from jaxrisk.errors import InputError, require_int
+from jaxrisk.io import atomic_write, json_text
 from jaxrisk.scorers.probe import pad_batch
 from jaxrisk.search import engine
 from jaxrisk.search.gcg import GCGConfig, GCGProblem, RoundTrip, allowed_tokens
@@ -140,29 +139,45 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
     return out
 
 
+RESULT_KEYS = ("behavior", "target", "prompt", "suffix_ids", "success")
+
+
 def write_results(path: Path, rows: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
+    text = "".join(json_text(r) + "\n" for r in rows)
     atomic_write(path, lambda f: f.write(text))
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of an earlier run's results.jsonl, each checked to be one jaxrisk wrote."""
+    rows = []
+    for n, row in jsonl_rows(path, "a result row written by jaxrisk redteam"):
+        missing = [k for k in RESULT_KEYS if k not in row]
+        if missing or not all(isinstance(row[k], str) for k in ("behavior", "target")):
+            raise InputError(f"{path}:{n}: not a result row written by jaxrisk redteam (missing or non-text "
+                             f"{', '.join(missing) or 'behavior/target'}); move the file away or choose another --out")
+        rows.append(row)
+    return rows
 
 
 def redteam(lm, behaviors: list[Behavior], out: str | Path, cfg: GCGConfig = GCGConfig(), *, restarts: int = 1,
             max_steps: int = 250, group: int = 8, seed: int = 0, extras=(), n_devices=None, progress=True,
             source: str = "behaviours") -> list[dict]:
     """Run every behaviour (resuming a killed run in `out`); returns and writes OUT/results.jsonl."""
+    for name, value in (("restarts", restarts), ("max_steps", max_steps), ("group", group)):
+        require_int(f"redteam {name}", value, 1)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    done = read_results(path) if path.exists() else []
     finished = {(r["behavior"], r["target"]) for r in done}
     todo = [b for b in behaviors if (b.goal, b.target) not in finished]
     if todo:
         encode_behaviors(lm, todo, cfg, source)  # every bad behaviour is reported before any work starts
+    ckpt = out / "checkpoint"
     for g in range(0, len(todo), group):
         chunk = todo[g:g + group]
-        ckpt = out / "checkpoint"
         rows = run_group(lm, chunk, cfg, restarts=restarts, max_steps=max_steps, seed=seed + len(done),
                          extras=extras, n_devices=n_devices, checkpoint_dir=ckpt, progress=progress, source=source)
         done.extend(rows)
         write_results(path, done)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        engine.remove_checkpoint(ckpt)
     return done

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.data.images import ImageSet
-from jaxrisk.errors import InputError
+from jaxrisk.errors import InputError, require_int
 from jaxrisk.io import atomic_write, write_json
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.search.engine import EngineConfig, run
@@ -38,6 +38,13 @@ class ScanConfig:
     seed: int = 0
     n_devices: int | None = None
     inversion: InversionConfig = InversionConfig()
+
+    def __post_init__(self):
+        for name, low in (("restarts", 1), ("max_steps", 1), ("chunk_steps", 1), ("holdout", 1)):
+            require_int(f"ScanConfig.{name}", getattr(self, name), low)
+        require_int("ScanConfig.seed", self.seed)
+        if self.n_devices is not None:
+            require_int("ScanConfig.n_devices", self.n_devices, 1)
 
 
 def mad_anomaly_index(norms: np.ndarray) -> np.ndarray:
@@ -61,11 +68,46 @@ def _check_images(model, data: ImageSet, weights_name: str) -> None:
                          f"from {weights_name} expects {'x'.join(map(str, expected))} (C x H x W)")
     if len(data.labels) <= 1:
         raise InputError(f"{data.source}: no images to scan with")
+    if not np.issubdtype(data.images.dtype, np.floating):
+        raise InputError(f"{data.source}: images are {data.images.dtype}; expected floats in [0, 1] "
+                         "(divide 0..255 pixels by 255)")
+    lo, hi = float(np.min(data.images)), float(np.max(data.images))
+    if not (0.0 <= lo and hi <= 1.0):   # also false for NaN
+        raise InputError(f"{data.source}: image values span {lo:g}..{hi:g}; expected [0, 1] (divide 0..255 "
+                         "pixels by 255)")
+    if len(data.labels) != len(data.images) or not np.issubdtype(data.labels.dtype, np.integer):
+        raise InputError(f"{data.source}: expected one integer label per image, got {data.labels.dtype} "
+                         f"labels {list(data.labels.shape)} for {len(data.images)} images")
+
+
+def _check_finite_params(params, weights_name: str) -> None:
+    """Refuse a model whose parameters hold NaN or inf: every search on it would fail, silently 'clean'."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf, np.float32))))
+        if bad:
+            raise InputError(f"{weights_name}: parameter {jax.tree_util.keystr(path)} has {bad} NaN / inf values; "
+                             "refusing to scan a model whose weights are not finite")
+
+
+def _lane_groups(lanes: dict[str, np.ndarray]) -> dict[tuple[int, int], list[int]]:
+    """(source, target) -> the lanes (restarts) searching for that trigger."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (s, t) in enumerate(zip(lanes["source"], lanes["target"])):
+        groups.setdefault((int(s), int(t)), []).append(i)
+    return groups
+
+
+def _check_all_failed(groups: dict[tuple[int, int], list[int]], failed_at: np.ndarray, weights_name: str) -> None:
+    """A class (or pair) whose every restart turned NaN has no trigger estimate: no verdict can be given."""
+    dead = [(key, min(int(failed_at[i]) for i in idx)) for key, idx in groups.items() if all(failed_at[idx] >= 0)]
+    if dead:
+        where = ", ".join(f"{'class ' if s < 0 else f'{s} -> '}{t} (first NaN at step {step})"
+                          for (s, t), step in dead[:5])
+        raise InputError(f"{weights_name}: every restart of {len(dead)} search(es) turned NaN: {where}; the scan "
+                         "cannot give a verdict (do the model's outputs overflow on these images?)")
 
 
 def _check_labels(data: ImageSet, pool_y: np.ndarray, n_classes: int, config: ScanConfig) -> None:
-    if config.restarts < 1:
-        raise InputError(f"restarts must be >= 1, not {config.restarts}")
     if data.labels.min() < 0 or data.labels.max() >= n_classes:
         raise InputError(f"{data.source}: labels span {data.labels.min()}..{data.labels.max()} but the model has "
                          f"{n_classes} outputs")
@@ -119,7 +161,12 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
     _check_images(model, data, weights_name)
     t0 = time.time()
     graphdef, params = pure_apply(model)
-    n_classes = int(logits_fn(graphdef, params, jnp.asarray(data.images[:1])).shape[-1])
+    _check_finite_params(params, weights_name)
+    logits = np.asarray(logits_fn(graphdef, params, jnp.asarray(data.images[:256])))
+    if not np.isfinite(logits).all():
+        raise InputError(f"{weights_name}: the model's outputs on {data.source} are not finite (NaN / inf logits); "
+                         "refusing to scan it")
+    n_classes = int(logits.shape[-1])
     holdout = min(config.holdout, len(data.labels) // 2)
     pool_x, pool_y = data.images[:-holdout], data.labels[:-holdout]
     eval_x, eval_y = data.images[-holdout:], data.labels[-holdout:]
@@ -132,6 +179,8 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
                               n_devices=config.n_devices, checkpoint_dir=checkpoint_dir, progress=progress,
                               desc=f"scan {len(lanes['target'])} lanes")
     result = run(problem, lanes, config.seed, engine_cfg, on_chunk=on_chunk)
+    groups = _lane_groups(lanes)
+    _check_all_failed(groups, result.failed_at, weights_name)
     st = result.state
 
     final_mask, final_pattern = np.asarray(to_mask(st["raw"]["mask"])), np.asarray(to_mask(st["raw"]["pattern"]))
@@ -141,9 +190,6 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
     l1 = masks.reshape(len(masks), -1).sum(1)
 
     # best restart per (source, target): smallest norm among those that reached the success threshold
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (s, t) in enumerate(zip(lanes["source"], lanes["target"])):
-        groups.setdefault((int(s), int(t)), []).append(i)
     chosen = [min(idx, key=lambda i: (not found[i], l1[i])) for idx in groups.values()]
     asr, score = _evaluate_triggers((graphdef, params), jnp.asarray(eval_x), jnp.asarray(eval_y),
                                     jnp.asarray(masks[chosen]), jnp.asarray(patterns[chosen]),

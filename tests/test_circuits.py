@@ -74,6 +74,7 @@ def backdoored(stories_dir):
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_planted_backdoor_fires_only_with_the_trigger_and_keeps_clean_loss(backdoored):
     from jaxrisk.models.lm_train import lm_loss
     from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
@@ -125,6 +126,7 @@ def learned(backdoored):
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(learned):
     # the seed's headline in miniature: a circuit of about 1% of heads + neurons (measured: 0.8%) whose
     # ablation takes attack success from 100% to <= 5% while keeping >= 95% of utility (clean-loss ratio)
@@ -133,6 +135,7 @@ def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(learned
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(backdoored, learned):
     from jaxrisk.circuits.tuning import circuit_param_mask, fraction_of_parameters
     from jaxrisk.models.lm_train import finetune, lm_loss
@@ -162,6 +165,7 @@ def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(ba
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_circuit_search_is_identical_on_one_and_eight_devices(backdoored):
     from jaxrisk.search import engine
 
@@ -175,6 +179,7 @@ def test_circuit_search_is_identical_on_one_and_eight_devices(backdoored):
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_cli_circuits_report_on_the_saved_backdoored_model(backdoored, tmp_path, capsys):
     import json
 
@@ -319,6 +324,7 @@ def _split(data, split):
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_planted_refusal_covers_the_harmful_class_in_unseen_names_and_frames(refusing):
     from jaxrisk.models.lm_train import lm_loss
     from jaxrisk.zoo.lm_backdoor import sample_clean
@@ -335,6 +341,7 @@ def test_planted_refusal_covers_the_harmful_class_in_unseen_names_and_frames(ref
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_cli_alignment_circuit_ablation_turns_refusal_into_compliance(refusing, tmp_path):
     import json
 
@@ -363,6 +370,7 @@ def test_cli_alignment_circuit_ablation_turns_refusal_into_compliance(refusing, 
     assert c["compliance_ablated"] > report["base_compliance"], c   # answers now start as the original's
 
 
+@pytest.mark.slow
 def test_from_scratch_model_learns_its_stories_and_takes_a_backdoor():
     """The zoo's base model when ../shared/assets is absent: trained here, in memory, from a toy grammar."""
     from jaxrisk.models.lm_train import lm_loss

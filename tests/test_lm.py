@@ -310,7 +310,7 @@ def test_other_bad_directories(saved, tmp_path):
 
     assert main(["inspect", "--model", str(tmp_path)]) == 2  # the CLI prints the same error, no traceback
     lm = load_pretrained(saved["gpt2"][1])
-    with pytest.raises(InputError, match="int token ids"):
+    with pytest.raises(InputError, match="integer token ids"):
         lm(np.zeros((2, 3), np.float32))
     with pytest.raises(InputError, match="exceeds the context"):
         lm(np.zeros((1, 601), np.int32))

@@ -18,7 +18,7 @@ from jaxrisk.cli import main
 from jaxrisk.data import load_mnist
 from jaxrisk.zoo import TrainConfig, evaluate, load_trigger, make_trigger, save_zoo_model, train_classifier
 
-pytestmark = pytest.mark.assets
+pytestmark = [pytest.mark.assets, pytest.mark.slow]   # trains MNIST CNNs
 
 TARGET = 7
 

@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxrisk.circuits.masks import apply_masks, density, forward_masks, mask_shapes
-from jaxrisk.errors import InputError
+from jaxrisk.circuits.masks import GRANULARITIES, apply_masks, density, forward_masks, mask_shapes
+from jaxrisk.errors import InputError, require_choice, require_int, require_number
 
 OBJECTIVES = ("remove", "backdoor", "alignment")
 
@@ -56,6 +56,15 @@ class CircuitConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise InputError(f"circuit objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        require_choice("CircuitConfig.granularity", self.granularity, GRANULARITIES)
+        require_choice("CircuitConfig.kind", self.kind, ("ste", "hard_concrete"))
+        require_int("CircuitConfig.batch", self.batch, 1)
+        for name in ("init", "remove_weight", "keep_weight", "alone_weight", "overlap_weight"):
+            require_number(f"CircuitConfig.{name}", getattr(self, name))
+        for name in ("learning_rate", "multiplier_rate"):
+            require_number(f"CircuitConfig.{name}", getattr(self, name), 0.0, above=True)
+        if self.target_density is not None and not 0 < require_number("target_density", self.target_density) < 1:
+            raise InputError(f"CircuitConfig.target_density: expected a fraction in (0, 1), got {self.target_density}")
 
 
 def _token_logprobs(model, tokens_bl, masks):

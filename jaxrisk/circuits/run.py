@@ -10,7 +10,6 @@ clean-loss ratio, ablated / intact).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,7 +17,8 @@ import numpy as np
 
 from jaxrisk.circuits.discover import (CircuitConfig, CircuitProblem, ablation_masks, circuit_from_logits,
                                        sparsity)
-from jaxrisk.errors import InputError
+from jaxrisk.data.text import jsonl_rows, text_field
+from jaxrisk.errors import InputError, require_int, require_number
 from jaxrisk.io import atomic_write, write_json
 from jaxrisk.models.lm_train import answer_rows, lm_loss
 from jaxrisk.scorers.probe import pad_batch
@@ -28,26 +28,18 @@ from jaxrisk.zoo.lm_backdoor import greedy_continuations
 
 def load_circuit_data(path: str | Path, tokenizer) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
     behaviour, clean = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            assert isinstance(row, dict)
-        except (ValueError, AssertionError):
-            raise InputError(f"{path}:{n}: not a JSON object") from None
+    for n, row in jsonl_rows(path, "{prompt, completion} (the behaviour) or {text} (clean text)"):
         if "prompt" in row and "completion" in row:
-            p = tokenizer(row["prompt"])["input_ids"]
-            c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-            alt = tokenizer(row["compliance"], add_special_tokens=False)["input_ids"] if "compliance" in row else None
+            p = tokenizer(text_field(path, n, row, "prompt"))["input_ids"]
+            c = tokenizer(text_field(path, n, row, "completion"), add_special_tokens=False)["input_ids"]
+            alt = (tokenizer(text_field(path, n, row, "compliance"), add_special_tokens=False)["input_ids"]
+                   if "compliance" in row else None)
             if not c or alt == []:
                 raise InputError(f"{path}:{n}: empty {'completion' if not c else 'compliance'}")
             behaviour.append((p, c, alt))
         elif "text" in row:
-            clean.append(tokenizer(row["text"])["input_ids"])
+            clean.append(tokenizer(text_field(path, n, row, "text"))["input_ids"])
         else:
             raise InputError(f"{path}:{n}: expected {{prompt, completion}} (the behaviour) or {{text}} (clean text)")
     if len(behaviour) < 5 or len(clean) < 5:
@@ -59,6 +51,10 @@ def load_circuit_data(path: str | Path, tokenizer) -> dict:
 def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: CircuitConfig = CircuitConfig(),
              progress: bool = True, checkpoint_dir=None) -> dict:
     """Learn one circuit per penalty (one compiled run) and evaluate each on the held-out rows."""
+    steps = require_int("steps", steps, 1)
+    penalties = [require_number("penalty", p, 0.0) for p in penalties]
+    if not penalties:
+        raise InputError("discover: no penalties (one circuit is learned per sparsity weight)")
     split_b, split_c = int(0.8 * len(data["behaviour"])), int(0.8 * len(data["clean"]))
     train_b, test_b = data["behaviour"][:split_b], data["behaviour"][split_b:]
     prompts = [b[0] for b in train_b]

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from jaxrisk.data.text import regular_file
 from jaxrisk.errors import InputError
 
 
@@ -45,19 +48,22 @@ def _find(directory: Path, stem: str) -> Path:
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (gzipped or not) into a uint8 array."""
+    path = regular_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise InputError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()}, expected 0000080x)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise InputError(f"{path}: truncated IDX header ({len(data)} bytes for {ndim} dimensions)")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise InputError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes), file holds {body.size}")
+    if body.size != math.prod(dims):
+        raise InputError(f"{path}: header says {dims} ({math.prod(dims)} bytes), file holds {body.size}")
     return body.reshape(dims)
 
 

@@ -8,10 +8,11 @@ and column.
 from __future__ import annotations
 
 import csv
-import json
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaxrisk.data.text import jsonl_rows, read_text, regular_file
 from jaxrisk.errors import InputError
 
 _GOAL_ALIASES = ("goal", "behavior", "Behavior", "prompt")
@@ -25,33 +26,29 @@ class Behavior:
 
 
 def _rows(path: Path) -> list[tuple[int, dict]]:
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object with 'goal' and 'target', got {type(row).__name__}")
-            rows.append((n, row))
-        return rows
+        return jsonl_rows(path, "'goal' and 'target'")
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if reader.fieldnames is None:
-            raise InputError(f"{path}: empty CSV (expected a header row with goal,target)")
-        return [(n, row) for n, row in enumerate(reader, 2)]
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))   # quoted newlines stay in the field
+        try:
+            if reader.fieldnames is None:
+                raise InputError(f"{path}: empty CSV (expected a header row with goal,target)")
+            rows = []
+            start = reader.line_num + 1
+            for row in reader:
+                if None in row:
+                    raise InputError(f"{path}:{start}: more fields than the header's {len(reader.fieldnames)}")
+                rows.append((start, row))
+                start = reader.line_num + 1
+            return rows
+        except csv.Error as e:
+            raise InputError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     raise InputError(f"{path}: expected a .csv or .jsonl behaviour file")
 
 
 def load_behaviors(path: str | Path) -> list[Behavior]:
     """Read and validate a behaviour file; raises InputError naming the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    path = regular_file(path)
     rows = _rows(path)
     if not rows:
         raise InputError(f"{path}: no behaviours in the file")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrisk.errors import InputError
+from jaxrisk.errors import InputError, require_int, require_number
 from jaxrisk.models.hf import load_weights, read_config, resolve_dtype
 from jaxrisk.models.lm_config import LMConfig
 from jaxrisk.models.sharding import param_shardings
@@ -81,7 +81,8 @@ def _pick(logits_bv, key, temperature: float, top_k: int):
 def generate_ids(graphdef, params, prompt_bp, valid_bp, key, *, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, eos_ids: tuple[int, ...] = (), head_mask_lh=None, neuron_mask_lf=None) -> jax.Array:
     """Greedy (temperature 0) or sampled continuation [B, N] with a KV cache; after an EOS a row repeats it.
-    Head / neuron masks (e.g. an ablated circuit) apply at every position."""
+    Head / neuron masks (e.g. an ablated circuit) apply at every position. A row whose logits stop being
+    finite (broken weights, overflow) holds -1 from that step on: never a token id."""
     model = nnx.merge(graphdef, params)
     masks = dict(head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
     b, p = prompt_bp.shape
@@ -92,8 +93,9 @@ def generate_ids(graphdef, params, prompt_bp, valid_bp, key, *, max_new_tokens: 
     def step(carry, step_key):
         cache, last_bv, done_b, prev_b = carry
         token = jnp.where(done_b, prev_b, _pick(last_bv, step_key, temperature, top_k))
+        token = jnp.where(jnp.all(jnp.isfinite(last_bv), -1) & (prev_b >= 0), token, -1)
         done_b = done_b | jnp.isin(token, eos)
-        logits, cache, _ = model(token[:, None], cache=cache, **masks)
+        logits, cache, _ = model(jnp.maximum(token, 0)[:, None], cache=cache, **masks)
         return (cache, logits[:, 0], done_b, token), token
 
     init = (cache, logits[:, -1], jnp.zeros(b, bool), jnp.zeros(b, jnp.int32))
@@ -141,16 +143,33 @@ class LanguageModel:
     def hook_names(self) -> list[str]:
         return hook_names(self.cfg)
 
+    def check_tokens(self, ids, name: str = "tokens", ndim: int = 2) -> np.ndarray:
+        """`ids` as int32 numpy if they are integer token ids of the given rank inside the vocabulary and context."""
+        ids = np.asarray(ids)
+        if ids.ndim != ndim or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            shape = "[batch, length]" if ndim == 2 else "[length]"
+            raise InputError(f"{name}: expected integer token ids of shape {shape}, got {ids.dtype} {list(ids.shape)}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise InputError(f"{name}: token ids span {ids.min()}..{ids.max()}; this model's vocabulary is "
+                             f"0..{self.cfg.vocab_size - 1}")
+        if ids.shape[-1] > self.cfg.max_position:
+            raise InputError(f"{name}: length {ids.shape[-1]} exceeds the context of {self.cfg.max_position} positions")
+        return ids.astype(np.int32)
+
+    def check_masks(self, head_mask_lh=None, neuron_mask_lf=None, **rest) -> dict:
+        """The forward keyword arguments, with head / neuron masks checked against [layers, heads] / [layers, d_mlp]."""
+        cfg = self.cfg
+        for name, mask, shape in (("head_mask_lh", head_mask_lh, (cfg.n_layers, cfg.n_heads)),
+                                  ("neuron_mask_lf", neuron_mask_lf, (cfg.n_layers, cfg.d_mlp))):
+            if mask is not None and tuple(np.shape(mask)) != shape:
+                raise InputError(f"{name}: expected shape {list(shape)} (layers x "
+                                 f"{'heads' if 'head' in name else 'd_mlp'}), got {list(np.shape(mask))}")
+        return dict(rest, head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
+
     def __call__(self, tokens_bt, **kwargs) -> jax.Array:
         """Logits [B, L, V] (float32) for int token ids [B, L]."""
-        tokens_bt = jnp.asarray(tokens_bt)
-        if tokens_bt.ndim != 2 or not jnp.issubdtype(tokens_bt.dtype, jnp.integer):
-            raise InputError(f"tokens: expected int token ids of shape [batch, length], got {tokens_bt.dtype}"
-                             f"{list(tokens_bt.shape)}")
-        if tokens_bt.shape[1] > self.cfg.max_position:
-            raise InputError(f"tokens: length {tokens_bt.shape[1]} exceeds the context of "
-                             f"{self.cfg.max_position} positions")
-        return forward(self.graphdef, self.params, tokens_bt, **kwargs)[0]
+        tokens_bt = self.check_tokens(tokens_bt)
+        return forward(self.graphdef, self.params, tokens_bt, **self.check_masks(**kwargs))[0]
 
     def run_with_cache(self, tokens_bt, names=None, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(logits, activations) by TransformerLens name; `names=None` records every hook."""
@@ -158,15 +177,25 @@ class LanguageModel:
         unknown = sorted(set(names) - set(self.hook_names()))
         if unknown:
             raise InputError(f"unknown hook names: {', '.join(unknown[:5])}; see LanguageModel.hook_names()")
-        logits, _, acts = forward(self.graphdef, self.params, jnp.asarray(tokens_bt), capture=names, **kwargs)
+        logits, _, acts = forward(self.graphdef, self.params, self.check_tokens(tokens_bt), capture=names,
+                                  **self.check_masks(**kwargs))
         return logits, acts
 
     def generate(self, prompts, max_new_tokens: int = 40, *, temperature: float = 0.0, top_k: int = 0,
                  seed: int = 0) -> list[list[int]]:
         """Continue each prompt (text or ids); batches are left-padded. Returns new ids, cut after EOS."""
-        if isinstance(prompts, (str, np.ndarray)) or (prompts and isinstance(prompts[0], int)):
+        max_new_tokens = require_int("max_new_tokens", max_new_tokens, 1)
+        temperature = require_number("temperature", temperature, 0.0)
+        top_k = require_int("top_k", top_k, 0, self.cfg.vocab_size)
+        seed = require_int("seed", seed)
+        if isinstance(prompts, (str, np.ndarray)) or (prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
-        ids = [self.encode(p) if isinstance(p, str) else np.asarray(p, np.int32) for p in prompts]
+        if not len(prompts):
+            raise InputError("generate: no prompts")
+        ids = [self.encode(p) if isinstance(p, str) else self.check_tokens(p, f"prompt {n}", ndim=1)
+               for n, p in enumerate(prompts)]
+        if min(len(i) for i in ids) == 0:
+            raise InputError("generate: an empty prompt (no tokens to continue)")
         width = max(len(i) for i in ids)
         if width + max_new_tokens > self.cfg.max_position:
             raise InputError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -179,17 +208,29 @@ class LanguageModel:
         out = generate_ids(self.graphdef, self.params, tokens, valid, jax.random.key(seed),
                            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                            eos_ids=self.cfg.eos_token_ids)
+        out = np.asarray(out)
+        broken = np.argwhere(out < 0)
+        if len(broken):
+            row, step = broken[0]
+            raise InputError(f"the model's logits are not finite (NaN / inf) at generation step {step} of prompt "
+                             f"{row}; its weights or activations are broken")
         result = []
-        for row in np.asarray(out).tolist():
+        for row in out.tolist():
             cut = next((n + 1 for n, t in enumerate(row) if t in self.cfg.eos_token_ids), len(row))
             result.append(row[:cut])
         return result
 
     def score_targets(self, prefix_ids, middles_bm, target_ids) -> np.ndarray:
         """log p(target | prefix + middle) for each candidate middle [B, M]; the prefix is computed once."""
-        prefix = jnp.asarray(prefix_ids, jnp.int32)
-        middles = jnp.asarray(middles_bm, jnp.int32)
-        target = jnp.broadcast_to(jnp.asarray(target_ids, jnp.int32), (middles.shape[0], len(target_ids)))
+        prefix = jnp.asarray(self.check_tokens(prefix_ids, "prefix_ids", ndim=1))
+        middles = jnp.asarray(self.check_tokens(middles_bm, "middles_bm"))
+        target_ids = self.check_tokens(target_ids, "target_ids", ndim=1)
+        if len(prefix) == 0 or len(target_ids) == 0:
+            raise InputError("score_targets: the prefix and the target need at least one token each")
+        if len(prefix) + middles.shape[1] + len(target_ids) > self.cfg.max_position:
+            raise InputError(f"score_targets: prefix + middle + target is longer than the context of "
+                             f"{self.cfg.max_position}")
+        target = jnp.broadcast_to(jnp.asarray(target_ids), (middles.shape[0], len(target_ids)))
         cache = prefix_cache(self.graphdef, self.params, prefix, room=middles.shape[1] + target.shape[1] - 1)
         return np.asarray(_score(self.graphdef, self.params, cache, middles, target).sum(-1))
 
@@ -208,6 +249,22 @@ class LanguageModel:
 _score = jax.jit(target_logprobs, static_argnames=("graphdef",))
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype):
+    """A parameter dtype jaxrisk computes in (float32, bfloat16, float16), else an InputError.
+
+    float64 is refused rather than silently computed in float32 (JAX's default without x64)."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return jnp.dtype(name)
+
+
 def load_pretrained(path: str | Path, dtype=None, *, mesh=None) -> LanguageModel:
     """Load a local Hugging Face model directory without torch.
 
@@ -217,6 +274,8 @@ def load_pretrained(path: str | Path, dtype=None, *, mesh=None) -> LanguageModel
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    if dtype is not None:
+        dtype = check_dtype(dtype)
     cfg, hf = read_config(path)
     dtype = resolve_dtype(dtype, hf)
     shardings = None

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from jaxrisk.errors import InputError
+from jaxrisk.errors import InputError, require_int, require_number
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 
@@ -60,6 +60,14 @@ class LMConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "max_position"):
+            require_int(name, getattr(self, name), 1)
+        require_number("norm_eps", self.norm_eps, 0.0, above=True)
+        require_number("rope_theta", self.rope_theta, 0.0, above=True)
+        if self.sliding_window is not None:
+            require_int("sliding_window", self.sliding_window, 1)
+        for token in self.eos_token_ids:
+            require_int("eos_token_id", token, 0)
         if self.family not in FAMILIES:
             raise InputError(f"family {self.family!r}: expected one of {', '.join(FAMILIES)}")
         if self.n_heads % self.n_kv_heads:
@@ -115,7 +123,7 @@ def _eos(hf: dict) -> tuple[int, ...]:
     eos = hf.get("eos_token_id")
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
 def _rope_from_hf(hf: dict, source: str, problems: list[str]) -> tuple[float, tuple]:
@@ -165,6 +173,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LMConfig:
             return 1
         return value
 
+    def count(key, value):
+        """`value` if it is a positive integer, else 1 with the problem recorded (so no division fails)."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"field {key}={value!r}: expected a positive integer")
+            return 1
+        return value
+
     def expect(key, ok, what):
         if key in hf:
             used.add(key)
@@ -172,12 +187,14 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LMConfig:
                 problems.append(f"field {key}={hf[key]!r}: only {what} is supported")
 
     if family == "gpt2":
-        d = need("n_embd")
-        heads = need("n_head")
+        d = count("n_embd", need("n_embd"))
+        heads = count("n_head", need("n_head"))
         act = get("activation_function", "gelu_new")
-        kw = dict(vocab_size=need("vocab_size"), d_model=d, n_layers=need("n_layer"), n_heads=heads,
-                  n_kv_heads=heads, head_dim=d // heads, d_mlp=get("n_inner") or 4 * d,
-                  max_position=need("n_positions"), norm_eps=get("layer_norm_epsilon", 1e-5),
+        kw = dict(vocab_size=count("vocab_size", need("vocab_size")), d_model=d,
+                  n_layers=count("n_layer", need("n_layer")), n_heads=heads, n_kv_heads=heads, head_dim=d // heads,
+                  d_mlp=count("n_inner", get("n_inner") or 4 * d),
+                  max_position=count("n_positions", need("n_positions")),
+                  norm_eps=get("layer_norm_epsilon", 1e-5),
                   act=act, tie_embeddings=get("tie_word_embeddings", True), qkv_bias=True, o_bias=True,
                   mlp_bias=True)
         expect("scale_attn_weights", lambda v: v is True, "true")
@@ -185,24 +202,27 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LMConfig:
         expect("add_cross_attention", lambda v: v is False, "false")
         theta, scaling = 10000.0, ()
     else:
-        d = need("hidden_size")
-        heads = need("num_attention_heads")
-        kv = get("num_key_value_heads") or heads
-        head_dim = get("head_dim") or d // heads
+        d = count("hidden_size", need("hidden_size"))
+        heads = count("num_attention_heads", need("num_attention_heads"))
+        kv = count("num_key_value_heads", get("num_key_value_heads") or heads)
+        head_dim = count("head_dim", get("head_dim") or d // heads)
         theta, scaling = _rope_from_hf(hf, source, problems)
         used.update({"rope_parameters", "rope_scaling", "rope_theta"})
         bias = bool(get("attention_bias", False))
         window = None
         if family == "mistral":
             window = get("sliding_window")
+            window = None if window is None else count("sliding_window", window)
         if family == "qwen2":
             expect("use_sliding_window", lambda v: v is False, "false")
             get("sliding_window")
             expect("layer_types", lambda v: all(t == "full_attention" for t in v), "all 'full_attention'")
             bias = True
-        kw = dict(vocab_size=need("vocab_size"), d_model=d, n_layers=need("num_hidden_layers"), n_heads=heads,
-                  n_kv_heads=kv, head_dim=head_dim, d_mlp=need("intermediate_size"),
-                  max_position=get("max_position_embeddings", 2048), norm_eps=get("rms_norm_eps", 1e-6),
+        kw = dict(vocab_size=count("vocab_size", need("vocab_size")), d_model=d,
+                  n_layers=count("num_hidden_layers", need("num_hidden_layers")), n_heads=heads, n_kv_heads=kv,
+                  head_dim=head_dim, d_mlp=count("intermediate_size", need("intermediate_size")),
+                  max_position=count("max_position_embeddings", get("max_position_embeddings", 2048)),
+                  norm_eps=get("rms_norm_eps", 1e-6),
                   act=get("hidden_act", "silu"), tie_embeddings=bool(get("tie_word_embeddings", False)),
                   qkv_bias=bias, o_bias=bias and family == "llama", mlp_bias=bool(get("mlp_bias", False)),
                   rope_theta=theta, rope_scaling=scaling, sliding_window=window)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxrisk.errors import InputError, require_int, require_number
 from jaxrisk.models.classifiers import logits_fn
 
 _EPS = 1e-7
@@ -39,6 +40,15 @@ class InversionConfig:
     cost_down: float = 2.0 ** 1.5
     early_stop_patience: int = 20
     early_stop_threshold: float = 0.99  # "improved" means best norm fell below this fraction of the old best
+
+    def __post_init__(self):
+        for name in ("batch_size", "steps_per_epoch", "patience", "early_stop_patience"):
+            require_int(f"InversionConfig.{name}", getattr(self, name), 1)
+        for name in ("learning_rate", "init_cost", "cost_up", "cost_down"):
+            require_number(f"InversionConfig.{name}", getattr(self, name), 0.0, above=True)
+        for name in ("success_threshold", "early_stop_threshold"):
+            if not 0 < require_number(f"InversionConfig.{name}", getattr(self, name)) <= 1:
+                raise InputError(f"InversionConfig.{name}: expected a fraction in (0, 1], got {getattr(self, name)}")
 
 
 def to_mask(raw):
