@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from jaxrisk import __version__
-from jaxrisk.errors import InputError, require_int, require_number
+from jaxrisk.errors import InputError, require_int, require_number, require_seed
 from jaxrisk.io import prepare_out_dir
 
 
@@ -45,11 +45,12 @@ def _penalty_list(text: str) -> list[float]:
 
 
 POSITIVE = _int_at_least(1)
+SEED = _flag_type(int, lambda v: require_seed("flag", v), "an integer")
 
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="PyTorch-layout .safetensors state dict to scan (default: the embedded demo)")
-    p.add_argument("--arch", default="mnist_cnn", choices=["mnist_cnn", "mlp"], help="architecture of --weights")
+    p.add_argument("--arch", choices=["mnist_cnn", "mlp"], help="architecture of --weights (default mnist_cnn)")
     p.add_argument("--mnist", metavar="DIR", help="directory with the four MNIST IDX files (test split is used)")
     p.add_argument("--out", default="runs/scan",
                    help="output directory (report.json, triggers.png, triggers.safetensors)")
@@ -57,7 +58,7 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=POSITIVE, default=None, help="step budget per restart")
     p.add_argument("--pairs", action="store_true", help="source->target pair mode instead of all-to-one")
     p.add_argument("--devices", type=POSITIVE, default=None, help="devices to shard restarts over (default: all)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -98,7 +99,11 @@ def _run_scan(model, data, cfg, out: Path, name: str, progress: bool) -> dict:
 
 def cmd_scan(args) -> int:
     if args.weights is None:
+        if args.mnist or args.arch:
+            raise InputError("--mnist and --arch describe the model of --weights; without --weights, "
+                             "jaxrisk scan runs the embedded demo")
         return cmd_demo(args)
+    args.arch = args.arch or "mnist_cnn"
     from jaxrisk.data import load_digits, load_mnist
     from jaxrisk.models import load_classifier
 
@@ -122,6 +127,8 @@ def cmd_demo(args) -> int:
     from jaxrisk.data import load_digits
     from jaxrisk.demo import demo_models
 
+    if args.weights or args.mnist or args.arch:
+        raise InputError("jaxrisk demo scans its own embedded models; to scan yours use jaxrisk scan --weights FILE")
     out = prepare_out_dir(args.out)
     cfg = _scan_config(args, restarts=4)
     models = demo_models(progress=not args.no_progress)
@@ -211,7 +218,9 @@ def cmd_redteam(args) -> int:
                    seed=args.seed, extras=extras, n_devices=args.devices, progress=not args.no_progress,
                    source=args.behaviors)
     ok = sum(r["success"] for r in rows)
-    print(f"{ok}/{len(rows)} behaviours succeeded (greedy output starts with the target) -> "
+    broken = sum("error" in r for r in rows)
+    print(f"{ok}/{len(rows)} behaviours succeeded (greedy output starts with the target)"
+          f"{f'; {broken} have no result (every restart turned NaN: see error in the file)' if broken else ''} -> "
           f"{out / 'results.jsonl'}")
     return 0
 
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trojaned", type=_int_at_least(0), default=8)
     p.add_argument("--clean", type=_int_at_least(0), default=8)
     p.add_argument("--epochs", type=POSITIVE, default=1)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_zoo)
 
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--max-new-tokens", type=POSITIVE, default=40)
             p.add_argument("--temperature", type=_number(0.0), default=0.0, help="0 = greedy")
             p.add_argument("--top-k", type=_int_at_least(0), default=0, help="sample from the k most likely (0 = all)")
-            p.add_argument("--seed", type=_int_at_least(0), default=0)
+            p.add_argument("--seed", type=SEED, default=0)
         p.set_defaults(func=func)
 
     p = sub.add_parser("redteam", help="GCG: find suffixes that make a language model say chosen targets")
@@ -329,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-early-stop", action="store_true")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--devices", type=POSITIVE, default=None)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_redteam)
 

@@ -29,6 +29,13 @@ def require_int(name: str, value: Any, minimum: int | None = None, maximum: int 
     return value
 
 
+MAX_SEED = 2 ** 32 - 1   # jax.random.key takes any such integer; seeds are offset by small counts inside runs
+
+
+def require_seed(name: str, value: Any) -> int:
+    return require_int(name, value, 0, MAX_SEED)
+
+
 def require_number(name: str, value: Any, minimum: float | None = None, *, above: bool = False) -> float:
     """`value` as a finite float, >= minimum (> minimum when `above`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

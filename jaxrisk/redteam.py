@@ -8,6 +8,8 @@ skipped and the interrupted group continues from its engine checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.data.text import jsonl_rows
-from jaxrisk.errors import InputError, require_int
+from jaxrisk.errors import MAX_SEED, InputError, require_int
 from jaxrisk.io import atomic_write, json_text
 from jaxrisk.scorers.probe import pad_batch
 from jaxrisk.search import engine
@@ -64,6 +66,9 @@ def encode_behaviors(lm, behaviors: list[Behavior], cfg: GCGConfig, source: str 
         if total > lm.cfg.max_position:
             raise InputError(f"{source}:{bh.line}: prompt + suffix + target is {total} tokens, longer than the "
                              f"model's context of {lm.cfg.max_position}")
+    for bh, *ids in zip(behaviors, befores, goals, targets):
+        for part in ids + [after_ids]:   # a tokenizer with added tokens can emit ids the embedding lacks
+            lm.check_tokens(np.asarray(part, np.int64), f"{source}:{bh.line}: tokens", ndim=1)
     before, before_valid = pad_batch(befores, left=True)
     goal, goal_valid = pad_batch(goals)
     target, target_valid = pad_batch(targets)
@@ -124,7 +129,8 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
         for n, (weight, scorer) in enumerate(extras):
             name = f"{type(scorer).__name__}_{n}"
             scores[name] = float(scorer(jnp.asarray(request), jnp.ones(request.shape, bool))[0])
-        out.append({
+        nan_at = {int(j - rows[0]): int(result.failed_at[j]) for j in rows if result.failed_at[j] >= 0}
+        row = {
             "behavior": bh.goal, "target": bh.target,
             "prompt": tok.decode(prompt_ids.tolist(), skip_special_tokens=True),
             "suffix": tok.decode(suffix.tolist()), "suffix_ids": suffix.tolist(),
@@ -135,11 +141,23 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
             "restart_losses": [float(state["best_loss"][j]) for j in rows],
             "restart_suffix_ids": [state["best"][j].tolist() for j in rows],
             "candidates_evaluated": int(state["n_evals"][rows].sum()), "scores": scores,
-        })
+            "nan_restarts": nan_at,
+        }
+        if len(nan_at) == restarts:   # nothing was searched: not a sign the model resisted
+            row["error"] = f"every restart turned NaN (first at step {min(nan_at.values())}); no search result"
+        out.append(row)
     return out
 
 
-RESULT_KEYS = ("behavior", "target", "prompt", "suffix_ids", "success")
+RESULT_KEYS = ("behavior", "target", "prompt", "suffix_ids", "success", "run")
+_GROUP_DIR = re.compile(r"group-\d+")
+
+
+def run_settings(lm, cfg: GCGConfig, *, restarts: int, max_steps: int, seed: int, extras=()) -> dict:
+    """What makes two redteam runs the same run: each result row carries it, and a resume checks it."""
+    return {"model": str(Path(lm.path).resolve()) if lm.path else None, "gcg": dataclasses.asdict(cfg), "restarts": restarts,
+            "max_steps": max_steps, "seed": seed,
+            "extras": [[float(w), type(scorer).__name__] for w, scorer in extras]}
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
@@ -147,16 +165,39 @@ def write_results(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def read_results(path: Path) -> list[dict]:
-    """The rows of an earlier run's results.jsonl, each checked to be one jaxrisk wrote."""
+def read_results(path: Path, settings: dict) -> list[dict]:
+    """The rows of an earlier run's results.jsonl, each checked to be one this same run wrote."""
     rows = []
     for n, row in jsonl_rows(path, "a result row written by jaxrisk redteam"):
         missing = [k for k in RESULT_KEYS if k not in row]
         if missing or not all(isinstance(row[k], str) for k in ("behavior", "target")):
             raise InputError(f"{path}:{n}: not a result row written by jaxrisk redteam (missing or non-text "
                              f"{', '.join(missing) or 'behavior/target'}); move the file away or choose another --out")
+        if row["run"] != settings:
+            changed = sorted(k for k in settings if row["run"].get(k) != settings[k]) if isinstance(row["run"], dict) \
+                else ["all"]
+            raise InputError(f"{path}:{n}: a result of a different run (other {', '.join(changed)}); resuming would mix "
+                             "the two: choose another --out or move the file away")
         rows.append(row)
     return rows
+
+
+def _group_checkpoints(root: Path, finished: int) -> None:
+    """Check OUT/checkpoint holds only group checkpoints jaxrisk wrote; drop those of groups already in the results
+    (a run killed between writing a group's results and removing its checkpoint leaves one behind)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise InputError(f"{root}: exists and is not a directory (jaxrisk keeps its checkpoints there); move it away "
+                         "or choose another --out")
+    foreign = [p.name for p in root.iterdir() if not (_GROUP_DIR.fullmatch(p.name) and p.is_dir())]
+    if foreign:
+        raise InputError(f"{root}: holds files jaxrisk did not write ({', '.join(sorted(foreign)[:5])}); jaxrisk keeps "
+                         "its checkpoints there and never deletes what it did not create: move them away or choose "
+                         "another --out")
+    for group in root.iterdir():
+        if int(group.name.split("-")[1]) < finished:
+            engine.remove_checkpoint(group)
 
 
 def redteam(lm, behaviors: list[Behavior], out: str | Path, cfg: GCGConfig = GCGConfig(), *, restarts: int = 1,
@@ -165,19 +206,25 @@ def redteam(lm, behaviors: list[Behavior], out: str | Path, cfg: GCGConfig = GCG
     """Run every behaviour (resuming a killed run in `out`); returns and writes OUT/results.jsonl."""
     for name, value in (("restarts", restarts), ("max_steps", max_steps), ("group", group)):
         require_int(f"redteam {name}", value, 1)
+    require_int("redteam seed", seed, 0, MAX_SEED - len(behaviors))   # each group's seed is offset by its position
     out = Path(out)
     path = out / "results.jsonl"
-    done = read_results(path) if path.exists() else []
+    settings = run_settings(lm, cfg, restarts=restarts, max_steps=max_steps, seed=seed, extras=extras)
+    done = read_results(path, settings) if path.exists() else []
     finished = {(r["behavior"], r["target"]) for r in done}
     todo = [b for b in behaviors if (b.goal, b.target) not in finished]
     if todo:
         encode_behaviors(lm, todo, cfg, source)  # every bad behaviour is reported before any work starts
-    ckpt = out / "checkpoint"
+    root = out / "checkpoint"
+    _group_checkpoints(root, len(done))
     for g in range(0, len(todo), group):
         chunk = todo[g:g + group]
+        ckpt = root / f"group-{len(done)}"
         rows = run_group(lm, chunk, cfg, restarts=restarts, max_steps=max_steps, seed=seed + len(done),
                          extras=extras, n_devices=n_devices, checkpoint_dir=ckpt, progress=progress, source=source)
-        done.extend(rows)
+        done.extend(dict(row, run=settings) for row in rows)
         write_results(path, done)
         engine.remove_checkpoint(ckpt)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
     return done

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.data.images import ImageSet
-from jaxrisk.errors import InputError, require_int
+from jaxrisk.errors import InputError, require_int, require_seed
 from jaxrisk.io import atomic_write, write_json
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.search.engine import EngineConfig, run
@@ -42,7 +42,7 @@ class ScanConfig:
     def __post_init__(self):
         for name, low in (("restarts", 1), ("max_steps", 1), ("chunk_steps", 1), ("holdout", 1)):
             require_int(f"ScanConfig.{name}", getattr(self, name), low)
-        require_int("ScanConfig.seed", self.seed)
+        require_seed("ScanConfig.seed", self.seed)
         if self.n_devices is not None:
             require_int("ScanConfig.n_devices", self.n_devices, 1)
 
@@ -68,6 +68,9 @@ def _check_images(model, data: ImageSet, weights_name: str) -> None:
                          f"from {weights_name} expects {'x'.join(map(str, expected))} (C x H x W)")
     if len(data.labels) <= 1:
         raise InputError(f"{data.source}: no images to scan with")
+    if len(data.labels) != len(data.images) or not np.issubdtype(data.labels.dtype, np.integer):
+        raise InputError(f"{data.source}: expected one integer label per image, got {data.labels.dtype} "
+                         f"labels {list(data.labels.shape)} for {len(data.images)} images")
     if not np.issubdtype(data.images.dtype, np.floating):
         raise InputError(f"{data.source}: images are {data.images.dtype}; expected floats in [0, 1] "
                          "(divide 0..255 pixels by 255)")
@@ -75,9 +78,6 @@ def _check_images(model, data: ImageSet, weights_name: str) -> None:
     if not (0.0 <= lo and hi <= 1.0):   # also false for NaN
         raise InputError(f"{data.source}: image values span {lo:g}..{hi:g}; expected [0, 1] (divide 0..255 "
                          "pixels by 255)")
-    if len(data.labels) != len(data.images) or not np.issubdtype(data.labels.dtype, np.integer):
-        raise InputError(f"{data.source}: expected one integer label per image, got {data.labels.dtype} "
-                         f"labels {list(data.labels.shape)} for {len(data.images)} images")
 
 
 def _check_finite_params(params, weights_name: str) -> None:
@@ -167,6 +167,9 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
         raise InputError(f"{weights_name}: the model's outputs on {data.source} are not finite (NaN / inf logits); "
                          "refusing to scan it")
     n_classes = int(logits.shape[-1])
+    if n_classes < 3:   # with 1 or 2 norms the MAD index cannot exceed the threshold: the verdict would be empty
+        raise InputError(f"{weights_name}: the model has {n_classes} output(s); an outlier among the classes' trigger "
+                         "norms needs at least 3 classes")
     holdout = min(config.holdout, len(data.labels) // 2)
     pool_x, pool_y = data.images[:-holdout], data.labels[:-holdout]
     eval_x, eval_y = data.images[-holdout:], data.labels[-holdout:]

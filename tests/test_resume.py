@@ -27,8 +27,8 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")   # one device: the ch
 
 
 def _checkpoint_saved(ckpt: Path) -> bool:
-    """A step directory orbax has committed (it writes commit_success.txt last)."""
-    return ckpt.is_dir() and any(p.name.isdigit() and (p / "commit_success.txt").exists() for p in ckpt.iterdir())
+    """A step directory orbax has committed (it writes commit_success.txt last), in `ckpt` or a group below it."""
+    return ckpt.is_dir() and any(p.parent.name.isdigit() for p in ckpt.rglob("commit_success.txt"))
 
 
 def run_killed(args: list, ckpt: Path, sig: int) -> subprocess.CompletedProcess:

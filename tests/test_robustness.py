@@ -121,7 +121,7 @@ def test_corrupt_checkpoint_marker_is_refused(tmp_path):
 
     problem, lanes = _quadratic_problem()
     (tmp_path / MARKER).write_text("{not json")
-    with pytest.raises(InputError, match=f"{MARKER}: not a checkpoint marker jaxrisk wrote"):
+    with pytest.raises(InputError, match=f"{MARKER}: not a JSON object .*checkpoint marker jaxrisk wrote"):
         run(problem, lanes, 0, EngineConfig(max_steps=2, chunk_steps=1, progress=False, checkpoint_dir=str(tmp_path)))
 
 
@@ -154,6 +154,10 @@ def test_fingerprint_is_stable_across_processes_and_sees_static_config():
     changed_data = problem.replace(images=jnp.ones((2, 1, 28, 28)))
     assert len({here, fingerprint(changed_config, {"target": np.arange(3)}),
                 fingerprint(changed_data, {"target": np.arange(3)})}) == 3
+    a, b = 3, 4
+    assert fingerprint(lambda: a) != fingerprint(lambda: b)          # closures by what they capture
+    with pytest.raises(TypeError, match="no stable identity"):        # object arrays hash pointers
+        fingerprint({"x": np.array(["s"], dtype=object)})
 
 
 # ---- 3. non-finite models and values ---------------------------------------------------------------
@@ -234,6 +238,12 @@ def test_non_utf8_circuit_data_names_the_byte_offset(tiny_lm_dir, tmp_path, caps
     ("num_hidden_layers", 5.0, "field num_hidden_layers=5.0: expected a positive integer"),
     ("num_attention_heads", 0, "field num_attention_heads=0: expected a positive integer"),
     ("rms_norm_eps", "tiny", "norm_eps: expected a number, got 'tiny'"),
+    ("rope_scaling", [1], "rope_parameters / rope_scaling must be JSON objects"),
+    ("rope_theta", "abc", "field rope_theta='abc': expected a positive number"),
+    ("rope_scaling", {"type": "linear", "factor": 0}, "rope field factor=0: expected a positive number"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4,
+                      "original_max_position_embeddings": 64}, "llama3 needs high_freq_factor > low_freq_factor"),
+    ("layer_types", 3, "field layer_types=3: only all 'full_attention' is supported"),
 ])
 def test_config_fields_of_the_wrong_type_are_named(tiny_lm_dir, tmp_path, field, value, expected):
     import shutil
@@ -286,6 +296,7 @@ def test_results_file_that_jaxrisk_did_not_write_is_refused(tiny_lm_dir, behavio
     ("scan", "--restarts", "0", "expected an integer >= 1, got 0"),
     ("scan", "--max-steps", "-2", "expected an integer >= 1, got -2"),
     ("scan", "--devices", "0", "expected an integer >= 1, got 0"),
+    ("scan", "--seed", str(2 ** 40), "expected an integer <= 4294967295"),
     ("circuits", "--penalties", "3,x", "expected a number, got 'x'"),
     ("circuits", "--penalties", "-1", "expected a number >= 0, got -1"),
     ("circuits", "--steps", "0", "expected an integer >= 1, got 0"),
@@ -297,6 +308,11 @@ def test_every_flag_is_checked_by_its_parser_before_any_work(tmp_path, capsys, c
     code, err = run_cli([command, *required[command], flag, value], capsys)
     line = one_line(err)
     assert code == 2 and f"argument {flag}" in line and expected in line
+
+
+def test_scan_flags_without_weights_are_not_silently_ignored(tmp_path, capsys):
+    code, err = run_cli(["scan", "--mnist", tmp_path, "--arch", "mlp", "--out", tmp_path], capsys)
+    assert code == 2 and "--mnist and --arch describe the model of --weights" in one_line(err)
 
 
 def test_zoo_with_nothing_to_build_is_refused(tmp_path, capsys):
@@ -346,6 +362,67 @@ def test_engine_problem_configs_reject_bad_values():
             build()
 
 
+def test_redteam_refuses_results_of_a_different_run(tiny_lm_dir, tmp_path):
+    from jaxrisk.data.prompts import Behavior
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.redteam import redteam, run_settings, write_results
+    from jaxrisk.search.gcg import GCGConfig
+
+    lm = load_pretrained(tiny_lm_dir)
+    earlier = run_settings(lm, GCGConfig(), restarts=1, max_steps=250, seed=0)
+    row = {"behavior": "Lily had a", "target": "ball", "prompt": "", "suffix_ids": [], "success": True, "run": earlier}
+    write_results(tmp_path / "results.jsonl", [row])
+    with pytest.raises(InputError, match=r"results.jsonl:1: a result of a different run \(other max_steps\)"):
+        redteam(lm, [Behavior("Lily had a", "ball", 1)], tmp_path, max_steps=10)
+
+
+def test_stale_group_checkpoints_are_dropped_and_foreign_files_refused(tmp_path):
+    from jaxrisk.redteam import _group_checkpoints
+    from jaxrisk.search.engine import EngineConfig, run
+
+    problem, lanes = _quadratic_problem()
+    root = tmp_path / "checkpoint"
+    for group in ("group-0", "group-2"):   # group 0 finished (its results written), group 2 interrupted
+        run(problem, lanes, 0, EngineConfig(max_steps=2, chunk_steps=1, progress=False,
+                                            checkpoint_dir=str(root / group)))
+    _group_checkpoints(root, finished=2)
+    assert sorted(p.name for p in root.iterdir()) == ["group-2"]
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"holds files jaxrisk did not write \(notes.txt\)"):
+        _group_checkpoints(root, finished=2)
+    assert (root / "notes.txt").exists() and (root / "group-2").exists()
+
+
+def test_tokenizer_ids_beyond_the_embedding_are_refused(tiny_lm_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from jaxrisk.models import load_pretrained
+
+    model = shutil.copytree(tiny_lm_dir, tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.add_tokens(["dragon"])
+    tok.save_pretrained(str(model))
+    lm = load_pretrained(model)
+    with pytest.raises(InputError, match=f"token ids span .*{lm.cfg.vocab_size}; this model's vocabulary"):
+        lm.encode("Lily saw a dragon")
+
+
+def test_circuit_search_that_turns_nan_is_an_error_not_a_circuit(tiny_lm_dir, tmp_path):
+    from jaxrisk.circuits.run import discover, load_circuit_data
+    from jaxrisk.models import load_pretrained
+
+    lm = load_pretrained(tiny_lm_dir)
+    rows = [{"prompt": f"{n} had a", "completion": "red ball"} for n in ("Lily", "Tom")] * 3
+    rows += [{"text": f"{n} went to the park"} for n in ("Lily", "Tom")] * 3
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_circuit_data(tmp_path / "d.jsonl", lm.tokenizer)
+    params = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), lm.params)
+    with pytest.raises(InputError, match=r"the circuit search turned NaN \(penalty 3 at step 0\)"):
+        discover(lm, params, data, [3.0], steps=2, progress=False)
+
+
 def test_redteam_api_rejects_a_group_of_zero(tiny_lm_dir, tmp_path):
     from jaxrisk.data.prompts import Behavior
     from jaxrisk.models import load_pretrained
@@ -373,13 +450,33 @@ def test_csv_goals_keep_quoted_newlines_and_report_their_line(tmp_path):
     assert load_behaviors(path) == [Behavior("Tell me\na story", "Sure", 2), Behavior("second", "ok", 4)]
 
 
-def test_csv_row_with_more_fields_than_the_header_is_named(tmp_path):
+@pytest.mark.parametrize("text, expected", [
+    ("goal,target\nhello,world,extra\n", "b.csv:2: more fields than the header's 2"),
+    ("goal,target\n\nok,fine\n\nhello\n", "b.csv:5: fewer fields than the header's 2"),
+])
+def test_csv_rows_with_the_wrong_number_of_fields_are_named_by_line(tmp_path, text, expected):
     from jaxrisk.data.prompts import load_behaviors
 
     path = tmp_path / "b.csv"
-    path.write_text("goal,target\nhello,world,extra\n")
-    with pytest.raises(InputError, match="b.csv:2: more fields than the header's 2"):
+    path.write_text(text)
+    with pytest.raises(InputError, match=expected):
         load_behaviors(path)
+
+
+def test_jsonl_keeps_unicode_line_separators_and_refuses_deep_nesting(tmp_path):
+    from jaxrisk.data.prompts import load_behaviors
+    from jaxrisk.data.text import read_text
+
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps({"goal": "a\u2028b", "target": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_behaviors(path)[0].goal == "a\u2028b"
+    path.write_text("[" * 100_000 + "\n")
+    with pytest.raises(InputError, match="b.jsonl:1: not a JSON object"):
+        load_behaviors(path)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfabc\n\xff")
+    with pytest.raises(InputError, match=r"byte 0xff at offset 7, line 2"):
+        read_text(bom)
 
 
 @pytest.mark.parametrize("images, expected", [
@@ -412,6 +509,16 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_lm_dir):
         lm.generate([5, 99], 2)
     with pytest.raises(InputError, match=r"target_ids: token ids span 1000"):
         lm.score_targets([1, 2], [[3]], [1000])
+
+
+def test_scan_refuses_a_model_with_fewer_than_three_classes():
+    from jaxrisk.data import load_digits
+    from jaxrisk.models import build
+    from jaxrisk.scan import ScanConfig, scan_classifier
+
+    with pytest.raises(InputError, match="the model has 2 output"):
+        scan_classifier(build("mlp", input_shape=(1, 8, 8), hidden=(16,), num_classes=2), load_digits("test", size=8),
+                        ScanConfig(max_steps=2), progress=False)
 
 
 def test_bfloat16_classifier_weights_are_accepted(mlp_file, tmp_path):

@@ -55,6 +55,8 @@ def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: Circui
     penalties = [require_number("penalty", p, 0.0) for p in penalties]
     if not penalties:
         raise InputError("discover: no penalties (one circuit is learned per sparsity weight)")
+    for n, row in enumerate(data["clean"] + [ids for b in data["behaviour"] for ids in b if ids is not None]):
+        lm.check_tokens(np.asarray(row, np.int64), f"circuit data row {n}: tokens", ndim=1)
     split_b, split_c = int(0.8 * len(data["behaviour"])), int(0.8 * len(data["clean"]))
     train_b, test_b = data["behaviour"][:split_b], data["behaviour"][split_b:]
     prompts = [b[0] for b in train_b]
@@ -74,11 +76,16 @@ def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: Circui
     res = engine.run(problem, {"penalty": np.asarray(penalties, np.float32)}, 0,
                      engine.EngineConfig(max_steps=steps, chunk_steps=min(100, steps), progress=progress,
                                          checkpoint_dir=checkpoint_dir, desc="circuits"))
+    failed = np.flatnonzero(res.failed_at >= 0)
+    if len(failed):
+        where = ", ".join(f"penalty {penalties[i]:g} at step {int(res.failed_at[i])}" for i in failed)
+        raise InputError(f"the circuit search turned NaN ({where}); its masks are not a result. A smaller "
+                         "CircuitConfig.learning_rate or a model whose loss is finite on this data is needed")
     completion = np.asarray(test_b[0][1])
     same = all(b[1] == test_b[0][1] for b in test_b)   # rates need one fixed completion
     prompts = [np.asarray(b[0]) for b in test_b]
     held, held_valid = pad_batch(data["clean"][split_c:])
-    base_loss = float(lm_loss(lm.graphdef, params, jnp.asarray(held), held_valid))
+    base_loss = _finite_loss(lm, params, held, held_valid, "the intact model")
 
     alts = [b[2] for b in test_b]
     n_alt = min([3] + [len(a) for a in alts if a is not None])
@@ -89,7 +96,7 @@ def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: Circui
         rate = float(np.mean(np.all(outs[:, :len(completion)] == completion, 1))) if same else None
         comply = (float(np.mean([np.array_equal(o[:n_alt], a[:n_alt]) for o, a in zip(outs, alts)]))
                   if all(a is not None for a in alts) else None)
-        utility = base_loss / float(lm_loss(lm.graphdef, params, jnp.asarray(held), held_valid, **masks))
+        utility = base_loss / _finite_loss(lm, params, held, held_valid, "the masked model", **masks)
         return rate, comply, utility
 
     circuits = []
@@ -112,6 +119,14 @@ def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: Circui
     return {"objective": cfg.objective, "base_rate": base_rate, "base_compliance": base_comply,
             "base_clean_loss": base_loss, "circuits": circuits,
             "config": {"granularity": cfg.granularity, "kind": cfg.kind, "steps": steps}}
+
+
+def _finite_loss(lm, params, tokens, valid, what: str, **masks) -> float:
+    """Held-out clean loss; a loss that is not finite and positive makes every utility ratio meaningless."""
+    loss = float(lm_loss(lm.graphdef, params, jnp.asarray(tokens), valid, **masks))
+    if not (np.isfinite(loss) and loss > 0):
+        raise InputError(f"the held-out clean loss of {what} is {loss}; utility (a loss ratio) cannot be measured")
+    return loss
 
 
 def write_circuit_report(result: dict, lm, out: str | Path) -> tuple[Path, Path]:

@@ -34,12 +34,13 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
             if reader.fieldnames is None:
                 raise InputError(f"{path}: empty CSV (expected a header row with goal,target)")
             rows = []
-            start = reader.line_num + 1
-            for row in reader:
+            for row in reader:   # reader.line_num: the physical line where this row ended
+                line = reader.line_num - sum(str(v).count("\n") for v in row.values() if v is not None)
                 if None in row:
-                    raise InputError(f"{path}:{start}: more fields than the header's {len(reader.fieldnames)}")
-                rows.append((start, row))
-                start = reader.line_num + 1
+                    raise InputError(f"{path}:{line}: more fields than the header's {len(reader.fieldnames)}")
+                if None in row.values():
+                    raise InputError(f"{path}:{line}: fewer fields than the header's {len(reader.fieldnames)}")
+                rows.append((line, row))
             return rows
         except csv.Error as e:
             raise InputError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None

@@ -6,6 +6,7 @@ through here, so each problem is reported the same way: the file, the line or by
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import stat
@@ -37,11 +38,13 @@ def read_text(path: str | Path) -> str:
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8-sig")
+        return data[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+        at = start + e.start
+        line = data[:at].count(b"\n") + 1
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}, line {line}); "
                          "save the file as UTF-8") from None
 
 
@@ -49,7 +52,7 @@ def _object(text: str, where: str, expected: str) -> dict:
     """`text` parsed as one JSON object; `where` (file or file:line) and `expected` name a failure."""
     try:
         value = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise InputError(f"{where}: not a JSON object ({getattr(e, 'msg', e)}); expected {expected}") from None
     if not isinstance(value, dict):
         raise InputError(f"{where}: expected a JSON object with {expected}, got {type(value).__name__}")
@@ -62,9 +65,11 @@ def json_object(path: str | Path, expected: str) -> dict:
 
 
 def jsonl_rows(path: str | Path, expected: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; `expected` says what a row should hold."""
-    text = read_text(path)
-    return [(n, _object(line, f"{path}:{n}", expected)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    """(line number, object) for every non-blank line; `expected` says what a row should hold.
+
+    Lines end at \\n only (JSON strings may hold U+2028 and the like, which `str.splitlines` would split at)."""
+    lines = read_text(path).split("\n")
+    return [(n, _object(line, f"{path}:{n}", expected)) for n, line in enumerate(lines, 1) if line.strip()]
 
 
 def text_field(path: Path, line: int, row: dict, key: str) -> str:

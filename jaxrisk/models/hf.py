@@ -155,6 +155,9 @@ def load_weights(path: Path, cfg: LMConfig, dtype, shardings=None) -> tuple[nnx.
     where: dict[str, Path] = {}
     for file in weight_files(path):
         for name, arr in open_safetensors(file).items():
+            if name in tensors:
+                raise InputError(f"{path}: tensor {name!r} is in two shards ({where[name].name} and {file.name}); "
+                                 "expected each tensor once")
             tensors[name] = arr
             where[name] = file
     entries, ignorable = key_map(cfg, _gpt2_prefix(tensors) if cfg.is_gpt2 else "")

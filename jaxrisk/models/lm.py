@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrisk.errors import InputError, require_int, require_number
+from jaxrisk.data.text import regular_file
+from jaxrisk.errors import InputError, require_int, require_number, require_seed
 from jaxrisk.models.hf import load_weights, read_config, resolve_dtype
 from jaxrisk.models.lm_config import LMConfig
 from jaxrisk.models.sharding import param_shardings
@@ -125,6 +126,9 @@ class LanguageModel:
                 raise InputError("this model was not loaded from a directory, so it has no tokenizer")
             from transformers import AutoTokenizer
 
+            for file in sorted(Path(self.path).iterdir()):   # a FIFO there would block transformers' reader
+                if file.name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges")):
+                    regular_file(file)
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
             except Exception as e:  # transformers raises many types for a missing/broken tokenizer
@@ -132,7 +136,8 @@ class LanguageModel:
         return self._tokenizer
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer(text)["input_ids"], np.int32)
+        """Token ids of `text`, checked against the model's vocabulary (a tokenizer with added tokens may not fit)."""
+        return self.check_tokens(self.tokenizer(text)["input_ids"], f"tokenizer output for {text[:40]!r}", ndim=1)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
@@ -187,7 +192,7 @@ class LanguageModel:
         max_new_tokens = require_int("max_new_tokens", max_new_tokens, 1)
         temperature = require_number("temperature", temperature, 0.0)
         top_k = require_int("top_k", top_k, 0, self.cfg.vocab_size)
-        seed = require_int("seed", seed)
+        seed = require_seed("seed", seed)
         if isinstance(prompts, (str, np.ndarray)) or (prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         if not len(prompts):

@@ -126,12 +126,26 @@ def _eos(hf: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
+def _positive(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
 def _rope_from_hf(hf: dict, source: str, problems: list[str]) -> tuple[float, tuple]:
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
+    params, legacy = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        problems.append("rope_parameters / rope_scaling must be JSON objects")
+        return 10000.0, ()
+    params = dict(params)
     for key, value in legacy.items():
         params.setdefault("rope_type" if key == "type" else key, value)
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    top = hf.get("rope_theta")
+    theta = params.pop("rope_theta", 10000.0 if top is None else top)
+    if top is not None and top != theta:
+        problems.append(f"rope_theta={top!r} disagrees with rope_parameters.rope_theta={theta!r}")
+    if not _positive(theta):
+        problems.append(f"field rope_theta={theta!r}: expected a positive number")
+        return 10000.0, ()
+    theta = float(theta)
     kind = params.get("rope_type", "default")
     params["rope_type"] = kind
     if kind not in _ROPE_TYPES:
@@ -142,6 +156,12 @@ def _rope_from_hf(hf: dict, source: str, problems: list[str]) -> tuple[float, tu
     for key in needed:
         if key not in params:
             problems.append(f"rope type {kind!r} needs field {key!r}")
+    for key in needed:
+        if key in params and not _positive(params[key]):
+            problems.append(f"rope field {key}={params[key]!r}: expected a positive number")
+    if kind == "llama3" and all(_positive(params.get(k)) for k in ("low_freq_factor", "high_freq_factor")) \
+            and params["high_freq_factor"] <= params["low_freq_factor"]:
+        problems.append("rope fields: llama3 needs high_freq_factor > low_freq_factor")
     extra = set(params) - set(needed) - {"rope_type"}
     if extra:
         problems.append(f"rope parameters not handled for {kind!r}: {', '.join(sorted(extra))}")
@@ -183,7 +203,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LMConfig:
     def expect(key, ok, what):
         if key in hf:
             used.add(key)
-            if not ok(hf[key]):
+            try:
+                fine = ok(hf[key])
+            except TypeError:   # e.g. a number where a list was expected
+                fine = False
+            if not fine:
                 problems.append(f"field {key}={hf[key]!r}: only {what} is supported")
 
     if family == "gpt2":

@@ -22,7 +22,6 @@ resumed run replays exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError
 from jaxrisk.io import write_json
 from jaxrisk.search.fingerprint import fingerprint
@@ -210,14 +210,11 @@ _OWN_ENTRY = re.compile(r"\d+(\.orbax-checkpoint-tmp-\d+)?")   # orbax's step di
 
 
 def _read_marker(marker: Path) -> str:
-    try:
-        recorded = json.loads(marker.read_text(encoding="utf-8"))["fingerprint"]
-        if not isinstance(recorded, str):
-            raise TypeError
-        return recorded
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{marker}: not a checkpoint marker jaxrisk wrote (expected a JSON object with a "
-                         "'fingerprint'); move that directory away or choose another output directory") from None
+    recorded = json_object(marker, "a 'fingerprint' (a checkpoint marker jaxrisk wrote)").get("fingerprint")
+    if not isinstance(recorded, str):
+        raise InputError(f"{marker}: not a checkpoint marker jaxrisk wrote (no 'fingerprint'); move that directory "
+                         "away or choose another output directory")
+    return recorded
 
 
 def _open_checkpoint(directory: Path, fingerprint: str, carry, history, n_real: int):

@@ -3,8 +3,9 @@
 A checkpoint is only resumed by the run that wrote it. `repr` of a pytree's structure
 holds memory addresses (`<function dot_general at 0x7f...>`), which differ between
 processes, so the structure is walked instead: every leaf by its key path, dtype,
-shape and bytes; every static (aux) value by its type and fields, functions and
-classes by their qualified names.
+shape and bytes; every static (aux) value by its type and fields, functions by their
+code and closure, classes by their qualified names. A value it cannot identify is an
+error, never a guess.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-_CALLABLES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
+_CALLABLES = (type, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -46,12 +47,24 @@ def _feed(h, x: Any, path: set[int]) -> None:
         return tag(f"{type(x).__name__}:{x!r}")
     if isinstance(x, (np.ndarray, np.generic, jax.Array)):
         a = np.asarray(x)
+        if a.dtype.hasobject:   # its bytes are pointers, different in every process
+            raise TypeError(f"fingerprint: an array of Python objects (shape {a.shape}) has no stable identity")
         tag(f"array:{a.dtype}:{a.shape}")
         return h.update(np.ascontiguousarray(a).tobytes())
     if isinstance(x, np.dtype):
         return tag(f"dtype:{x}")
     if isinstance(x, enum.Enum):
         return tag(f"enum:{_name(type(x))}.{x.name}")
+    if isinstance(x, types.CodeType):
+        tag(f"code:{x.co_qualname if hasattr(x, 'co_qualname') else x.co_name}")
+        h.update(x.co_code)
+        return _feed(h, (x.co_consts, x.co_names), path)
+    if isinstance(x, types.FunctionType):   # by its code and what it closes over: two lambdas differ
+        tag(f"function:{_name(x)}")
+        for part in (x.__code__, x.__defaults__, x.__kwdefaults__,
+                     tuple(_contents(cell) for cell in x.__closure__ or ())):
+            _feed(h, part, path | {id(x)})
+        return
     if isinstance(x, _CALLABLES):
         return tag(f"callable:{_name(x)}")
     if id(x) in path:
@@ -95,12 +108,19 @@ def _feed(h, x: Any, path: set[int]) -> None:
         names = list(getattr(x, "__dict__", {})) + [s for c in type(x).__mro__ for s in getattr(c, "__slots__", ())]
         fields = sorted(((n, getattr(x, n)) for n in dict.fromkeys(names)
                          if not n.startswith("__") and hasattr(x, n)), key=lambda nv: nv[0])
-    else:
-        return tag(f"opaque:{_name(type(x))}")
+    else:   # guessing (by type name) could make two different runs look the same
+        raise TypeError(f"fingerprint: cannot identify a {_name(type(x))} by value; give it a fingerprint() method")
     tag(f"object:{_name(type(x))}:{len(fields)}")
     for name, value in fields:
         tag(name)
         _feed(h, value, path)
+
+
+def _contents(cell) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:   # a closure cell not yet bound
+        return "<empty cell>"
 
 
 def _digest(x: Any) -> str:

@@ -9,7 +9,8 @@ import numpy as np
 
 from jaxrisk.data import load_mnist
 from jaxrisk.models import load_classifier
-from jaxrisk.zoo.train import TrainConfig, evaluate, save_zoo_model, train_classifier
+from jaxrisk.errors import InputError
+from jaxrisk.zoo.train import TrainConfig, evaluate, load_zoo_info, save_zoo_model, train_classifier
 from jaxrisk.zoo.triggers import KINDS, make_trigger
 
 
@@ -53,7 +54,10 @@ def build_zoo(out: Path, *, mnist_dir: str, n_trojaned: int = 8, n_clean: int = 
                                    location=spec["location"], seed=spec["seed"])
         model, info, done_epochs = None, None, 0
         if path.exists() and path.with_suffix(".json").exists():
-            info = json.loads(path.with_suffix(".json").read_text())
+            info = load_zoo_info(path)
+            if not {"clean_accuracy", "recipe"} <= set(info) or info["recipe"] != json.loads(json.dumps(spec)):
+                raise InputError(f"{path.with_suffix('.json')}: not the record of zoo model {spec['name']} as this "
+                                 "build makes it (jaxrisk would overwrite it); move it away or choose another --out")
             done_epochs = info.get("epochs", epochs)
             if meets_bar(info) or done_epochs >= max_epochs:
                 continue

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from jaxrisk.errors import InputError
 from jaxrisk.models.lm import generate_ids
 from jaxrisk.models.lm_train import answer_rows, finetune
 from jaxrisk.scorers.probe import pad_batch
@@ -73,6 +74,10 @@ def greedy_continuations(lm, params, prompts_ids: list[np.ndarray], n_tokens: in
     tokens, valid = pad_batch(prompts_ids, left=True)
     out = np.asarray(generate_ids(lm.graphdef, params, tokens, valid, jax.random.key(0),
                                   max_new_tokens=n_tokens, **masks))
+    if (out < 0).any():   # generate_ids marks rows whose logits stopped being finite
+        row, step = np.argwhere(out < 0)[0]
+        raise InputError(f"the model's logits are not finite (NaN / inf) at generation step {step} of prompt {row}"
+                         f"{' with these masks' if masks else ''}; no behaviour rate can be measured")
     return list(out)
 
 

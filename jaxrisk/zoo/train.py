@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -13,6 +12,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxrisk.data.images import ImageSet
+from jaxrisk.data.text import json_object
 from jaxrisk.io import write_json
 from jaxrisk.models.classifiers import build, logits_fn, pure_apply
 from jaxrisk.models.weights import save_classifier
@@ -117,4 +117,4 @@ def save_zoo_model(model, trigger: Trigger | None, directory: str | Path, name: 
 
 def load_zoo_info(weights_path: str | Path) -> dict:
     """The ground-truth record written beside a zoo model's weights."""
-    return json.loads(Path(weights_path).with_suffix(".json").read_text())
+    return json_object(Path(weights_path).with_suffix(".json"), "a zoo model's ground truth")
