@@ -68,7 +68,7 @@ def encode_behaviors(lm, behaviors: list[Behavior], cfg: GCGConfig, source: str 
                              f"model's context of {lm.cfg.max_position}")
     for bh, *ids in zip(behaviors, befores, goals, targets):
         for part in ids + [after_ids]:   # a tokenizer with added tokens can emit ids the embedding lacks
-            lm.check_tokens(np.asarray(part, np.int64), f"{source}:{bh.line}: tokens", ndim=1)
+            lm.check_tokens(np.asarray(part, np.int64), f"{source}:{bh.line}: tokens", ndim=1, context=False)
     before, before_valid = pad_batch(befores, left=True)
     goal, goal_valid = pad_batch(goals)
     target, target_valid = pad_batch(targets)

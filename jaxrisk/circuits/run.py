@@ -56,7 +56,7 @@ def discover(lm, params, data: dict, penalties, *, steps: int = 400, cfg: Circui
     if not penalties:
         raise InputError("discover: no penalties (one circuit is learned per sparsity weight)")
     for n, row in enumerate(data["clean"] + [ids for b in data["behaviour"] for ids in b if ids is not None]):
-        lm.check_tokens(np.asarray(row, np.int64), f"circuit data row {n}: tokens", ndim=1)
+        lm.check_tokens(np.asarray(row, np.int64), f"circuit data row {n}: tokens", ndim=1, context=False)
     split_b, split_c = int(0.8 * len(data["behaviour"])), int(0.8 * len(data["clean"]))
     train_b, test_b = data["behaviour"][:split_b], data["behaviour"][split_b:]
     prompts = [b[0] for b in train_b]

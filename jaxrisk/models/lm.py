@@ -137,7 +137,8 @@ class LanguageModel:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text`, checked against the model's vocabulary (a tokenizer with added tokens may not fit)."""
-        return self.check_tokens(self.tokenizer(text)["input_ids"], f"tokenizer output for {text[:40]!r}", ndim=1)
+        return self.check_tokens(self.tokenizer(text)["input_ids"], f"tokenizer output for {text[:40]!r}", ndim=1,
+                                 context=False)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
@@ -148,8 +149,9 @@ class LanguageModel:
     def hook_names(self) -> list[str]:
         return hook_names(self.cfg)
 
-    def check_tokens(self, ids, name: str = "tokens", ndim: int = 2) -> np.ndarray:
-        """`ids` as int32 numpy if they are integer token ids of the given rank inside the vocabulary and context."""
+    def check_tokens(self, ids, name: str = "tokens", ndim: int = 2, context: bool = True) -> np.ndarray:
+        """`ids` as int32 numpy if they are integer token ids of the given rank inside the vocabulary (and, with
+        `context`, no longer than the model's context)."""
         ids = np.asarray(ids)
         if ids.ndim != ndim or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
             shape = "[batch, length]" if ndim == 2 else "[length]"
@@ -157,7 +159,7 @@ class LanguageModel:
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
             raise InputError(f"{name}: token ids span {ids.min()}..{ids.max()}; this model's vocabulary is "
                              f"0..{self.cfg.vocab_size - 1}")
-        if ids.shape[-1] > self.cfg.max_position:
+        if context and ids.shape[-1] > self.cfg.max_position:
             raise InputError(f"{name}: length {ids.shape[-1]} exceeds the context of {self.cfg.max_position} positions")
         return ids.astype(np.int32)
 
