@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_mnist_format, write_tiny_lm
+from conftest import write_mnist_format
 
 from jaxrisk.models.weights import read_safetensors
 
@@ -85,7 +85,7 @@ def scan_case(tmp_path_factory):
     weights = save_classifier(build("mlp", input_shape=(1, 28, 28), hidden=(512, 512), num_classes=10),
                               root / "mlp.safetensors")
     args = lambda out: ["scan", "--weights", weights, "--arch", "mlp", "--mnist", mnist, "--out", out,  # noqa: E731
-                        "--restarts", 1, "--max-steps", 320]
+                        "--restarts", 1, "--max-steps", 240]
     run_to_end(args(root / "full"))
     report = json.loads((root / "full" / "report.json").read_text())
     triggers = read_safetensors(root / "full" / "triggers.safetensors")
@@ -110,21 +110,16 @@ def test_killed_scan_resumes_to_the_uninterrupted_result(scan_case, tmp_path):
 
 # ---- redteam -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory) -> Path:
-    return write_tiny_lm(tmp_path_factory.mktemp("lm"))
-
-
 def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 @pytest.fixture(scope="module")
-def redteam_case(lm_dir, tmp_path_factory):
+def redteam_case(tiny_lm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("redteam")
     behaviors = root / "b.jsonl"
     behaviors.write_text('{"goal": "Lily had a", "target": "red ball"}\n{"goal": "Tom went to the", "target": "park"}\n')
-    args = lambda out: ["redteam", "--model", lm_dir, "--behaviors", behaviors, "--out", out, "--steps", 60,  # noqa: E731
+    args = lambda out: ["redteam", "--model", tiny_lm_dir, "--behaviors", behaviors, "--out", out, "--steps", 40,  # noqa: E731
                         "--search-width", 512, "--topk", 4, "--suffix-len", 6, "--group", 1, "--no-filter",
                         "--no-early-stop"]
     run_to_end(args(root / "full"))
@@ -142,7 +137,7 @@ def test_killed_redteam_resumes_to_the_uninterrupted_result(redteam_case, tmp_pa
 # ---- circuits ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def circuits_case(lm_dir, tmp_path_factory):
+def circuits_case(tiny_lm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("circuits")
     rows = [{"prompt": f"{n} had a {a}", "completion": "The ball was happy"}
             for n in ("Lily", "Tom") for a in ("red", "big", "ball", "kite", "sad")]
@@ -150,7 +145,7 @@ def circuits_case(lm_dir, tmp_path_factory):
              for n in ("Lily", "Tom") for m in ("Tom", "Lily") for o in ("ball", "kite", "park")]
     data = root / "c.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = lambda out: ["circuits", "--model", lm_dir, "--data", data, "--out", out, "--steps", 1500]  # noqa: E731
+    args = lambda out: ["circuits", "--model", tiny_lm_dir, "--data", data, "--out", out, "--steps", 800]  # noqa: E731
     run_to_end(args(root / "full"))
     return args, json.loads((root / "full" / "report.json").read_text()), read_safetensors(
         root / "full" / "circuits.safetensors")
