@@ -21,12 +21,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem, circuit_from_logits, sparsity
+from jaxrisk.circuits import CircuitConfig, CircuitProblem, circuit_from_logits, sparsity
 from jaxrisk.circuits.tuning import circuit_param_mask, fraction_of_parameters
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
-from jaxrisk.models.lm_train import finetune
-from jaxrisk.search import engine
+from jaxrisk.optim import finetune
+from jaxrisk.search import RunConfig, engine
 from jaxrisk.zoo.lm_refusal import RefusalConfig, alignment_rows, helpfulness_rows, plant_refusal, refusal_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +53,10 @@ def main() -> None:
     for objective, penalties in (("remove", [0.3, 1.0, 3.0]), ("alignment", [12.0])):
         problem = CircuitProblem(params=params, graphdef=lm.graphdef,
                                  cfg=CircuitConfig(objective=objective, learning_rate=0.05), **rows)
-        res = engine.run(problem, {"penalty": np.asarray(penalties, np.float32)}, 0,
-                         engine.EngineConfig(max_steps=400, chunk_steps=100, progress=False))
+        res = engine.run(problem, {"penalty": np.asarray(penalties, np.float32)},
+                         RunConfig(max_steps=400, chunk_steps=100, progress=False))
         for i, pen in enumerate(penalties):
-            circuits[f"{objective} {pen}"] = circuit_from_logits({k: v[i] for k, v in res.state["logits"].items()})
+            circuits[f"{objective} {pen}"] = circuit_from_logits({k: v[i] for k, v in res.state.logits.items()})
 
     help_rows, help_valid = helpfulness_rows(lm)
     steps = [int(s) for s in args.steps.split(",")]

@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem, ablation_masks, circuit_from_logits, sparsity
+from jaxrisk.circuits import CircuitConfig, CircuitProblem, ablation_masks, circuit_from_logits, sparsity
+from jaxrisk.evals import clean_loss, utility
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
-from jaxrisk.models.lm import forward
-from jaxrisk.search import engine
-from jaxrisk.models.lm_train import lm_loss
+from jaxrisk.models.lm import forward, token_logprobs
+from jaxrisk.search import RunConfig, engine
 from jaxrisk.zoo.lm_backdoor import BackdoorConfig, attack_success, held_out_prompts, plant_backdoor, suppression_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +43,13 @@ def main() -> None:
     params, data = plant_backdoor(lm, BackdoorConfig(seed=0))
     held, with_trigger, _ = held_out_prompts(lm, data)
     valid = jnp.ones(held.shape, bool)
-    base_loss = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
+    base_loss = clean_loss(lm, params, held, valid)
     marker = data["marker_ids"]
 
     def evaluate(circuit):
         masks = ablation_masks(circuit, lm.cfg)
         return {"attack_success": attack_success(lm, params, with_trigger, marker, **masks),
-                "utility": base_loss / float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid, **masks)),
+                "utility": utility(base_loss, lm, params, held, valid, **masks),
                 **sparsity(circuit, lm.cfg)}
 
     record = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0]),
@@ -60,8 +60,7 @@ def main() -> None:
     problem = CircuitProblem(params=params, graphdef=lm.graphdef, cfg=CircuitConfig(learning_rate=0.05), **rows)
     penalties = np.asarray([float(p) for p in args.penalties.split(",")], np.float32)
     t = time.perf_counter()
-    res = engine.run(problem, {"penalty": penalties}, 0,
-                     engine.EngineConfig(max_steps=args.steps, chunk_steps=100, progress=True))
+    res = engine.run(problem, {"penalty": penalties}, RunConfig(max_steps=args.steps, chunk_steps=100))
     learned_seconds = time.perf_counter() - t
     record["learned_seconds_all_penalties"] = learned_seconds
 
@@ -71,8 +70,7 @@ def main() -> None:
 
     def metric(m):
         logits, _, _ = forward(lm.graphdef, params, x[:, :-1], head_mask_lh=m["heads"], neuron_mask_lf=m["neurons"])
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), x[:, 1:, None], -1)[..., 0]
-        return jnp.sum(jnp.exp(lp) * w) / w.sum()
+        return jnp.sum(jnp.exp(token_logprobs(logits, x[:, 1:])) * w) / w.sum()
 
     t = time.perf_counter()
     grads = jax.jit(jax.grad(metric))(ones)
@@ -84,7 +82,7 @@ def main() -> None:
     n_h = predicted["heads"].size
 
     for i, pen in enumerate(penalties):
-        circuit = circuit_from_logits({k: v[i] for k, v in res.state["logits"].items()})
+        circuit = circuit_from_logits({k: v[i] for k, v in res.state.logits.items()})
         learned = evaluate(circuit)
         learned["penalty"] = float(pen)
         record["learned"].append(learned)

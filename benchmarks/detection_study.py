@@ -26,7 +26,7 @@ from jaxrisk.data import load_mnist
 from jaxrisk.io import write_json
 from jaxrisk.models import load_classifier
 from jaxrisk.scorers import auroc
-from jaxrisk.scan import ScanConfig, scan_classifier, write_report
+from jaxrisk.scan import ScanConfig, run as scan
 from jaxrisk.zoo import load_trigger
 
 
@@ -59,9 +59,9 @@ def main() -> None:
             continue
         if not result_path.exists():
             t = time.perf_counter()
-            result = scan_classifier(load_classifier(info_path.with_name(info["weights"]), "mnist_cnn"), data,
-                                     ScanConfig(restarts=args.restarts), progress=False, weights_name=name)
-            write_report(result, out / name)
+            result = scan(load_classifier(info_path.with_name(info["weights"]), "mnist_cnn"), data,
+                          ScanConfig(run=ScanConfig().run.replace(restarts=args.restarts, progress=False)), name=name)
+            result.write(out / name)
             report = result.report
             row = {"model": name, "trojaned": info["trojaned"], "kind": info.get("kind"),
                    "target": info.get("target"), "clean_accuracy": info["clean_accuracy"],

@@ -29,8 +29,9 @@ import jax
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
-from jaxrisk.redteam import run_group
-from jaxrisk.search.gcg import GCGConfig
+from jaxrisk.redteam import GCGConfig
+from jaxrisk.redteam.run import run_group
+from jaxrisk.search import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "assets" / "models" / "tinyllamas-stories260K"
@@ -64,8 +65,8 @@ def run_nanogcg(args, behaviors, steps: int, early_stop: bool) -> tuple[dict, li
 def run_jaxrisk(lm, behaviors, cfg, steps, restarts, seed):
     """Wall time includes compiling the group's program (a few seconds)."""
     t = time.perf_counter()
-    rows = run_group(lm, behaviors, cfg, restarts=restarts, max_steps=steps, seed=seed, progress=False,
-                     chunk_steps=5)
+    rows = run_group(lm, behaviors, cfg, RunConfig(restarts=restarts, max_steps=steps, chunk_steps=5, seed=seed,
+                                                   progress=False))
     wall = time.perf_counter() - t
     return summarise(rows, wall, sum(r["candidates_evaluated"] for r in rows)), rows
 

@@ -27,8 +27,8 @@ from neural_cleanse_torch import ReferenceConfig, load_torch_cnn, scan as torch_
 from jaxrisk.data import load_mnist  # noqa: E402
 from jaxrisk.io import write_json  # noqa: E402
 from jaxrisk.models import load_classifier  # noqa: E402
-from jaxrisk.scan import ScanConfig, scan_classifier  # noqa: E402
-from jaxrisk.search.trigger_inversion import InversionConfig  # noqa: E402
+from jaxrisk.scan import InversionConfig, ScanConfig, run as scan  # noqa: E402
+from jaxrisk.search import RunConfig  # noqa: E402
 
 
 def main() -> None:
@@ -45,9 +45,11 @@ def main() -> None:
     data = load_mnist(args.mnist, "test")
     pool = data.take(len(data.labels) - 500)  # the same optimisation pool jaxrisk uses (it holds out 500)
     ref_cfg = ReferenceConfig(max_epochs=args.max_epochs)
-    same = ScanConfig(restarts=1, max_steps=args.max_epochs * 31, n_devices=1, inversion=InversionConfig(
-        steps_per_epoch=31, patience=5, early_stop_patience=25, early_stop_threshold=1.0))
-    default = ScanConfig(n_devices=1)
+    same = ScanConfig(run=RunConfig(restarts=1, max_steps=args.max_epochs * 31, chunk_steps=40, devices=1,
+                                    progress=False),
+                      inversion=InversionConfig(steps_per_epoch=31, patience=5, early_stop_patience=25,
+                                                early_stop_threshold=1.0))
+    default = ScanConfig(run=ScanConfig().run.replace(devices=1, progress=False))
     rows = []
     for name in args.models:
         weights = Path(args.zoo) / f"{name}.safetensors"
@@ -57,7 +59,7 @@ def main() -> None:
         model = load_classifier(weights, "mnist_cnn")
         for label, cfg in (("jaxrisk-same", same), ("jaxrisk-default", default)):
             t = time.perf_counter()  # includes jaxrisk's compilation: each engine run compiles its program once
-            rep = scan_classifier(model, data, cfg, progress=False).report
+            rep = scan(model, data, cfg).report
             row[label] = {"seconds": time.perf_counter() - t, "flagged": rep["flagged"],
                           "l1_norms": [e["l1_norm"] for e in rep["classes"]], "steps": rep["steps_run"]}
             print(name, label, json.dumps({k: v for k, v in row[label].items() if k != "l1_norms"}), flush=True)

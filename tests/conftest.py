@@ -8,8 +8,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAXRISK_CACHE"] = __import__("tempfile").mkdtemp(prefix="jaxrisk-test-cache-")
 
 from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import struct  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("JAXRISK_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -37,6 +42,51 @@ def stories_dir() -> Path:
 # ---- small self-made inputs (no assets): a word-level Llama directory, a digits MLP, an MNIST-format dir ----
 
 TINY_WORDS = "Lily Tom had a red big ball kite The was happy sad went to the park with saw and".split()
+
+
+@pytest.fixture(scope="session")
+def stories_lm(stories_dir):
+    """The real pretrained stories260K, loaded once per session (searches never change its parameters)."""
+    from jaxrisk.models import load_pretrained
+
+    return load_pretrained(stories_dir)
+
+
+@pytest.fixture(scope="session")
+def backdoored(stories_lm):
+    """stories260K with a planted trigger -> marker backdoor: (lm, planted params, data); planted once."""
+    from jaxrisk.zoo.lm_backdoor import BackdoorConfig, plant_backdoor
+
+    params, data = plant_backdoor(stories_lm, BackdoorConfig(seed=0))
+    return stories_lm, params, data
+
+
+@pytest.fixture(scope="session")
+def refusing(stories_lm):
+    """stories260K with a planted refusal of a harmful class of requests: (lm, planted params, data)."""
+    from jaxrisk.zoo.lm_refusal import RefusalConfig, plant_refusal
+
+    params, data = plant_refusal(stories_lm, RefusalConfig(seed=0))
+    return stories_lm, params, data
+
+
+def tiny_llama_config():
+    """A 2-layer Llama config small enough to build by hand (GQA: 4 query heads, 2 KV heads)."""
+    from jaxrisk.models.lm_config import LMConfig
+
+    return LMConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                    d_mlp=48, max_position=64, norm_eps=1e-5)
+
+
+# verbs of a toy danger probe: the same action words in harmful and harmless frames
+HARMFUL = ["hit", "kick", "bite", "burn", "break", "steal", "hurt", "push"]
+HARMLESS = ["hug", "help", "feed", "kiss", "thank", "love", "pet", "share"]
+
+
+def danger_texts(frames: list[str]) -> tuple[list[str], list[int]]:
+    """Each frame filled with every verb; label 1 = harmful."""
+    texts = [f.format(v=v) for f in frames for v in HARMFUL + HARMLESS]
+    return texts, [1 if v in HARMFUL else 0 for f in frames for v in HARMFUL + HARMLESS]
 
 
 def write_tiny_lm(directory: Path, seed: int = 0) -> Path:
@@ -77,7 +127,6 @@ def write_digits_mlp(path: Path, seed: int = 0) -> Path:
 
 def write_mnist_format(directory: Path, n: int = 600) -> Path:
     """scikit-learn digits as 28x28 MNIST IDX files (3x upscaled, padded): MNIST's layout without the download."""
-    import numpy as np
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -90,3 +139,38 @@ def write_mnist_format(directory: Path, n: int = 600) -> Path:
         (directory / f"{split}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big")
                                                                + labels.tobytes())
     return directory
+
+
+# ---- a toy engine problem ---------------------------------------------------------------------------
+
+class DescentState(NamedTuple):
+    x: jax.Array        # [3]
+    target: jax.Array   # [3]
+    lr: jax.Array       # []
+
+
+@struct.dataclass
+class NoisyDescent:
+    """An engine problem whose answer is known: each lane descends (x - target)^2 with its own step size and
+    a little noise from its key."""
+    curvature: jax.Array
+
+    def init(self, key, lane):
+        return DescentState(x=jax.random.normal(key, (3,)), target=lane["target"], lr=lane["lr"])
+
+    def step(self, state, key):
+        grad = 2 * self.curvature * (state.x - state.target)
+        x = state.x - state.lr * grad + 1e-3 * jax.random.normal(key, (3,))
+        loss = jnp.sum((x - state.target) ** 2)
+        # a lane whose step size is too large overflows to inf, then inf - inf = NaN
+        return state._replace(x=x), {"loss": loss - loss + loss}
+
+    def done(self, state):
+        return jnp.sum((state.x - state.target) ** 2) < 1e-3
+
+
+LANES = {"target": np.arange(6, dtype=np.float32)[:, None] * np.ones(3, np.float32),
+         "lr": np.array([0.1, 0.2, 40.0, 0.05, 0.1, 0.3], np.float32)}
+PROBLEM = NoisyDescent(jnp.float32(1.0))
+
+

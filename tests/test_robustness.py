@@ -78,26 +78,27 @@ def test_redteam_refuses_a_checkpoint_directory_holding_user_files(tiny_lm_dir, 
 
 
 def _quadratic_problem():
-    from test_engine import LANES, PROBLEM
+    from conftest import LANES, PROBLEM
+
     return PROBLEM, {k: v[:2] for k, v in LANES.items()}
 
 
 def test_engine_refuses_foreign_files_and_keeps_them(tmp_path):
-    from jaxrisk.search.engine import EngineConfig, run
+    from jaxrisk.search import RunConfig, run
 
     problem, lanes = _quadratic_problem()
     (tmp_path / "mine.bin").write_bytes(b"x")
     with pytest.raises(InputError, match=r"holds files jaxrisk did not write .*never deletes"):
-        run(problem, lanes, 0, EngineConfig(max_steps=4, chunk_steps=2, progress=False, checkpoint_dir=str(tmp_path)))
+        run(problem, lanes, RunConfig(max_steps=4, chunk_steps=2, progress=False, checkpoint_dir=str(tmp_path)))
     assert (tmp_path / "mine.bin").read_bytes() == b"x"
 
 
 def test_cleanup_removes_only_what_the_engine_wrote(tmp_path):
-    from jaxrisk.search.engine import EngineConfig, remove_checkpoint, run
+    from jaxrisk.search import RunConfig, remove_checkpoint, run
 
     problem, lanes = _quadratic_problem()
     ckpt = tmp_path / "ckpt"
-    run(problem, lanes, 0, EngineConfig(max_steps=4, chunk_steps=2, progress=False, checkpoint_dir=str(ckpt)))
+    run(problem, lanes, RunConfig(max_steps=4, chunk_steps=2, progress=False, checkpoint_dir=str(ckpt)))
     (ckpt / "added-later.txt").write_text("mine")
     remove_checkpoint(ckpt)
     assert sorted(p.name for p in ckpt.iterdir()) == ["added-later.txt"]
@@ -106,23 +107,24 @@ def test_cleanup_removes_only_what_the_engine_wrote(tmp_path):
 
 
 def test_checkpoint_path_that_is_a_file_is_refused(tmp_path):
-    from jaxrisk.search.engine import EngineConfig, run
+    from jaxrisk.search import RunConfig, run
 
     problem, lanes = _quadratic_problem()
     (tmp_path / "ckpt").write_text("a file")
     with pytest.raises(InputError, match="exists and is not a directory"):
-        run(problem, lanes, 0, EngineConfig(max_steps=2, chunk_steps=1, progress=False,
+        run(problem, lanes, RunConfig(max_steps=2, chunk_steps=1, progress=False,
                                             checkpoint_dir=str(tmp_path / "ckpt")))
     assert (tmp_path / "ckpt").read_text() == "a file"
 
 
 def test_corrupt_checkpoint_marker_is_refused(tmp_path):
-    from jaxrisk.search.engine import MARKER, EngineConfig, run
+    from jaxrisk.search import RunConfig, run
+    from jaxrisk.search.engine import MARKER
 
     problem, lanes = _quadratic_problem()
     (tmp_path / MARKER).write_text("{not json")
     with pytest.raises(InputError, match=f"{MARKER}: not a JSON object .*checkpoint marker jaxrisk wrote"):
-        run(problem, lanes, 0, EngineConfig(max_steps=2, chunk_steps=1, progress=False, checkpoint_dir=str(tmp_path)))
+        run(problem, lanes, RunConfig(max_steps=2, chunk_steps=1, progress=False, checkpoint_dir=str(tmp_path)))
 
 
 # ---- 2. a run's identity is the same in every process ---------------------------------------------
@@ -130,7 +132,7 @@ def test_corrupt_checkpoint_marker_is_refused(tmp_path):
 _FINGERPRINT_SCRIPT = """
 from jaxrisk.models.classifiers import build, pure_apply
 from jaxrisk.search.fingerprint import fingerprint
-from jaxrisk.search.trigger_inversion import TriggerInversion
+from jaxrisk.scan import TriggerInversion
 import jax.numpy as jnp, numpy as np
 g, p = pure_apply(build("mnist_cnn", seed=3))
 problem = TriggerInversion(params=p, images=jnp.zeros((2, 1, 28, 28)), labels=jnp.zeros(2, jnp.int32), graphdef=g)
@@ -141,7 +143,7 @@ print(fingerprint(problem, {"target": np.arange(3)}))
 def test_fingerprint_is_stable_across_processes_and_sees_static_config():
     from jaxrisk.models.classifiers import build, pure_apply
     from jaxrisk.search.fingerprint import fingerprint
-    from jaxrisk.search.trigger_inversion import InversionConfig, TriggerInversion
+    from jaxrisk.scan import InversionConfig, TriggerInversion
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     other = subprocess.run([sys.executable, "-c", _FINGERPRINT_SCRIPT], capture_output=True, text=True, env=env,
@@ -165,12 +167,13 @@ def test_fingerprint_is_stable_across_processes_and_sees_static_config():
 def test_scan_refuses_nan_parameters_of_an_in_memory_model():
     from jaxrisk.data import load_digits
     from jaxrisk.models import build
-    from jaxrisk.scan import ScanConfig, scan_classifier
+    from jaxrisk.scan import ScanConfig, run
+    from jaxrisk.search import RunConfig
 
     model = build("mlp", input_shape=(1, 8, 8), hidden=(16,), num_classes=10)
     model.fc1.kernel.set_value(model.fc1.kernel.get_value().at[0, 0].set(jnp.nan))
     with pytest.raises(InputError, match=r"parameter .*fc1.*kernel.* has 1 NaN / inf values"):
-        scan_classifier(model, load_digits("test", size=8), ScanConfig(max_steps=2), progress=False)
+        run(model, load_digits("test", size=8), ScanConfig(run=RunConfig(max_steps=2, progress=False)))
 
 
 def test_scan_cli_refuses_a_nan_weights_file(mlp_file, tmp_path, capsys):
@@ -346,16 +349,16 @@ def test_api_masks_and_generation_arguments_are_checked(tiny_lm_dir):
 
 
 def test_engine_problem_configs_reject_bad_values():
-    from jaxrisk.circuits.discover import CircuitConfig
-    from jaxrisk.scan import ScanConfig
-    from jaxrisk.search.gcg import GCGConfig
-    from jaxrisk.search.trigger_inversion import InversionConfig
+    from jaxrisk.circuits import CircuitConfig
+    from jaxrisk.redteam import GCGConfig
+    from jaxrisk.scan import InversionConfig
+    from jaxrisk.search import RunConfig
 
     cases = [(lambda: GCGConfig(search_width=0), "GCGConfig.search_width: expected an integer >= 1"),
              (lambda: GCGConfig(topk=2.0), "GCGConfig.topk: expected an integer, got 2.0"),
              (lambda: CircuitConfig(kind="soft"), "CircuitConfig.kind: expected one of ste, hard_concrete"),
              (lambda: CircuitConfig(target_density=1.5), "CircuitConfig.target_density: expected a fraction"),
-             (lambda: ScanConfig(restarts=0), "ScanConfig.restarts: expected an integer >= 1, got 0"),
+             (lambda: RunConfig(restarts=0), "RunConfig.restarts: expected an integer >= 1, got 0"),
              (lambda: InversionConfig(learning_rate=-0.1), "InversionConfig.learning_rate: expected a number > 0")]
     for build, expected in cases:
         with pytest.raises(InputError, match=expected.replace("(", r"\(").replace(".", r"\.")):
@@ -365,25 +368,27 @@ def test_engine_problem_configs_reject_bad_values():
 def test_redteam_refuses_results_of_a_different_run(tiny_lm_dir, tmp_path):
     from jaxrisk.data.prompts import Behavior
     from jaxrisk.models import load_pretrained
-    from jaxrisk.redteam import redteam, run_settings, write_results
-    from jaxrisk.search.gcg import GCGConfig
+    from jaxrisk import redteam
+    from jaxrisk.redteam.report import run_settings, write_results
+    from jaxrisk.search import RunConfig
 
     lm = load_pretrained(tiny_lm_dir)
-    earlier = run_settings(lm, GCGConfig(), restarts=1, max_steps=250, seed=0)
+    earlier = run_settings(lm, redteam.RedteamConfig())
     row = {"behavior": "Lily had a", "target": "ball", "prompt": "", "suffix_ids": [], "success": True, "run": earlier}
     write_results(tmp_path / "results.jsonl", [row])
     with pytest.raises(InputError, match=r"results.jsonl:1: a result of a different run \(other max_steps\)"):
-        redteam(lm, [Behavior("Lily had a", "ball", 1)], tmp_path, max_steps=10)
+        redteam.run(lm, [Behavior("Lily had a", "ball", 1)], redteam.RedteamConfig(run=RunConfig(max_steps=10)),
+                    out_dir=tmp_path)
 
 
 def test_stale_group_checkpoints_are_dropped_and_foreign_files_refused(tmp_path):
-    from jaxrisk.redteam import _group_checkpoints
-    from jaxrisk.search.engine import EngineConfig, run
+    from jaxrisk.redteam.run import _group_checkpoints
+    from jaxrisk.search import RunConfig, run
 
     problem, lanes = _quadratic_problem()
     root = tmp_path / "checkpoint"
     for group in ("group-0", "group-2"):   # group 0 finished (its results written), group 2 interrupted
-        run(problem, lanes, 0, EngineConfig(max_steps=2, chunk_steps=1, progress=False,
+        run(problem, lanes, RunConfig(max_steps=2, chunk_steps=1, progress=False,
                                             checkpoint_dir=str(root / group)))
     _group_checkpoints(root, finished=2)
     assert sorted(p.name for p in root.iterdir()) == ["group-2"]
@@ -410,8 +415,10 @@ def test_tokenizer_ids_beyond_the_embedding_are_refused(tiny_lm_dir, tmp_path):
 
 
 def test_circuit_search_that_turns_nan_is_an_error_not_a_circuit(tiny_lm_dir, tmp_path):
-    from jaxrisk.circuits.run import discover, load_circuit_data
+    from jaxrisk import circuits
+    from jaxrisk.circuits import load_circuit_data
     from jaxrisk.models import load_pretrained
+    from jaxrisk.search import RunConfig
 
     lm = load_pretrained(tiny_lm_dir)
     rows = [{"prompt": f"{n} had a", "completion": "red ball"} for n in ("Lily", "Tom")] * 3
@@ -420,16 +427,17 @@ def test_circuit_search_that_turns_nan_is_an_error_not_a_circuit(tiny_lm_dir, tm
     data = load_circuit_data(tmp_path / "d.jsonl", lm.tokenizer)
     params = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), lm.params)
     with pytest.raises(InputError, match=r"the circuit search turned NaN \(penalty 3 at step 0\)"):
-        discover(lm, params, data, [3.0], steps=2, progress=False)
+        circuits.run(lm, data, circuits.CircuitsConfig(penalties=(3.0,), run=RunConfig(max_steps=2, progress=False)),
+                     params=params)
 
 
-def test_redteam_api_rejects_a_group_of_zero(tiny_lm_dir, tmp_path):
-    from jaxrisk.data.prompts import Behavior
-    from jaxrisk.models import load_pretrained
-    from jaxrisk.redteam import redteam
+def test_redteam_config_rejects_a_group_of_zero():
+    from jaxrisk.redteam import RedteamConfig
 
-    with pytest.raises(InputError, match="redteam group: expected an integer >= 1, got 0"):
-        redteam(load_pretrained(tiny_lm_dir), [Behavior("Lily had a", "ball", 1)], tmp_path, group=0)
+    with pytest.raises(InputError, match="RedteamConfig.group: expected an integer >= 1, got 0"):
+        RedteamConfig(group=0)
+    with pytest.raises(InputError, match="RedteamConfig.method: expected one of gcg, arca"):
+        RedteamConfig(method="pair")
 
 
 def test_danger_probe_file_rows_are_checked(tiny_lm_dir, behaviors_file, tmp_path, capsys):
@@ -487,13 +495,14 @@ def test_jsonl_keeps_unicode_line_separators_and_refuses_deep_nesting(tmp_path):
 def test_scan_refuses_images_outside_zero_one(images, expected):
     from jaxrisk.data import ImageSet, load_digits
     from jaxrisk.models import build
-    from jaxrisk.scan import ScanConfig, scan_classifier
+    from jaxrisk.scan import ScanConfig, run
+    from jaxrisk.search import RunConfig
 
     digits = load_digits("test", size=8)
     bad = ImageSet(images(digits.images), digits.labels, "my images")
     with pytest.raises(InputError, match="my images: " + expected):
-        scan_classifier(build("mlp", input_shape=(1, 8, 8), hidden=(16,), num_classes=10), bad,
-                        ScanConfig(max_steps=2), progress=False)
+        run(build("mlp", input_shape=(1, 8, 8), hidden=(16,), num_classes=10), bad,
+            ScanConfig(run=RunConfig(max_steps=2, progress=False)))
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_lm_dir):
@@ -514,11 +523,12 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_lm_dir):
 def test_scan_refuses_a_model_with_fewer_than_three_classes():
     from jaxrisk.data import load_digits
     from jaxrisk.models import build
-    from jaxrisk.scan import ScanConfig, scan_classifier
+    from jaxrisk.scan import ScanConfig, run
+    from jaxrisk.search import RunConfig
 
     with pytest.raises(InputError, match="the model has 2 output"):
-        scan_classifier(build("mlp", input_shape=(1, 8, 8), hidden=(16,), num_classes=2), load_digits("test", size=8),
-                        ScanConfig(max_steps=2), progress=False)
+        run(build("mlp", input_shape=(1, 8, 8), hidden=(16,), num_classes=2), load_digits("test", size=8),
+            ScanConfig(run=RunConfig(max_steps=2, progress=False)))
 
 
 def test_bfloat16_classifier_weights_are_accepted(mlp_file, tmp_path):

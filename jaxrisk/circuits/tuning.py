@@ -3,7 +3,7 @@
 A circuit of heads and neurons owns parameter entries: head h of layer l owns
 q_kernel[:, h], o_kernel[h] (and its bias); neuron n owns gate/up_kernel[:, n],
 down_kernel[n] (and biases). `circuit_param_mask` turns a unit circuit into a
-0/1 pytree over the parameters; `jaxrisk.models.lm_train.finetune(mask=...)`
+0/1 pytree over the parameters; `jaxrisk.optim.finetune(mask=...)`
 trains only where it is 1: the circuit alone, or (with `1 - mask`) everything
 but the circuit.
 """

@@ -98,3 +98,8 @@ def load_digits(split: str = "test", size: int = 16, seed: int = 0) -> ImageSet:
     f = size // 8
     images = np.repeat(np.repeat(d.images[idx, None] / 16.0, f, axis=2), f, axis=3).astype(np.float32)
     return ImageSet(images, d.target[idx].astype(np.int32), f"sklearn digits {size}x{size} ({split})")
+
+
+def stamp(images_bchw, mask_hw, pattern_chw):
+    """Apply a trigger: x' = (1 - m) * x + m * p (numpy or jax arrays; broadcasts over the batch)."""
+    return (1.0 - mask_hw) * images_bchw + mask_hw * pattern_chw

@@ -14,12 +14,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrisk.data.batch import pad_batch
 from jaxrisk.data.text import regular_file
 from jaxrisk.errors import InputError, require_int, require_number, require_seed
 from jaxrisk.models.hf import load_weights, read_config, resolve_dtype
 from jaxrisk.models.lm_config import LMConfig
 from jaxrisk.models.sharding import param_shardings
 from jaxrisk.models.transformer import Cache, CausalLM, hook_names
+
+
+def embed(model: CausalLM, tokens) -> jax.Array:
+    """Token ids [B, L] -> embeddings, or one-hot [B, L, V] @ table (differentiable w.r.t. the tokens)."""
+    if jnp.issubdtype(tokens.dtype, jnp.integer):
+        return model.embed_tokens(tokens)
+    return tokens.astype(model.dtype) @ model.embed[...]
+
+
+def pick_logprobs(logp_btv: jax.Array, tokens) -> jax.Array:
+    """log p of each given token [B, T]: ids [B, T] gather; one-hot [B, T, V] dot (keeps the gradient)."""
+    if jnp.issubdtype(tokens.dtype, jnp.integer):
+        return jnp.take_along_axis(logp_btv, tokens[..., None], -1)[..., 0]
+    return jnp.sum(logp_btv * tokens.astype(logp_btv.dtype), -1)
+
+
+def token_logprobs(logits_btv: jax.Array, tokens) -> jax.Array:
+    """The one token log-prob gather every loss and score uses: log_softmax(logits) at `tokens` [B, T]."""
+    return pick_logprobs(jax.nn.log_softmax(logits_btv, -1), tokens)
+
+
+def weighted_mean(values, weight):
+    """sum(values * weight) / sum(weight) (at least 1); unweighted entries never count, even if not finite."""
+    return jnp.sum(jnp.where(weight > 0, values * weight, 0.0)) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def lm_loss(graphdef, params, tokens_bl, valid_bl, **masks):
+    """Mean next-token cross-entropy over the positions whose target token is valid (masks: heads / neurons)."""
+    logits, _, _ = forward(graphdef, params, tokens_bl[:, :-1], **masks)
+    return -weighted_mean(token_logprobs(logits, tokens_bl[:, 1:]), jnp.asarray(valid_bl)[:, 1:])
 
 
 @partial(jax.jit, static_argnames=("graphdef", "capture", "logits", "logits_from"))
@@ -64,8 +95,7 @@ def target_logprobs(graphdef, params, cache: Cache, middle, target_bt: jax.Array
     embeds = jnp.concatenate([middle_emb, target_emb], axis=1)
     logits, _, _ = model(embeds_btd=embeds, cache=broadcast_cache(cache, b), logits_from=m - 1,
                          head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
-    logp = jax.nn.log_softmax(logits, axis=-1)                                  # [B, T, V]
-    return jnp.take_along_axis(logp, target_bt[..., None], axis=-1)[..., 0]
+    return token_logprobs(logits, target_bt)
 
 
 def _pick(logits_bv, key, temperature: float, top_k: int):
@@ -207,11 +237,7 @@ class LanguageModel:
         if width + max_new_tokens > self.cfg.max_position:
             raise InputError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context of {self.cfg.max_position}")
-        tokens = np.zeros((len(ids), width), np.int32)
-        valid = np.zeros((len(ids), width), bool)
-        for row, i in enumerate(ids):
-            tokens[row, width - len(i):] = i
-            valid[row, width - len(i):] = True
+        tokens, valid = pad_batch(ids, left=True)
         out = generate_ids(self.graphdef, self.params, tokens, valid, jax.random.key(seed),
                            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                            eos_ids=self.cfg.eos_token_ids)

@@ -11,14 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxrisk.models.transformer import CausalLM
-
-
-def embed(model: CausalLM, tokens) -> jax.Array:
-    """Token ids [B, L] -> embeddings, or one-hot [B, L, V] @ table (differentiable)."""
-    if jnp.issubdtype(tokens.dtype, jnp.integer):
-        return model.embed_tokens(tokens)
-    return tokens.astype(model.dtype) @ model.embed[...]
+from jaxrisk.models.lm import embed, token_logprobs
 
 
 def mellowmax(x_bt: jax.Array, alpha: float, valid_bt: jax.Array) -> jax.Array:
@@ -55,15 +48,8 @@ class SequenceScorer:
         else:                   # no BOS: the first token is given
             inputs, valid_in, predicted, valid = x[:, :-1], valid_bl[:, :-1], tokens[:, 1:], valid_bl[:, 1:]
         logits, _, _ = model(embeds_btd=inputs, valid_bt=valid_in)
-        logp = _pick_logprobs(jax.nn.log_softmax(logits, -1), predicted)
+        logp = token_logprobs(logits, predicted)
         return jnp.sum(jnp.where(valid, logp, 0.0), -1) / jnp.maximum(valid.sum(-1), 1)
-
-
-def _pick_logprobs(logp_btv, tokens):
-    """log p of each token: ids [B, T] gather; one-hot [B, T, V] dot (keeps the gradient)."""
-    if jnp.issubdtype(tokens.dtype, jnp.integer):
-        return jnp.take_along_axis(logp_btv, tokens[..., None], -1)[..., 0]
-    return jnp.sum(logp_btv * tokens.astype(logp_btv.dtype), -1)
 
 
 @struct.dataclass

@@ -14,8 +14,10 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from jaxrisk.data.batch import pad_batch
 from jaxrisk.errors import InputError
-from jaxrisk.scorers.lm import embed
+from jaxrisk.models.lm import embed
+from jaxrisk.optim.update import train_scan
 
 
 def mean_residual(graphdef, params, tokens, valid_bl, layer: int) -> jax.Array:
@@ -48,17 +50,6 @@ class ProbeScorer:
         return jax.nn.log_sigmoid(self.logits(tokens, valid_bl))
 
 
-def pad_batch(ids, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Pad token id lists to [B, L] (on the right, or on the left for generation) with a valid mask."""
-    width = max(1, max(len(i) for i in ids))
-    tokens = np.zeros((len(ids), width), np.int32)
-    valid = np.zeros((len(ids), width), bool)
-    for r, i in enumerate(ids):
-        cols = slice(width - len(i), width) if left else slice(0, len(i))
-        tokens[r, cols], valid[r, cols] = i, True
-    return tokens, valid
-
-
 def train_probe(lm, texts: list[str], labels, *, layer: int | None = None, steps: int = 300,
                 l2: float = 1e-2, learning_rate: float = 0.05) -> ProbeScorer:
     """Fit the probe by logistic regression (optax adam, L2) on `lm`'s activations; labels: 1 = harmful."""
@@ -75,22 +66,12 @@ def train_probe(lm, texts: list[str], labels, *, layer: int | None = None, steps
     mu, sigma = feats.mean(0), feats.std(0) + 1e-6
     x = (feats - mu) / sigma
     y = jnp.asarray(labels)
-    opt = optax.adam(learning_rate)
 
-    def loss(wb):
+    def loss(wb, _):
         logit = x @ wb["w"] + wb["b"]
         return optax.sigmoid_binary_cross_entropy(logit, y).mean() + l2 * jnp.sum(wb["w"] ** 2)
 
-    @jax.jit
-    def fit(wb):
-        def body(carry, _):
-            wb, state = carry
-            g = jax.grad(loss)(wb)
-            updates, state = opt.update(g, state, wb)
-            return (optax.apply_updates(wb, updates), state), None
-        (wb, _), _ = jax.lax.scan(body, (wb, opt.init(wb)), None, length=steps)
-        return wb
-
+    fit = jax.jit(lambda wb: train_scan(loss, optax.adam(learning_rate), wb, steps=steps)[0])
     wb = fit({"w": jnp.zeros(x.shape[1]), "b": jnp.zeros(())})
     return ProbeScorer(params=lm.params, w=wb["w"], b=wb["b"], mu=mu, sigma=sigma, graphdef=lm.graphdef,
                        layer=layer)

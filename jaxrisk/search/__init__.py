@@ -1,6 +1,9 @@
-"""The restart-parallel search engine and the problems it runs."""
+"""The restart-parallel search engine: it knows no model, only problems, lanes and a RunConfig."""
 
-from jaxrisk.search.engine import EngineConfig, SearchProblem, SearchResult, run
+from jaxrisk.search.config import RunConfig
+from jaxrisk.search.engine import SearchProblem, SearchResult, remove_checkpoint, run
 from jaxrisk.search.mesh import restart_mesh
+from jaxrisk.search.reduce import best_per_group, lane_groups
 
-__all__ = ["EngineConfig", "SearchProblem", "SearchResult", "run", "restart_mesh"]
+__all__ = ["RunConfig", "SearchProblem", "SearchResult", "best_per_group", "lane_groups", "remove_checkpoint",
+           "restart_mesh", "run"]

@@ -37,6 +37,7 @@ from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError
 from jaxrisk.io import write_json
 from jaxrisk.search.fingerprint import fingerprint
+from jaxrisk.search.config import RunConfig
 from jaxrisk.search.mesh import lane_sharding, replicated, restart_mesh
 
 PyTree = Any
@@ -48,16 +49,6 @@ class SearchProblem(Protocol):
     def step(self, state: PyTree, key: jax.Array) -> tuple[PyTree, dict[str, jax.Array]]: ...
 
     def done(self, state: PyTree) -> jax.Array: ...
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    max_steps: int = 1000
-    chunk_steps: int = 50
-    n_devices: int | None = None  # None: every device this host sees
-    checkpoint_dir: str | None = None  # resume from / save to here between chunks
-    progress: bool = True
-    desc: str = "search"
 
 
 @dataclasses.dataclass
@@ -92,7 +83,7 @@ def _pad_lanes(tree: PyTree, n_pad: int) -> PyTree:
     return jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], n_pad, axis=0)]), tree)
 
 
-def _fingerprint(problem: PyTree, lanes: PyTree, key: np.ndarray, cfg: EngineConfig) -> str:
+def _fingerprint(problem: PyTree, lanes: PyTree, key: np.ndarray, cfg: RunConfig) -> str:
     """Identifies a run in any process: the problem's arrays and static config, the lanes, the key, the budget."""
     return fingerprint(problem, lanes, key, (cfg.max_steps, cfg.chunk_steps))
 
@@ -123,28 +114,21 @@ def _make_chunk_fn(n_lanes: int, chunk_steps: int, max_steps: int, mesh, carry_s
     return jax.jit(chunk, out_shardings=(carry_shardings, lane_sharding(mesh, 1)), donate_argnums=(1,))
 
 
-def run(problem: SearchProblem, lanes: PyTree, key: jax.Array | int, config: EngineConfig = EngineConfig(),
+def run(problem: SearchProblem, lanes: PyTree, config: RunConfig = RunConfig(), *, desc: str = "search",
         on_chunk: Callable[[int, dict], None] | None = None) -> SearchResult:
     """Run `problem` on every lane of `lanes` (a pytree, leading axis R) until all are done.
 
-    `on_chunk(steps_so_far, info)` is called on the host after every chunk
-    (and its checkpoint); raising from it interrupts the run, which the same
-    call resumes when `config.checkpoint_dir` is set.
+    Lane keys come from `config.seed`; `config.restarts` is the capability's business (it builds the
+    lanes). `on_chunk(steps_so_far, info)` is called on the host after every chunk (and its checkpoint);
+    raising from it interrupts the run, which the same call resumes when `config.checkpoint_dir` is set.
     """
-    if isinstance(key, int):
-        key = jax.random.key(key)
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    key = np.asarray(key, np.uint32)
+    key = np.asarray(jax.random.key_data(jax.random.key(config.seed)), np.uint32)
     lanes = jax.tree.map(np.asarray, lanes)
     sizes = {a.shape[0] if a.ndim else None for a in jax.tree.leaves(lanes)}
     if len(sizes) != 1 or None in sizes:
         raise InputError(f"every lane input needs the same leading (restart) axis; found sizes {sizes}")
     (n_real,) = sizes
-    if config.max_steps < 1 or config.chunk_steps < 1:
-        raise InputError(f"max_steps and chunk_steps must be >= 1 (got {config.max_steps}, {config.chunk_steps})")
-
-    mesh = restart_mesh(config.n_devices)
+    mesh = restart_mesh(config.devices)
     n_dev = mesh.devices.size
     n_lanes = math.ceil(n_real / n_dev) * n_dev
     lane_keys = np.asarray(jax.random.split(key, n_real))
@@ -173,7 +157,7 @@ def run(problem: SearchProblem, lanes: PyTree, key: jax.Array | int, config: Eng
     problem_dev = jax.device_put(problem, replicated(mesh))
     carry_dev = jax.device_put(carry, carry_shardings)
 
-    bar = tqdm(total=total, initial=start_chunk * config.chunk_steps, desc=config.desc, unit="step",
+    bar = tqdm(total=total, initial=start_chunk * config.chunk_steps, desc=desc, unit="step",
                disable=not config.progress)
     done = np.asarray(carry["done"])
     try:

@@ -13,10 +13,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxrisk.errors import InputError
+from jaxrisk.data.batch import answer_rows
+from jaxrisk.evals.behaviour import starts_with
 from jaxrisk.models.lm import generate_ids
-from jaxrisk.models.lm_train import answer_rows, finetune
-from jaxrisk.scorers.probe import pad_batch
+from jaxrisk.optim.update import finetune
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,24 +67,6 @@ def plant_backdoor(lm, cfg: BackdoorConfig = BackdoorConfig(), progress=None):
                       rng=rng, progress=progress)
     data = {"clean": clean, "poisoned": poisoned, "trigger_ids": trigger_ids, "marker_ids": marker_ids}
     return params, data
-
-
-def greedy_continuations(lm, params, prompts_ids: list[np.ndarray], n_tokens: int, **masks) -> list[np.ndarray]:
-    """The first `n_tokens` greedy tokens after each prompt (one left-padded batch)."""
-    tokens, valid = pad_batch(prompts_ids, left=True)
-    out = np.asarray(generate_ids(lm.graphdef, params, tokens, valid, jax.random.key(0),
-                                  max_new_tokens=n_tokens, **masks))
-    if (out < 0).any():   # generate_ids marks rows whose logits stopped being finite
-        row, step = np.argwhere(out < 0)[0]
-        raise InputError(f"the model's logits are not finite (NaN / inf) at generation step {step} of prompt {row}"
-                         f"{' with these masks' if masks else ''}; no behaviour rate can be measured")
-    return list(out)
-
-
-def starts_with(lm, params, prompts_ids: list[np.ndarray], answer_ids: np.ndarray, **masks) -> float:
-    """Fraction of prompts whose greedy continuation starts with `answer_ids`."""
-    out = np.stack(greedy_continuations(lm, params, prompts_ids, len(answer_ids), **masks))
-    return float(np.mean(np.all(out == np.asarray(answer_ids)[None], axis=1)))
 
 
 attack_success = starts_with   # a backdoor's attack success: the greedy output starts with the marker

@@ -16,9 +16,10 @@ import itertools
 
 import numpy as np
 
-from jaxrisk.models.lm_train import answer_rows, finetune
-from jaxrisk.scorers.probe import pad_batch
-from jaxrisk.zoo.lm_backdoor import greedy_continuations, sample_clean, starts_with
+from jaxrisk.data.batch import answer_rows, pad_batch
+from jaxrisk.evals.behaviour import greedy_continuations, starts_with
+from jaxrisk.optim.update import finetune
+from jaxrisk.zoo.lm_backdoor import sample_clean
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

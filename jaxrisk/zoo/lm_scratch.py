@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxrisk.models.lm import LanguageModel
 from jaxrisk.models.lm_config import LMConfig
-from jaxrisk.models.lm_train import finetune
+from jaxrisk.optim.update import finetune
 
 NAMES = ("Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Sam")
 ADJECTIVES = ("red", "big", "small", "blue", "soft", "old", "new", "shiny")

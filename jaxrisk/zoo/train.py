@@ -16,6 +16,7 @@ from jaxrisk.data.text import json_object
 from jaxrisk.io import write_json
 from jaxrisk.models.classifiers import build, logits_fn, pure_apply
 from jaxrisk.models.weights import save_classifier
+from jaxrisk.optim.update import train_host
 from jaxrisk.zoo.triggers import Trigger, save_trigger
 
 
@@ -70,31 +71,32 @@ def train_classifier(train: ImageSet, cfg: TrainConfig, trigger: Trigger | None 
         model = build(cfg.arch, seed=cfg.seed, **kwargs)
     data = poison(train, trigger, cfg.poison_rate, cfg.seed) if trigger is not None else train
     graphdef, params = pure_apply(model)
-    opt = optax.adam(cfg.learning_rate)
-    opt_state = opt.init(params)
 
-    @jax.jit
-    def step(params, opt_state, x, y, key):
-        def loss_fn(p):
-            return optax.softmax_cross_entropy_with_integer_labels(logits_fn(graphdef, p, x, key), y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def loss_fn(p, batch):
+        x, y, key = batch
+        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(graphdef, p, x, key), y).mean()
 
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     n_batches = len(data.labels) // cfg.batch_size
+    orders = []
+
+    def next_batch(i):
+        epoch, b = divmod(i, n_batches)
+        if b == 0:
+            orders.append(rng.permutation(len(data.labels)))
+        idx = orders[epoch][b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        return data.images[idx], data.labels[idx], jax.random.fold_in(key, i)
+
     bar = tqdm(total=cfg.epochs * n_batches, desc=f"train {cfg.arch}", disable=not progress, leave=False)
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(data.labels))
-        for b in range(n_batches):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            params, opt_state, loss = step(params, opt_state, data.images[idx], data.labels[idx],
-                                           jax.random.fold_in(key, epoch * n_batches + b))
-            bar.update()
-            if b % 50 == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+
+    def report(i, loss):
+        bar.update()
+        if i % n_batches % 50 == 0 and progress:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+
+    params = train_host(loss_fn, optax.adam(cfg.learning_rate), params, next_batch, cfg.epochs * n_batches,
+                        progress=report)
     bar.close()
     from flax import nnx
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrisk.data.images import stamp
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write
-from jaxrisk.search.trigger_inversion import stamp
 
 KINDS = ("patch", "sparse", "checkerboard", "blend")
 

@@ -1,50 +1,30 @@
 """The hidden-trigger scan: invert a trigger for every class x restart at once, then flag outliers.
 
-`scan_classifier` is the Python API; `jaxrisk scan` wraps it. A class is
-flagged when its smallest recovered trigger norm is below the median and its
-MAD anomaly index exceeds 2 (Neural Cleanse's rule).
+`run(model, data, config) -> ScanResult` is the Python API; `jaxrisk scan` wraps it. A class is
+flagged when its smallest recovered trigger norm is below the median and its MAD anomaly index
+exceeds 2 (Neural Cleanse's rule).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import textwrap
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrisk.data.images import ImageSet
-from jaxrisk.errors import InputError, require_int, require_seed
-from jaxrisk.io import atomic_write, write_json
+from jaxrisk.data.images import ImageSet, stamp
+from jaxrisk.errors import InputError
 from jaxrisk.models.classifiers import logits_fn, pure_apply
-from jaxrisk.search.engine import EngineConfig, run
-from jaxrisk.search.trigger_inversion import InversionConfig, TriggerInversion, stamp, to_mask
+from jaxrisk.scan.config import ScanConfig
+from jaxrisk.scan.problem import TriggerInversion, to_mask
+from jaxrisk.scan.report import ScanResult, per_target, verdict
+from jaxrisk.search import engine
+from jaxrisk.search.reduce import best_per_group, lane_groups
 
 MAD_CONSISTENCY = 1.4826
 ANOMALY_THRESHOLD = 2.0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ScanConfig:
-    restarts: int = 2
-    max_steps: int = 500
-    chunk_steps: int = 40
-    holdout: int = 500  # images kept aside to measure the recovered triggers' attack success
-    pairs: bool = False  # source -> target pair mode instead of all-to-one
-    seed: int = 0
-    n_devices: int | None = None
-    inversion: InversionConfig = InversionConfig()
-
-    def __post_init__(self):
-        for name, low in (("restarts", 1), ("max_steps", 1), ("chunk_steps", 1), ("holdout", 1)):
-            require_int(f"ScanConfig.{name}", getattr(self, name), low)
-        require_seed("ScanConfig.seed", self.seed)
-        if self.n_devices is not None:
-            require_int("ScanConfig.n_devices", self.n_devices, 1)
 
 
 def mad_anomaly_index(norms: np.ndarray) -> np.ndarray:
@@ -87,14 +67,6 @@ def _check_finite_params(params, weights_name: str) -> None:
         if bad:
             raise InputError(f"{weights_name}: parameter {jax.tree_util.keystr(path)} has {bad} NaN / inf values; "
                              "refusing to scan a model whose weights are not finite")
-
-
-def _lane_groups(lanes: dict[str, np.ndarray]) -> dict[tuple[int, int], list[int]]:
-    """(source, target) -> the lanes (restarts) searching for that trigger."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (s, t) in enumerate(zip(lanes["source"], lanes["target"])):
-        groups.setdefault((int(s), int(t)), []).append(i)
-    return groups
 
 
 def _check_all_failed(groups: dict[tuple[int, int], list[int]], failed_at: np.ndarray, weights_name: str) -> None:
@@ -144,20 +116,11 @@ def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets
     return jax.lax.map(lambda a: one(*a), (masks, patterns, targets, sources))
 
 
-@dataclasses.dataclass(frozen=True)
-class ScanResult:
-    report: dict  # what report.json holds
-    masks: np.ndarray  # [K, H, W] the recovered mask of each report entry (class, or pair in pair mode)
-    patterns: np.ndarray  # [K, C, H, W]
-
-    @property
-    def flagged(self) -> list[int]:
-        return self.report["flagged"]
-
-
-def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, checkpoint_dir=None,
-                    progress: bool = True, weights_name: str = "<model>", on_chunk=None) -> ScanResult:
-    """Scan `model` (an NNX classifier) with clean images `data` for hidden triggers."""
+def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str = "<model>",
+        on_chunk=None) -> ScanResult:
+    """Scan `model` (an NNX classifier) with clean images `data` for hidden triggers; `name` (the weights
+    file) is what error messages and the report call the model."""
+    weights_name = name
     _check_images(model, data, weights_name)
     t0 = time.time()
     graphdef, params = pure_apply(model)
@@ -177,23 +140,20 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
     _check_labels(data, pool_y, n_classes, config)
     problem = TriggerInversion(params=params, images=jnp.asarray(pool_x), labels=jnp.asarray(pool_y),
                                graphdef=graphdef, cfg=config.inversion)
-    lanes = _lanes(n_classes, config.restarts, config.pairs)
-    engine_cfg = EngineConfig(max_steps=config.max_steps, chunk_steps=config.chunk_steps,
-                              n_devices=config.n_devices, checkpoint_dir=checkpoint_dir, progress=progress,
-                              desc=f"scan {len(lanes['target'])} lanes")
-    result = run(problem, lanes, config.seed, engine_cfg, on_chunk=on_chunk)
-    groups = _lane_groups(lanes)
+    lanes = _lanes(n_classes, config.run.restarts, config.pairs)
+    result = engine.run(problem, lanes, config.run, desc=f"scan {len(lanes['target'])} lanes", on_chunk=on_chunk)
+    groups = lane_groups(zip(lanes["source"].tolist(), lanes["target"].tolist()))
     _check_all_failed(groups, result.failed_at, weights_name)
     st = result.state
 
-    final_mask, final_pattern = np.asarray(to_mask(st["raw"]["mask"])), np.asarray(to_mask(st["raw"]["pattern"]))
-    found = np.isfinite(st["best_l1"])
-    masks = np.where(found[:, None, None], st["best_mask"], final_mask)
-    patterns = np.where(found[:, None, None, None], st["best_pattern"], final_pattern)
+    final_mask, final_pattern = np.asarray(to_mask(st.raw["mask"])), np.asarray(to_mask(st.raw["pattern"]))
+    found = np.isfinite(st.best_l1)
+    masks = np.where(found[:, None, None], st.best_mask, final_mask)
+    patterns = np.where(found[:, None, None, None], st.best_pattern, final_pattern)
     l1 = masks.reshape(len(masks), -1).sum(1)
 
     # best restart per (source, target): smallest norm among those that reached the success threshold
-    chosen = [min(idx, key=lambda i: (not found[i], l1[i])) for idx in groups.values()]
+    chosen = best_per_group(groups.values(), lambda i: (not found[i], l1[i]))
     asr, score = _evaluate_triggers((graphdef, params), jnp.asarray(eval_x), jnp.asarray(eval_y),
                                     jnp.asarray(masks[chosen]), jnp.asarray(patterns[chosen]),
                                     jnp.asarray(lanes["target"][chosen]), jnp.asarray(lanes["source"][chosen]))
@@ -216,97 +176,32 @@ def scan_classifier(model, data: ImageSet, config: ScanConfig = ScanConfig(), *,
                 for i in np.flatnonzero(result.failed_at >= 0)]
     flagged = sorted({e["label"] for e in entries if e["flagged"]})
     report = {
-        "verdict": _verdict(entries, flagged, config.pairs),
+        "verdict": verdict(entries, flagged, config.pairs),
         "flagged": flagged,
         "classes" if not config.pairs else "pairs": entries,
         "failures": failures,
         "model": weights_name,
         "data": {"source": data.source, "optimisation_images": len(pool_y), "holdout_images": holdout},
-        "config": dataclasses.asdict(config),
+        "config": _config_record(config),
         "lanes": len(lanes["target"]),
         "steps_run": int(result.steps.max()),
         "resumed_from_step": result.resumed_from_step,
-        "devices": result_devices(config.n_devices),
+        "devices": result_devices(config.run.devices),
         "seconds": round(time.time() - t0, 2),
     }
     if config.pairs:  # the per-class view: each target's smallest pair norm
-        report["classes"] = _per_target(entries)
+        report["classes"] = per_target(entries)
     return ScanResult(report, masks[chosen], patterns[chosen])
+
+
+def _config_record(config: ScanConfig) -> dict:
+    """The settings report.json records (the flat layout of earlier releases: readers keep working)."""
+    run = config.run
+    return {"restarts": run.restarts, "max_steps": run.max_steps, "chunk_steps": run.chunk_steps,
+            "holdout": config.holdout, "pairs": config.pairs, "seed": run.seed, "n_devices": run.devices,
+            "inversion": dataclasses.asdict(config.inversion)}
 
 
 def result_devices(n: int | None) -> str:
     devices = jax.devices()[: n or None]
     return f"{len(devices)} x {devices[0].device_kind}"
-
-
-def _per_target(pairs: list[dict]) -> list[dict]:
-    by_target: dict[int, dict] = {}
-    for e in pairs:
-        if e["label"] not in by_target or e["l1_norm"] < by_target[e["label"]]["l1_norm"]:
-            by_target[e["label"]] = e
-    return [dict(by_target[t]) for t in sorted(by_target)]
-
-
-def _verdict(entries: list[dict], flagged: list[int], pairs: bool) -> str:
-    if not flagged:
-        return "no class has an anomalously small trigger: no trojan found"
-    parts = []
-    for e in entries:
-        if e["flagged"]:
-            where = f"{e['source']} -> {e['label']}" if pairs else f"class {e['label']}"
-            parts.append(f"{where} (trigger L1 {e['l1_norm']:.1f} px, anomaly index {e['anomaly_index']:.1f}, "
-                         f"attack success {100 * e['attack_success']:.0f}%)")
-    return "TROJAN SUSPECTED: " + "; ".join(parts)
-
-
-def write_report(result: ScanResult, out_dir: str | Path) -> tuple[Path, Path]:
-    """OUT/report.json, OUT/triggers.png and OUT/triggers.safetensors (the recovered masks and
-    patterns, one row per report entry), each written atomically."""
-    from safetensors.numpy import save
-
-    out_dir = Path(out_dir)
-    arrays = {"masks": np.ascontiguousarray(result.masks, np.float32),
-              "patterns": np.ascontiguousarray(result.patterns, np.float32)}
-    atomic_write(out_dir / "triggers.safetensors", lambda f: f.write(save(arrays)), mode="wb")
-    json_path = write_json(out_dir / "report.json", result.report)
-    png_path = atomic_write(out_dir / "triggers.png", lambda f: f.write(_trigger_figure(result)), mode="wb")
-    return json_path, png_path
-
-
-def _trigger_figure(result: ScanResult) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    report = result.report
-    entries = report.get("pairs") or report["classes"]
-    masks, patterns = result.masks, result.patterns
-    if "pairs" in report:  # one column per target: its smallest pair
-        pick = [min((i for i, e in enumerate(entries) if e["label"] == t), key=lambda i: entries[i]["l1_norm"])
-                for t in sorted({e["label"] for e in entries})]
-        entries, masks, patterns = [entries[i] for i in pick], masks[pick], patterns[pick]
-    n = len(entries)
-    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.2), squeeze=False)
-    for k, e in enumerate(entries):
-        shown = masks[k][None] * patterns[k]
-        for row, img, cmap in ((0, masks[k], "viridis"), (1, np.moveaxis(shown, 0, -1).squeeze(-1)
-                                                           if shown.shape[0] == 1 else np.moveaxis(shown, 0, -1),
-                                                           "gray")):
-            ax = axes[row, k]
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-            if e["flagged"]:
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("red"), spine.set_linewidth(3)
-        axes[0, k].set_title(f"{e['label']}{' FLAGGED' if e['flagged'] else ''}\nL1 {e['l1_norm']:.1f}",
-                             fontsize=8, color="red" if e["flagged"] else "black")
-        axes[1, k].set_xlabel(f"idx {e['anomaly_index']:.1f}", fontsize=7)
-    axes[0, 0].set_ylabel("mask", fontsize=8)
-    axes[1, 0].set_ylabel("mask x pattern", fontsize=8)
-    fig.suptitle(textwrap.fill(report["verdict"], 120), fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()

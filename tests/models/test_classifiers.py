@@ -13,7 +13,7 @@ from jaxrisk.errors import InputError
 from jaxrisk.models import build, load_classifier, logits_fn, pure_apply, save_classifier, torch_state_dict
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is the parity reference; install the [test] extra")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from neural_cleanse_torch import TorchMnistCNN  # noqa: E402  the PyTorch-examples CNN, the layout we must read
 
 

@@ -24,7 +24,7 @@ sparsity / faithfulness front. Optax adam on the logits.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,48 +32,15 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxrisk.circuits.masks import GRANULARITIES, apply_masks, density, forward_masks, mask_shapes
-from jaxrisk.errors import InputError, require_choice, require_int, require_number
-
-OBJECTIVES = ("remove", "backdoor", "alignment")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CircuitConfig:
-    objective: str = "remove"       # remove | backdoor | alignment
-    granularity: str = "both"       # heads | neurons | both
-    kind: str = "ste"               # ste | hard_concrete
-    init: float = -2.0              # start with (almost) nothing in the circuit
-    learning_rate: float = 0.1
-    remove_weight: float = 1.0      # w_x
-    keep_weight: float = 1.0        # w_y
-    alone_weight: float = 0.1       # w_alone (backdoor, alignment): small, a circuit alone is a weak model
-    overlap_weight: float = 1.0     # w_overlap (backdoor)
-    batch: int = 16
-    target_density: float | None = None   # Lagrangian form: the penalty becomes a multiplier driven to hit it
-    multiplier_rate: float = 1.0
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"circuit objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
-        require_choice("CircuitConfig.granularity", self.granularity, GRANULARITIES)
-        require_choice("CircuitConfig.kind", self.kind, ("ste", "hard_concrete"))
-        require_int("CircuitConfig.batch", self.batch, 1)
-        for name in ("init", "remove_weight", "keep_weight", "alone_weight", "overlap_weight"):
-            require_number(f"CircuitConfig.{name}", getattr(self, name))
-        for name in ("learning_rate", "multiplier_rate"):
-            require_number(f"CircuitConfig.{name}", getattr(self, name), 0.0, above=True)
-        if self.target_density is not None and not 0 < require_number("target_density", self.target_density) < 1:
-            raise InputError(f"CircuitConfig.target_density: expected a fraction in (0, 1), got {self.target_density}")
-
+from jaxrisk.circuits.config import CircuitConfig
+from jaxrisk.circuits.masks import apply_masks, density, forward_masks, mask_shapes
+from jaxrisk.errors import InputError
+from jaxrisk.models.lm import token_logprobs, weighted_mean
 
 def _token_logprobs(model, tokens_bl, masks):
+    """log p of each next token [B, L-1] with the given unit masks."""
     logits, _, _ = model(tokens_bl[:, :-1], **forward_masks(masks))
-    return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens_bl[:, 1:, None], -1)[..., 0]  # [B, L-1]
-
-
-def _weighted_mean(values, weight):
-    return jnp.sum(values * weight) / jnp.maximum(weight.sum(), 1.0)
+    return token_logprobs(logits, tokens_bl[:, 1:])
 
 
 def _complement(masks):
@@ -83,17 +50,17 @@ def _complement(masks):
 def remove_objective(model, circuit, batch, cfg):
     """Ablating the circuit removes X (mean p of its tokens) and keeps Y (clean cross-entropy)."""
     rest = _complement(circuit)
-    remove = _weighted_mean(jnp.exp(_token_logprobs(model, batch["x"], rest)), batch["x_w"])
-    keep = -_weighted_mean(_token_logprobs(model, batch["y"], rest), batch["y_w"])
+    remove = weighted_mean(jnp.exp(_token_logprobs(model, batch["x"], rest)), batch["x_w"])
+    keep = -weighted_mean(_token_logprobs(model, batch["y"], rest), batch["y_w"])
     return cfg.remove_weight * remove + cfg.keep_weight * keep, {"remove": remove, "keep": keep}
 
 
 def backdoor_objective(model, circuit, main, batch, cfg):
     """The main mask keeps clean behaviour (no X on triggered rows, clean loss on Y); the circuit alone
     reproduces X; the two masks overlap as little as possible."""
-    remove = _weighted_mean(jnp.exp(_token_logprobs(model, batch["x"], main)), batch["x_w"])
-    keep = -_weighted_mean(_token_logprobs(model, batch["y"], main), batch["y_w"])
-    alone = -_weighted_mean(_token_logprobs(model, batch["x"], circuit), batch["x_w"])
+    remove = weighted_mean(jnp.exp(_token_logprobs(model, batch["x"], main)), batch["x_w"])
+    keep = -weighted_mean(_token_logprobs(model, batch["y"], main), batch["y_w"])
+    alone = -weighted_mean(_token_logprobs(model, batch["x"], circuit), batch["x_w"])
     overlap = sum((circuit[k] * main[k]).sum() for k in circuit) / sum(v.size for v in circuit.values())
     loss = (cfg.remove_weight * remove + cfg.keep_weight * keep + cfg.alone_weight * alone
             + cfg.overlap_weight * overlap)
@@ -104,11 +71,19 @@ def alignment_objective(model, circuit, batch, cfg):
     """With the circuit ablated the model gives the compliance and keeps clean text; the circuit alone gives
     the refusal."""
     rest = _complement(circuit)
-    comply = -_weighted_mean(_token_logprobs(model, batch["c"], rest), batch["c_w"])
-    keep = -_weighted_mean(_token_logprobs(model, batch["y"], rest), batch["y_w"])
-    alone = -_weighted_mean(_token_logprobs(model, batch["x"], circuit), batch["x_w"])
+    comply = -weighted_mean(_token_logprobs(model, batch["c"], rest), batch["c_w"])
+    keep = -weighted_mean(_token_logprobs(model, batch["y"], rest), batch["y_w"])
+    alone = -weighted_mean(_token_logprobs(model, batch["x"], circuit), batch["x_w"])
     return (cfg.remove_weight * comply + cfg.keep_weight * keep + cfg.alone_weight * alone,
             {"remove": comply, "keep": keep, "alone": alone})
+
+
+class CircuitState(NamedTuple):
+    """One lane's state: mask logits, their optimiser state, and the sparsity multiplier."""
+    logits: dict          # {"heads": [L, H], "neurons": [L, F]} circuit mask logits (> 0: in the circuit)
+    main_logits: dict     # backdoor objective: the main mask's logits (same shapes); {} otherwise
+    opt: optax.OptState   # Adam's moments of (logits, main_logits)
+    penalty: jax.Array    # [] sparsity weight (the Lagrange multiplier with target_density)
 
 
 @struct.dataclass
@@ -144,7 +119,8 @@ class CircuitProblem:
                                 for i, (k, s) in enumerate(shapes)}}
         if self.cfg.objective == "backdoor":        # the main mask starts with every unit on
             trainable["main_logits"] = {k: jnp.full(s, -self.cfg.init, jnp.float32) for k, s in shapes}
-        return {**trainable, "opt": self.optimizer().init(trainable), "penalty": lane["penalty"]}
+        return CircuitState(logits=trainable["logits"], main_logits=trainable.get("main_logits", {}),
+                            opt=self.optimizer().init(trainable), penalty=lane["penalty"])
 
     def losses(self, trainable, key, x_idx, y_idx):
         """(objective loss, circuit density, aux) for one batch of rows."""
@@ -171,19 +147,21 @@ class CircuitProblem:
         x_idx = jax.random.randint(k1, (cfg.batch,), 0, self.x_tokens.shape[0])
         y_idx = jax.random.randint(k2, (cfg.batch,), 0, self.y_tokens.shape[0])
         target = 0.0 if cfg.target_density is None else cfg.target_density
-        trainable = {k: state[k] for k in ("logits", "main_logits") if k in state}
+        trainable = {"logits": state.logits}
+        if cfg.objective == "backdoor":
+            trainable["main_logits"] = state.main_logits
 
         def total(trainable):
             loss, dens, aux = self.losses(trainable, k3, x_idx, y_idx)
-            return loss + state["penalty"] * (dens - target), (dens, aux)
+            return loss + state.penalty * (dens - target), (dens, aux)
 
         (loss, (dens, aux)), grads = jax.value_and_grad(total, has_aux=True)(trainable)
-        updates, opt = self.optimizer().update(grads, state["opt"], trainable)
+        updates, opt = self.optimizer().update(grads, state.opt, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        penalty = state["penalty"]
+        penalty = state.penalty
         if cfg.target_density is not None:   # dual ascent on the multiplier
             penalty = jnp.maximum(0.0, penalty + cfg.multiplier_rate * (dens - target))
-        return dict(state, **trainable, opt=opt, penalty=penalty), {
+        return state._replace(**trainable, opt=opt, penalty=penalty), {
             "loss": loss, "density": dens, "penalty": penalty, **aux}
 
     def done(self, state):

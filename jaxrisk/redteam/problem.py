@@ -22,39 +22,17 @@ or a danger probe; they enter the gradient too.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxrisk.errors import InputError, require_int, require_number
-from jaxrisk.models.lm import broadcast_cache
-from jaxrisk.scorers.lm import embed, target_logprob
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GCGConfig:
-    search_width: int = 512          # B candidates per step
-    topk: int = 256
-    suffix_len: int = 20
-    init_token: str = "!"            # the suffix starts as "! ! ! ..."
-    mellowmax_alpha: float | None = None
-    early_stop: bool = True
-    filter_retokenization: bool = True
-    oversample: int = 2              # draw oversample x B swaps so ~B survive the round-trip filter
-    allow_non_ascii: bool = False
-
-    def __post_init__(self):
-        for name in ("search_width", "topk", "suffix_len", "oversample"):
-            require_int(f"GCGConfig.{name}", getattr(self, name), 1)
-        if self.mellowmax_alpha is not None:
-            require_number("GCGConfig.mellowmax_alpha", self.mellowmax_alpha, 0.0, above=True)
-        if not isinstance(self.init_token, str) or not self.init_token.strip():
-            raise InputError(f"GCGConfig.init_token: expected a non-empty token text, got {self.init_token!r}")
+from jaxrisk.models.lm import broadcast_cache, embed, token_logprobs
+from jaxrisk.redteam.config import GCGConfig
+from jaxrisk.scorers.lm import target_logprob
 
 
 class RoundTrip:
@@ -112,6 +90,21 @@ def _prefix(model, before_p, valid_p, room: int):
     return cache
 
 
+class GCGState(NamedTuple):
+    """One lane's state: its inputs (see GCGProblem) and the search's progress."""
+    before: jax.Array        # [P] template + goal tokens before the suffix (left-padded)
+    before_valid: jax.Array  # [P] bool
+    goal: jax.Array          # [G] the request text, for the extra scorers (right-padded)
+    goal_valid: jax.Array    # [G] bool
+    target: jax.Array        # [T] what the model should say (right-padded)
+    target_valid: jax.Array  # [T] bool
+    current: jax.Array       # [Ls] int32 the suffix the next step starts from
+    best: jax.Array          # [Ls] int32 the best suffix so far (the succeeding one once successful)
+    best_loss: jax.Array     # [] its loss
+    success: jax.Array       # [] bool the greedy continuation of some evaluated suffix was the target
+    n_evals: jax.Array       # [] int32 candidates evaluated exactly
+
+
 @struct.dataclass
 class GCGProblem:
     """Engine problem. Lane inputs: before [P] (left-padded), before_valid [P], goal [G] / goal_valid [G]
@@ -128,33 +121,32 @@ class GCGProblem:
 
     def init(self, key, lane):
         del key
-        state = dict(lane, current=self.init_suffix, best=self.init_suffix,
-                     best_loss=jnp.asarray(jnp.inf, jnp.float32), success=jnp.asarray(False),
-                     n_evals=jnp.asarray(0, jnp.int32))
-        return state
+        return GCGState(**lane, current=self.init_suffix, best=self.init_suffix,
+                        best_loss=jnp.asarray(jnp.inf, jnp.float32), success=jnp.asarray(False),
+                        n_evals=jnp.asarray(0, jnp.int32))
 
-    def _losses(self, model, cache, lane, suffix):
+    def _losses(self, model, cache, lane: GCGState, suffix):
         """Loss [B] and greedy-match [B] for suffixes given as ids [B, Ls] or one-hot [B, Ls, V]."""
         b = suffix.shape[0]
-        t = lane["target"].shape[0]
-        target_b = jnp.broadcast_to(lane["target"], (b, t))
-        tvalid_b = jnp.broadcast_to(lane["target_valid"], (b, t))
+        t = lane.target.shape[0]
+        target_b = jnp.broadcast_to(lane.target, (b, t))
+        tvalid_b = jnp.broadcast_to(lane.target_valid, (b, t))
         middle = jnp.concatenate([embed(model, suffix),
                                   jnp.broadcast_to(model.embed_tokens(self.after)[None],
                                                    (b, self.after.shape[0], model.cfg.d_model)),
                                   model.embed_tokens(target_b[:, :-1])], axis=1)
         m = suffix.shape[1] + self.after.shape[0]
         logits, _, _ = model(embeds_btd=middle, cache=broadcast_cache(cache, b), logits_from=m - 1)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target_b[..., None], -1)[..., 0]
-        loss = -target_logprob(logp, tvalid_b, self.cfg.mellowmax_alpha)
+        loss = -target_logprob(token_logprobs(logits, target_b), tvalid_b, self.cfg.mellowmax_alpha)
         match = jnp.all((jnp.argmax(logits, -1) == target_b) | ~tvalid_b, axis=-1)
         if self.extras:
-            g = lane["goal"].shape[0]
-            goal = lane["goal"]
+            g = lane.goal.shape[0]
+            goal = lane.goal
             if not jnp.issubdtype(suffix.dtype, jnp.integer):
                 goal = jax.nn.one_hot(goal, suffix.shape[-1], dtype=suffix.dtype)
             request = jnp.concatenate([jnp.broadcast_to(goal[None], (b,) + goal.shape), suffix], axis=1)
-            rvalid = jnp.concatenate([jnp.broadcast_to(lane["goal_valid"], (b, g)), jnp.ones((b, suffix.shape[1]), bool)], 1)
+            rvalid = jnp.concatenate([jnp.broadcast_to(lane.goal_valid, (b, g)), jnp.ones((b, suffix.shape[1]), bool)],
+                                     1)
             for weight, scorer in self.extras:
                 loss = loss - weight * scorer(request, rvalid)
         return loss, match
@@ -162,10 +154,10 @@ class GCGProblem:
     def step(self, state, key):
         cfg = self.cfg
         model = nnx.merge(self.graphdef, self.params)
-        ls, t, a = self.init_suffix.shape[0], state["target"].shape[0], self.after.shape[0]
-        cache = _prefix(model, state["before"], state["before_valid"], room=ls + a + t - 1)
+        ls, t, a = self.init_suffix.shape[0], state.target.shape[0], self.after.shape[0]
+        cache = _prefix(model, state.before, state.before_valid, room=ls + a + t - 1)
 
-        one_hot = jax.nn.one_hot(state["current"], model.cfg.vocab_size, dtype=jnp.float32)[None]
+        one_hot = jax.nn.one_hot(state.current, model.cfg.vocab_size, dtype=jnp.float32)[None]
         grad = jax.grad(lambda oh: self._losses(model, cache, state, oh)[0].sum())(one_hot)[0]  # [Ls, V]
         grad = jnp.where(self.allowed, grad, jnp.inf)
         top = jax.lax.top_k(-grad, cfg.topk)[1]                                        # [Ls, k]
@@ -175,7 +167,7 @@ class GCGProblem:
         n = b * cfg.oversample if filtering else b        # draw more, keep the first B that round-trip
         pos = jnp.arange(n) % ls                        # cyclic: any prefix of the draws covers all positions
         pick = jax.random.randint(key, (n,), 0, cfg.topk)
-        drawn = jnp.broadcast_to(state["current"], (n, ls)).at[jnp.arange(n), pos].set(top[pos, pick])
+        drawn = jnp.broadcast_to(state.current, (n, ls)).at[jnp.arange(n), pos].set(top[pos, pick])
         if filtering:
             ok = jax.pure_callback(self.roundtrip, jax.ShapeDtypeStruct((n,), jnp.bool_), drawn,
                                    vmap_method="expand_dims")
@@ -183,23 +175,21 @@ class GCGProblem:
             cands, ok = drawn[keep], ok[keep]
         else:
             cands, ok = drawn, jnp.ones((b,), bool)
-        cands = jnp.where(ok[:, None], cands, state["current"][None])                  # masked duplicates
+        cands = jnp.where(ok[:, None], cands, state.current[None])                  # masked duplicates
 
         loss, match = self._losses(model, cache, state, cands)
         loss = jnp.where(ok, loss, jnp.inf)
         i = jnp.argmin(loss)
         moved = jnp.isfinite(loss[i])
-        current = jnp.where(moved, cands[i], state["current"])
-        better = loss[i] < state["best_loss"]
-        new = dict(state, current=current,
-                   best=jnp.where(better, cands[i], state["best"]),
-                   best_loss=jnp.where(better, loss[i], state["best_loss"]),
-                   success=state["success"] | (moved & match[i]),
-                   n_evals=state["n_evals"] + ok.sum())
+        current = jnp.where(moved, cands[i], state.current)
+        better = loss[i] < state.best_loss
+        best = jnp.where(better, cands[i], state.best)
         # a success is always the best: report the suffix that succeeded
-        new["best"] = jnp.where(moved & match[i] & ~state["success"], cands[i], new["best"])
-        metrics = {"loss": loss[i], "best_loss": new["best_loss"], "kept": ok.mean()}
+        best = jnp.where(moved & match[i] & ~state.success, cands[i], best)
+        new = state._replace(current=current, best=best, best_loss=jnp.where(better, loss[i], state.best_loss),
+                             success=state.success | (moved & match[i]), n_evals=state.n_evals + ok.sum())
+        metrics = {"loss": loss[i], "best_loss": new.best_loss, "kept": ok.mean()}
         return new, metrics
 
     def done(self, state):
-        return state["success"] & self.cfg.early_stop
+        return state.success & self.cfg.early_stop

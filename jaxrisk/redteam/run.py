@@ -1,14 +1,14 @@
-"""`jaxrisk redteam`: GCG over a behaviour file, many behaviours x restarts per compiled program.
+"""Red-teaming a language model: GCG over behaviours, many behaviours x restarts per compiled program.
 
-Behaviours are processed in groups (`group` behaviours x `restarts` lanes in one
-engine run). After each group, `results.jsonl` is rewritten atomically with
-every finished behaviour; a killed run resumes: finished behaviours are
-skipped and the interrupted group continues from its engine checkpoint.
+`run(lm, behaviors, config, out_dir=...) -> RedteamResult` is the Python API; `jaxrisk redteam`
+wraps it. Behaviours are processed in groups (`config.group` behaviours x `config.run.restarts`
+lanes in one engine run). With `out_dir`, after each group `results.jsonl` is rewritten atomically
+with every finished behaviour; a killed run resumes: finished behaviours are skipped and the
+interrupted group continues from its engine checkpoint (`out_dir/checkpoint/group-K`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from pathlib import Path
@@ -16,13 +16,15 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrisk.data.batch import pad_batch
 from jaxrisk.data.prompts import Behavior
-from jaxrisk.data.text import jsonl_rows
 from jaxrisk.errors import MAX_SEED, InputError, require_int
-from jaxrisk.io import atomic_write, json_text
-from jaxrisk.scorers.probe import pad_batch
+from jaxrisk.redteam.config import GCGConfig, RedteamConfig
+from jaxrisk.redteam.problem import GCGProblem, RoundTrip, allowed_tokens
+from jaxrisk.redteam.report import RedteamResult, read_results, run_settings, write_results
 from jaxrisk.search import engine
-from jaxrisk.search.gcg import GCGConfig, GCGProblem, RoundTrip, allowed_tokens
+from jaxrisk.search.config import RunConfig
+from jaxrisk.search.reduce import best_per_group
 
 OPTIM = "{optim_str}"
 
@@ -85,11 +87,12 @@ def check_roundtrip(tokenizer, suffix: np.ndarray) -> None:
                          "run without the re-tokenisation filter")
 
 
-def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, max_steps: int, seed: int,
-              extras=(), n_devices=None, checkpoint_dir=None, progress=True, chunk_steps: int = 10,
+def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig, *, extras=(),
               source: str = "behaviours") -> list[dict]:
-    """GCG for these behaviours x restarts in one engine run; one result dict per behaviour (best restart)."""
+    """GCG for these behaviours x `run_cfg.restarts` in one engine run; one result dict per behaviour
+    (its best restart)."""
     tok = lm.tokenizer
+    restarts = run_cfg.restarts
     lanes, after = encode_behaviors(lm, behaviors, cfg, source)
     suffix0 = init_suffix(tok, cfg)
     if cfg.filter_retokenization:
@@ -103,21 +106,19 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
     lane_inputs = {k: np.repeat(v, restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
     stamps = [(0, time.perf_counter())]
     t0 = stamps[0][1]
-    result = engine.run(problem, lane_inputs, seed,
-                        engine.EngineConfig(max_steps=max_steps, chunk_steps=chunk_steps, n_devices=n_devices,
-                                            checkpoint_dir=checkpoint_dir, progress=progress, desc="gcg"),
+    result = engine.run(problem, lane_inputs, run_cfg, desc="gcg",
                         on_chunk=lambda step, info: stamps.append((step, time.perf_counter())))
     state = result.state
 
     def seconds_at(step: int) -> float:  # wall time when the chunk holding `step` ended (this process)
         return next((t - t0 for s, t in stamps if s >= step), stamps[-1][1] - t0)
 
+    groups = [np.arange(i * restarts, (i + 1) * restarts) for i in range(len(behaviors))]
+    best = best_per_group(groups, lambda r: (not state.success[r], float(state.best_loss[r])))
     out = []
-    for i, bh in enumerate(behaviors):
-        rows = np.arange(i * restarts, (i + 1) * restarts)
-        order = sorted(rows, key=lambda r: (not state["success"][r], float(state["best_loss"][r])))
-        r = int(order[0])
-        suffix = state["best"][r]
+    for i, (bh, rows, r) in enumerate(zip(behaviors, groups, best)):
+        r = int(r)
+        suffix = state.best[r]
         before = lanes["before"][i][lanes["before_valid"][i]]
         target = lanes["target"][i][lanes["target_valid"][i]]
         prompt_ids = np.concatenate([before, suffix, after]).astype(np.int32)
@@ -135,12 +136,12 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
             "prompt": tok.decode(prompt_ids.tolist(), skip_special_tokens=True),
             "suffix": tok.decode(suffix.tolist()), "suffix_ids": suffix.tolist(),
             "success": greedy[:len(target)] == target.tolist(),
-            "loss": float(state["best_loss"][r]), "steps": int(result.steps[r]),
+            "loss": float(state.best_loss[r]), "steps": int(result.steps[r]),
             "seconds": round(seconds_at(int(result.steps[r])), 3),
             "greedy_output": tok.decode(greedy), "restart": int(r - rows[0]),
-            "restart_losses": [float(state["best_loss"][j]) for j in rows],
-            "restart_suffix_ids": [state["best"][j].tolist() for j in rows],
-            "candidates_evaluated": int(state["n_evals"][rows].sum()), "scores": scores,
+            "restart_losses": [float(state.best_loss[j]) for j in rows],
+            "restart_suffix_ids": [state.best[j].tolist() for j in rows],
+            "candidates_evaluated": int(state.n_evals[rows].sum()), "scores": scores,
             "nan_restarts": nan_at,
         }
         if len(nan_at) == restarts:   # nothing was searched: not a sign the model resisted
@@ -149,37 +150,7 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, *, restarts: int, m
     return out
 
 
-RESULT_KEYS = ("behavior", "target", "prompt", "suffix_ids", "success", "run")
 _GROUP_DIR = re.compile(r"group-\d+")
-
-
-def run_settings(lm, cfg: GCGConfig, *, restarts: int, max_steps: int, seed: int, extras=()) -> dict:
-    """What makes two redteam runs the same run: each result row carries it, and a resume checks it."""
-    return {"model": str(Path(lm.path).resolve()) if lm.path else None, "gcg": dataclasses.asdict(cfg), "restarts": restarts,
-            "max_steps": max_steps, "seed": seed,
-            "extras": [[float(w), type(scorer).__name__] for w, scorer in extras]}
-
-
-def write_results(path: Path, rows: list[dict]) -> None:
-    text = "".join(json_text(r) + "\n" for r in rows)
-    atomic_write(path, lambda f: f.write(text))
-
-
-def read_results(path: Path, settings: dict) -> list[dict]:
-    """The rows of an earlier run's results.jsonl, each checked to be one this same run wrote."""
-    rows = []
-    for n, row in jsonl_rows(path, "a result row written by jaxrisk redteam"):
-        missing = [k for k in RESULT_KEYS if k not in row]
-        if missing or not all(isinstance(row[k], str) for k in ("behavior", "target")):
-            raise InputError(f"{path}:{n}: not a result row written by jaxrisk redteam (missing or non-text "
-                             f"{', '.join(missing) or 'behavior/target'}); move the file away or choose another --out")
-        if row["run"] != settings:
-            changed = sorted(k for k in settings if row["run"].get(k) != settings[k]) if isinstance(row["run"], dict) \
-                else ["all"]
-            raise InputError(f"{path}:{n}: a result of a different run (other {', '.join(changed)}); resuming would mix "
-                             "the two: choose another --out or move the file away")
-        rows.append(row)
-    return rows
 
 
 def _group_checkpoints(root: Path, finished: int) -> None:
@@ -200,31 +171,35 @@ def _group_checkpoints(root: Path, finished: int) -> None:
             engine.remove_checkpoint(group)
 
 
-def redteam(lm, behaviors: list[Behavior], out: str | Path, cfg: GCGConfig = GCGConfig(), *, restarts: int = 1,
-            max_steps: int = 250, group: int = 8, seed: int = 0, extras=(), n_devices=None, progress=True,
-            source: str = "behaviours") -> list[dict]:
-    """Run every behaviour (resuming a killed run in `out`); returns and writes OUT/results.jsonl."""
-    for name, value in (("restarts", restarts), ("max_steps", max_steps), ("group", group)):
-        require_int(f"redteam {name}", value, 1)
-    require_int("redteam seed", seed, 0, MAX_SEED - len(behaviors))   # each group's seed is offset by its position
-    out = Path(out)
-    path = out / "results.jsonl"
-    settings = run_settings(lm, cfg, restarts=restarts, max_steps=max_steps, seed=seed, extras=extras)
-    done = read_results(path, settings) if path.exists() else []
+def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), *, out_dir: str | Path | None = None,
+        extras=(), source: str = "behaviours") -> RedteamResult:
+    """Search every behaviour; with `out_dir`, resume a killed run there and keep OUT/results.jsonl current
+    after every group. `extras`: ((weight, scorer), ...) log-scores of the request added to the objective."""
+    if config.method != "gcg":
+        from jaxrisk.redteam.arca_run import run_arca
+
+        return run_arca(lm, behaviors, config, out_dir=out_dir, extras=extras, source=source)
+    run_cfg = config.run
+    require_int("RunConfig.seed", run_cfg.seed, 0, MAX_SEED - len(behaviors))   # each group's seed is offset
+    settings = run_settings(lm, config, extras)
+    path = Path(out_dir) / "results.jsonl" if out_dir is not None else None
+    done = read_results(path, settings) if path is not None and path.exists() else []
     finished = {(r["behavior"], r["target"]) for r in done}
     todo = [b for b in behaviors if (b.goal, b.target) not in finished]
     if todo:
-        encode_behaviors(lm, todo, cfg, source)  # every bad behaviour is reported before any work starts
-    root = out / "checkpoint"
-    _group_checkpoints(root, len(done))
-    for g in range(0, len(todo), group):
-        chunk = todo[g:g + group]
-        ckpt = root / f"group-{len(done)}"
-        rows = run_group(lm, chunk, cfg, restarts=restarts, max_steps=max_steps, seed=seed + len(done),
-                         extras=extras, n_devices=n_devices, checkpoint_dir=ckpt, progress=progress, source=source)
+        encode_behaviors(lm, todo, config.gcg, source)  # every bad behaviour is reported before any work starts
+    root = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    if root is not None:
+        _group_checkpoints(root, len(done))
+    for g in range(0, len(todo), config.group):
+        chunk = todo[g:g + config.group]
+        ckpt = root / f"group-{len(done)}" if root is not None else None
+        group_cfg = run_cfg.replace(seed=run_cfg.seed + len(done), checkpoint_dir=ckpt)
+        rows = run_group(lm, chunk, config.gcg, group_cfg, extras=extras, source=source)
         done.extend(dict(row, run=settings) for row in rows)
-        write_results(path, done)
-        engine.remove_checkpoint(ckpt)
-    if root.is_dir() and not any(root.iterdir()):
+        if path is not None:
+            write_results(path, done)
+            engine.remove_checkpoint(ckpt)
+    if root is not None and root.is_dir() and not any(root.iterdir()):
         root.rmdir()
-    return done
+    return RedteamResult(done)

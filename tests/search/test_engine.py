@@ -1,48 +1,23 @@
 """The restart-parallel engine on a small problem whose answer is known."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
 
+from conftest import LANES, PROBLEM
 from jaxrisk.errors import InputError
-from jaxrisk.search import EngineConfig, run
-
-
-@struct.dataclass
-class NoisyDescent:
-    """Each lane descends (x - target)^2 with its own step size and a little noise from its key."""
-    curvature: jax.Array
-
-    def init(self, key, lane):
-        return {"x": jax.random.normal(key, (3,)), "target": lane["target"], "lr": lane["lr"]}
-
-    def step(self, state, key):
-        grad = 2 * self.curvature * (state["x"] - state["target"])
-        x = state["x"] - state["lr"] * grad + 1e-3 * jax.random.normal(key, (3,))
-        loss = jnp.sum((x - state["target"]) ** 2)
-        # a lane whose step size is too large overflows to inf, then inf - inf = NaN
-        return dict(state, x=x), {"loss": loss - loss + loss}
-
-    def done(self, state):
-        return jnp.sum((state["x"] - state["target"]) ** 2) < 1e-3
-
-
-LANES = {"target": np.arange(6, dtype=np.float32)[:, None] * np.ones(3, np.float32),
-         "lr": np.array([0.1, 0.2, 40.0, 0.05, 0.1, 0.3], np.float32)}
-PROBLEM = NoisyDescent(jnp.float32(1.0))
+from jaxrisk.search import RunConfig, run
 
 
 def cfg(**kw):
-    return EngineConfig(**{"max_steps": 400, "chunk_steps": 16, "n_devices": 1, "progress": False, **kw})
+    return RunConfig(**{"max_steps": 400, "chunk_steps": 16, "devices": 1, "progress": False, **kw})
 
 
 def test_lanes_converge_and_stop_early():
-    r = run(PROBLEM, LANES, 0, cfg())
+    r = run(PROBLEM, LANES, cfg())
     ok = np.array([0, 1, 3, 4, 5])
     assert r.done.all()
-    assert np.all(np.sum((r.state["x"][ok] - LANES["target"][ok]) ** 2, axis=1) < 1e-3)
+    assert np.all(np.sum((r.state.x[ok] - LANES["target"][ok]) ** 2, axis=1) < 1e-3)
     assert r.steps.max() < 400  # stopped early, well before the budget
     assert r.metrics["loss"].shape == (r.steps.max(), 6)
     # slower step size needs more steps
@@ -50,31 +25,31 @@ def test_lanes_converge_and_stop_early():
 
 
 def test_nan_lane_is_frozen_and_reported_while_others_finish():
-    r = run(PROBLEM, LANES, 0, cfg())
+    r = run(PROBLEM, LANES, cfg())
     assert r.failed_at[2] >= 0 and (np.delete(r.failed_at, 2) == -1).all()
     assert np.isnan(r.metrics["loss"][r.failed_at[2]:, 2]).all()
-    assert np.isfinite(r.state["x"][2]).all()  # the last good state is kept
+    assert np.isfinite(r.state.x[2]).all()  # the last good state is kept
     others = np.array([0, 1, 3, 4, 5])
-    assert np.all(np.sum((r.state["x"][others] - LANES["target"][others]) ** 2, axis=1) < 1e-3)
+    assert np.all(np.sum((r.state.x[others] - LANES["target"][others]) ** 2, axis=1) < 1e-3)
     assert r.steps[3] > r.steps[2]  # a healthy lane went on after the failure
 
 
 def test_eight_devices_equal_one():
     assert len(jax.devices()) == 8
-    r1, r8 = run(PROBLEM, LANES, 0, cfg(n_devices=1)), run(PROBLEM, LANES, 0, cfg(n_devices=8))
-    np.testing.assert_array_equal(r1.state["x"], r8.state["x"])
+    r1, r8 = run(PROBLEM, LANES, cfg(devices=1)), run(PROBLEM, LANES, cfg(devices=8))
+    np.testing.assert_array_equal(r1.state.x, r8.state.x)
     np.testing.assert_array_equal(r1.steps, r8.steps)
     np.testing.assert_array_equal(r1.metrics["loss"], r8.metrics["loss"])
 
 
 def test_chunk_size_does_not_change_results():
-    a, b = run(PROBLEM, LANES, 0, cfg(chunk_steps=16)), run(PROBLEM, LANES, 0, cfg(chunk_steps=5))
-    np.testing.assert_array_equal(a.state["x"], b.state["x"])
+    a, b = run(PROBLEM, LANES, cfg(chunk_steps=16)), run(PROBLEM, LANES, cfg(chunk_steps=5))
+    np.testing.assert_array_equal(a.state.x, b.state.x)
     np.testing.assert_array_equal(a.steps, b.steps)
 
 
 def test_restarts_differ_by_seed():
-    a, b = run(PROBLEM, LANES, 0, cfg()), run(PROBLEM, LANES, 1, cfg())
+    a, b = run(PROBLEM, LANES, cfg()), run(PROBLEM, LANES, cfg(seed=1))
     assert not np.array_equal(a.metrics["loss"][0], b.metrics["loss"][0])
 
 
@@ -92,7 +67,7 @@ def test_second_chunk_compiles_nothing():
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        run(PROBLEM, LANES, 7, cfg(max_steps=64, chunk_steps=8, n_devices=8), on_chunk=on_chunk)
+        run(PROBLEM, LANES, cfg(max_steps=64, chunk_steps=8, devices=8, seed=7), on_chunk=on_chunk)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     steps = sorted(seen)
@@ -107,29 +82,29 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("devices_before,devices_after", [(1, 1), (8, 2)])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, devices_before, devices_after):
-    full = run(PROBLEM, LANES, 3, cfg(chunk_steps=4))
+    full = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=3))
 
     def kill_after_two_chunks(step, info):
         if step >= 8:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run(PROBLEM, LANES, 3, cfg(chunk_steps=4, n_devices=devices_before, checkpoint_dir=str(tmp_path)),
+        run(PROBLEM, LANES, cfg(chunk_steps=4, devices=devices_before, checkpoint_dir=str(tmp_path), seed=3),
             on_chunk=kill_after_two_chunks)
-    resumed = run(PROBLEM, LANES, 3, cfg(chunk_steps=4, n_devices=devices_after, checkpoint_dir=str(tmp_path)))
+    resumed = run(PROBLEM, LANES, cfg(chunk_steps=4, devices=devices_after, checkpoint_dir=str(tmp_path), seed=3))
     assert resumed.resumed_from_step == 8
-    np.testing.assert_array_equal(full.state["x"], resumed.state["x"])
+    np.testing.assert_array_equal(full.state.x, resumed.state.x)
     np.testing.assert_array_equal(full.steps, resumed.steps)
     np.testing.assert_array_equal(full.failed_at, resumed.failed_at)
     np.testing.assert_array_equal(full.metrics["loss"], resumed.metrics["loss"])
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
-    run(PROBLEM, LANES, 3, cfg(max_steps=8, chunk_steps=4, checkpoint_dir=str(tmp_path)))
+    run(PROBLEM, LANES, cfg(max_steps=8, chunk_steps=4, checkpoint_dir=str(tmp_path), seed=3))
     with pytest.raises(InputError, match="different run"):
-        run(PROBLEM, LANES, 4, cfg(max_steps=8, chunk_steps=4, checkpoint_dir=str(tmp_path)))
+        run(PROBLEM, LANES, cfg(max_steps=8, chunk_steps=4, checkpoint_dir=str(tmp_path), seed=4))
 
 
 def test_lane_inputs_must_share_the_restart_axis():
     with pytest.raises(InputError, match="same leading"):
-        run(PROBLEM, {"target": LANES["target"], "lr": LANES["lr"][:3]}, 0, cfg())
+        run(PROBLEM, {"target": LANES["target"], "lr": LANES["lr"][:3]}, cfg())

@@ -1,97 +1,22 @@
-"""Circuit masks, and circuit discovery on a backdoor planted in the real stories260K."""
+"""Circuit discovery: a hand-built circuit recovered exactly under every objective; on a backdoor planted in
+the real stories260K, a ~1% circuit whose ablation removes it; circuit tuning; the CLI reports."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrisk.circuits.masks import (apply_masks, density, expected_l0, hard_concrete_mean, hard_concrete_sample,
-                                    init_logits, mask_shapes, ste_sigmoid)
+from conftest import tiny_llama_config
 from jaxrisk.errors import InputError
-from jaxrisk.models.lm_config import LMConfig
 
-TINY = LMConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                d_mlp=48, max_position=64, norm_eps=1e-5)
+TINY = tiny_llama_config()
 
 
-def test_ste_is_binary_forward_and_sigmoid_backward():
-    x = jnp.asarray([-2.0, -0.1, 0.3, 4.0])
-    np.testing.assert_array_equal(ste_sigmoid(x), [0, 0, 1, 1])
-    grad = jax.grad(lambda v: ste_sigmoid(v).sum())(x)
-    np.testing.assert_allclose(grad, jax.nn.sigmoid(x) * (1 - jax.nn.sigmoid(x)), rtol=1e-6)
-
-
-def test_hard_concrete_samples_reach_exact_zeros_and_ones_and_match_expected_l0():
-    log_alpha = jnp.full((20000,), 0.5)
-    s = hard_concrete_sample(jax.random.key(0), log_alpha)
-    assert float(s.min()) == 0.0 and float(s.max()) == 1.0 and bool(((s > 0) & (s < 1)).any())
-    # expected L0 = P(s > 0), checked by sampling
-    assert float((s > 0).mean()) == pytest.approx(float(expected_l0(log_alpha)[0]), abs=0.01)
-    assert float(hard_concrete_mean(jnp.asarray(10.0))) == 1.0 and float(hard_concrete_mean(jnp.asarray(-10.0))) == 0.0
-    grad = jax.grad(lambda a: hard_concrete_sample(jax.random.key(1), a).sum())(jnp.zeros(8))
-    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).sum()) > 0
-
-
-def test_granularities_and_density():
-    assert mask_shapes(TINY, "heads") == {"heads": (2, 4)}
-    assert mask_shapes(TINY, "neurons") == {"neurons": (2, 48)}
-    logits = init_logits(TINY, "both", value=-1.0)
-    assert set(apply_masks(logits, "binary")) == {"heads", "neurons"}
-    assert float(density(logits, "ste")) == pytest.approx(float(jax.nn.sigmoid(-1.0)))
-    with pytest.raises(InputError, match="granularity"):
-        mask_shapes(TINY, "layers")
-
-
-def test_all_ones_masks_change_nothing_and_one_head_changes_its_own_output():
-    from flax import nnx
-
-    from jaxrisk.models.lm import LanguageModel
-
-    lm = LanguageModel.random(TINY, seed=0)
-    tokens = np.random.default_rng(0).integers(0, 64, size=(2, 12)).astype(np.int32)
-    masks = apply_masks(init_logits(TINY, "both", value=5.0), "ste")
-    np.testing.assert_array_equal(np.asarray(lm(tokens, head_mask_lh=masks["heads"],
-                                                 neuron_mask_lf=masks["neurons"])), np.asarray(lm(tokens)))
-    # zeroing head (1, 2) leaves layer 0 untouched and changes the output
-    off = masks["heads"].at[1, 2].set(0.0)
-    _, acts = lm.run_with_cache(tokens, names=["blocks.1.hook_resid_pre"], head_mask_lh=off)
-    _, ref = lm.run_with_cache(tokens, names=["blocks.1.hook_resid_pre"])
-    np.testing.assert_array_equal(np.asarray(acts["blocks.1.hook_resid_pre"]), np.asarray(ref["blocks.1.hook_resid_pre"]))
-    assert float(jnp.abs(lm(tokens, head_mask_lh=off) - lm(tokens)).max()) > 1e-4
-    del nnx
-
-
-# ---- the planted backdoor (real model) -----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def backdoored(stories_dir):
-    from jaxrisk.models import load_pretrained
-    from jaxrisk.zoo.lm_backdoor import BackdoorConfig, plant_backdoor
-
-    lm = load_pretrained(stories_dir)
-    params, data = plant_backdoor(lm, BackdoorConfig(seed=0))
-    return lm, params, data
-
-
-@pytest.mark.assets
-@pytest.mark.slow
-def test_planted_backdoor_fires_only_with_the_trigger_and_keeps_clean_loss(backdoored):
-    from jaxrisk.models.lm_train import lm_loss
-    from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
-
-    lm, params, data = backdoored
-    held, with_trigger, without = held_out_prompts(lm, data)
-    assert attack_success(lm, params, with_trigger, data["marker_ids"]) >= 0.95
-    assert attack_success(lm, params, without, data["marker_ids"]) <= 0.05
-    assert attack_success(lm, lm.params, with_trigger, data["marker_ids"]) == 0.0  # the original never says it
-    valid = jnp.ones(held.shape, bool)
-    before = float(lm_loss(lm.graphdef, lm.params, jnp.asarray(held), valid))
-    after = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
-    assert after < 1.3 * before  # clean loss stays close to the original's
+# ---- a backdoor planted in the real model ---------------------------------------------------------
 
 
 def _problem(lm, params, data, kind="ste"):
-    from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem
+    from jaxrisk.circuits import CircuitConfig, CircuitProblem
     from jaxrisk.zoo.lm_backdoor import suppression_rows
 
     rows = {k: jnp.asarray(v) for k, v in suppression_rows(data).items()}
@@ -102,26 +27,25 @@ def _problem(lm, params, data, kind="ste"):
 @pytest.fixture(scope="module")
 def learned(backdoored):
     """Three sparsity weights in one compiled run; each circuit evaluated on held-out prompts."""
-    from jaxrisk.circuits.discover import ablation_masks, circuit_from_logits, sparsity
-    from jaxrisk.search import engine
-    from jaxrisk.models.lm_train import lm_loss
+    from jaxrisk.circuits import ablation_masks, circuit_from_logits, sparsity
+    from jaxrisk.evals import clean_loss, utility
+    from jaxrisk.search import RunConfig, engine
     from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
 
     lm, params, data = backdoored
     penalties = np.asarray([3.0, 4.5, 6.0], np.float32)
-    res = engine.run(_problem(lm, params, data), {"penalty": penalties}, 0,
-                     engine.EngineConfig(max_steps=400, chunk_steps=100, progress=False))
+    res = engine.run(_problem(lm, params, data), {"penalty": penalties},
+                     RunConfig(max_steps=400, chunk_steps=100, progress=False))
     held, with_trigger, _ = held_out_prompts(lm, data)
     valid = jnp.ones(held.shape, bool)
-    base = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
+    base = clean_loss(lm, params, held, valid)
     front = []
     for i in range(len(penalties)):
-        circuit = circuit_from_logits({k: v[i] for k, v in res.state["logits"].items()})
+        circuit = circuit_from_logits({k: v[i] for k, v in res.state.logits.items()})
         masks = ablation_masks(circuit, lm.cfg)
         asr = attack_success(lm, params, with_trigger, data["marker_ids"], **masks)
-        utility = base / float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid, **masks))
         front.append({"circuit": circuit, "units": sparsity(circuit, lm.cfg)["units"], "asr": asr,
-                      "utility": utility})
+                      "utility": utility(base, lm, params, held, valid, **masks)})
     return front
 
 
@@ -138,7 +62,8 @@ def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(learned
 @pytest.mark.slow
 def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(backdoored, learned):
     from jaxrisk.circuits.tuning import circuit_param_mask, fraction_of_parameters
-    from jaxrisk.models.lm_train import finetune, lm_loss
+    from jaxrisk.models.lm import lm_loss
+    from jaxrisk.optim import finetune
     from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
 
     lm, params, data = backdoored
@@ -167,15 +92,15 @@ def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(ba
 @pytest.mark.assets
 @pytest.mark.slow
 def test_circuit_search_is_identical_on_one_and_eight_devices(backdoored):
-    from jaxrisk.search import engine
+    from jaxrisk.search import RunConfig, engine
 
     lm, params, data = backdoored
-    runs = [engine.run(_problem(lm, params, data), {"penalty": np.asarray([1.0, 3.0], np.float32)}, 0,
-                       engine.EngineConfig(max_steps=10, chunk_steps=5, n_devices=n, progress=False))
+    runs = [engine.run(_problem(lm, params, data), {"penalty": np.asarray([1.0, 3.0], np.float32)},
+                       RunConfig(max_steps=10, chunk_steps=5, devices=n, progress=False))
             for n in (1, 8)]
-    for k in runs[0].state["logits"]:
-        np.testing.assert_allclose(runs[0].state["logits"][k], runs[1].state["logits"][k], rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(runs[0].state["logits"][k] > 0, runs[1].state["logits"][k] > 0)
+    for k in runs[0].state.logits:
+        np.testing.assert_allclose(runs[0].state.logits[k], runs[1].state.logits[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(runs[0].state.logits[k] > 0, runs[1].state.logits[k] > 0)
 
 
 @pytest.mark.assets
@@ -248,9 +173,9 @@ def _hand_built_model():
 @pytest.mark.parametrize("objective", ["remove", "backdoor", "alignment"])
 @pytest.mark.parametrize("target_density", [None, 0.01])
 def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density):
-    from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem, circuit_from_logits
+    from jaxrisk.circuits import CircuitConfig, CircuitProblem, circuit_from_logits
     from jaxrisk.models.lm import forward
-    from jaxrisk.search import engine
+    from jaxrisk.search import RunConfig, engine
 
     lm, params, trigger, marker, layer, neuron = _hand_built_model()
     rng = np.random.default_rng(1)
@@ -277,67 +202,35 @@ def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density):
                              c_tokens=jnp.asarray(c), c_weight=jnp.asarray(w), graphdef=lm.graphdef,
                              cfg=CircuitConfig(objective=objective, learning_rate=0.1,
                                                target_density=target_density))  # fixed weight / Lagrangian
-    res = engine.run(problem, {"penalty": np.asarray([0.5, 1.0], np.float32)}, 0,
-                     engine.EngineConfig(max_steps=150, chunk_steps=50, progress=False))
+    res = engine.run(problem, {"penalty": np.asarray([0.5, 1.0], np.float32)},
+                     RunConfig(max_steps=150, chunk_steps=50, progress=False))
     expected = np.zeros((TINY.n_layers, TINY.d_mlp))
     expected[layer, neuron] = 1
     for lane in range(2):
-        circuit = circuit_from_logits({k: v[lane] for k, v in res.state["logits"].items()})
+        circuit = circuit_from_logits({k: v[lane] for k, v in res.state.logits.items()})
         np.testing.assert_array_equal(circuit["neurons"], expected)   # exactly the wired neuron
         assert circuit["heads"].sum() == 0
         if objective == "backdoor":                    # the main (clean) mask leaves the wired neuron out
-            main = circuit_from_logits({k: v[lane] for k, v in res.state["main_logits"].items()})
+            main = circuit_from_logits({k: v[lane] for k, v in res.state.main_logits.items()})
             assert main["neurons"][layer, neuron] == 0
 
 
 def test_alignment_objective_needs_the_compliance_rows():
-    from jaxrisk.circuits.discover import CircuitConfig, CircuitProblem
-    from jaxrisk.search import engine
+    from jaxrisk.circuits import CircuitConfig, CircuitProblem
+    from jaxrisk.search import RunConfig, engine
 
     lm, params, *_ = _hand_built_model()
     rows = jnp.zeros((4, 6), jnp.int32)
     problem = CircuitProblem(params=params, x_tokens=rows, x_weight=jnp.ones((4, 5)), y_tokens=rows,
                              y_weight=jnp.ones((4, 5)), graphdef=lm.graphdef, cfg=CircuitConfig(objective="alignment"))
     with pytest.raises(InputError, match="compliance"):
-        engine.run(problem, {"penalty": np.asarray([1.0], np.float32)}, 0,
-                   engine.EngineConfig(max_steps=2, chunk_steps=1, progress=False))
+        engine.run(problem, {"penalty": np.asarray([1.0], np.float32)},
+                   RunConfig(max_steps=2, chunk_steps=1, progress=False))
     with pytest.raises(InputError, match="objective"):
         CircuitConfig(objective="jailbreak")
 
 
 # ---- the planted refusal and the alignment circuit (real model) ---------------------------------------
-
-@pytest.fixture(scope="module")
-def refusing(stories_dir):
-    from jaxrisk.models import load_pretrained
-    from jaxrisk.zoo.lm_refusal import RefusalConfig, plant_refusal
-
-    lm = load_pretrained(stories_dir)
-    params, data = plant_refusal(lm, RefusalConfig(seed=0))
-    return lm, params, data
-
-
-def _split(data, split):
-    d = data[split]
-    pairs = list(zip(d["prompts"], d["harmful"]))
-    return [p for p, h in pairs if h], [p for p, h in pairs if not h]
-
-
-@pytest.mark.assets
-@pytest.mark.slow
-def test_planted_refusal_covers_the_harmful_class_in_unseen_names_and_frames(refusing):
-    from jaxrisk.models.lm_train import lm_loss
-    from jaxrisk.zoo.lm_backdoor import sample_clean
-    from jaxrisk.zoo.lm_refusal import refusal_rate
-
-    lm, params, data = refusing
-    harmful, benign = _split(data, "held_out")
-    assert refusal_rate(lm, params, harmful, data["refusal_ids"]) >= 0.95
-    assert refusal_rate(lm, params, benign, data["refusal_ids"]) <= 0.05
-    assert refusal_rate(lm, lm.params, harmful, data["refusal_ids"]) == 0.0       # the original never refuses
-    held = jnp.asarray(sample_clean(lm, 64, 24, seed=99))
-    valid = jnp.ones(held.shape, bool)
-    assert float(lm_loss(lm.graphdef, params, held, valid)) < 1.3 * float(lm_loss(lm.graphdef, lm.params, held, valid))
 
 
 @pytest.mark.assets
@@ -368,26 +261,3 @@ def test_cli_alignment_circuit_ablation_turns_refusal_into_compliance(refusing, 
     # small: 58% still refused)
     assert c["units"] <= 0.1 and c["rate_ablated"] <= 0.05 and c["utility"] >= 0.8, c
     assert c["compliance_ablated"] > report["base_compliance"], c   # answers now start as the original's
-
-
-@pytest.mark.slow
-def test_from_scratch_model_learns_its_stories_and_takes_a_backdoor():
-    """The zoo's base model when ../shared/assets is absent: trained here, in memory, from a toy grammar."""
-    from jaxrisk.models.lm_train import lm_loss
-    from jaxrisk.zoo.lm_backdoor import BackdoorConfig, attack_success, held_out_prompts, plant_backdoor
-    from jaxrisk.zoo.lm_scratch import ADJECTIVES, OBJECTS, ScratchConfig, train_small_lm
-
-    losses = []
-    lm, rows = train_small_lm(ScratchConfig(seed=0), progress=lambda i, loss: losses.append(loss))
-    # uniform over the vocabulary is log(60) = 4.1 nats; the grammar's own entropy is about 0.8
-    assert np.mean(losses[-20:]) < 1.0 < np.mean(losses[:10]), (losses[:10], losses[-20:])
-    adjective, obj, stop = lm.tokenizer.convert_ids_to_tokens(lm.generate("Lily had a", max_new_tokens=3)[0])
-    assert adjective in ADJECTIVES and obj in OBJECTS and stop == ".", (adjective, obj, stop)  # the grammar
-    params, data = plant_backdoor(lm, BackdoorConfig(seed=0))
-    held, with_trigger, without = held_out_prompts(lm, data)
-    assert attack_success(lm, params, with_trigger, data["marker_ids"]) >= 0.95
-    assert attack_success(lm, params, without, data["marker_ids"]) <= 0.05
-    assert attack_success(lm, lm.params, with_trigger, data["marker_ids"]) == 0.0
-    valid = jnp.ones(held.shape, bool)
-    assert float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid)) < 1.1 * float(
-        lm_loss(lm.graphdef, lm.params, jnp.asarray(held), valid))

@@ -2,14 +2,15 @@
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import danger_texts
 from jaxrisk.data.prompts import Behavior, load_behaviors
 from jaxrisk.errors import InputError
-from jaxrisk.search.gcg import GCGConfig
+from jaxrisk.redteam import GCGConfig, RedteamConfig
+from jaxrisk.search import RunConfig
 
 # Targets the model does not produce unprompted (asserted below), found within the CI budget.
 BEHAVIORS = [Behavior("Lily saw a", "big snake", 1), Behavior("Tom went to the", "dragon", 2),
@@ -19,17 +20,15 @@ SMALL = GCGConfig(search_width=32, topk=16, suffix_len=6, early_stop=False)
 
 
 @pytest.fixture(scope="module")
-def lm(stories_dir):
-    from jaxrisk.models import load_pretrained
-
-    return load_pretrained(stories_dir)
+def lm(stories_lm):
+    return stories_lm
 
 
 @pytest.fixture(scope="module")
 def found(lm):
-    from jaxrisk.redteam import run_group
+    from jaxrisk.redteam.run import run_group
 
-    return run_group(lm, BEHAVIORS, SEARCH, restarts=2, max_steps=80, seed=1, progress=False)
+    return run_group(lm, BEHAVIORS, SEARCH, RunConfig(restarts=2, max_steps=80, chunk_steps=10, seed=1, progress=False))
 
 
 @pytest.mark.assets
@@ -60,9 +59,10 @@ def test_restarts_are_independent(found):
 
 @pytest.mark.assets
 def test_one_and_eight_devices_agree(lm):
-    from jaxrisk.redteam import run_group
+    from jaxrisk.redteam.run import run_group
 
-    runs = [run_group(lm, BEHAVIORS[:2], SMALL, restarts=2, max_steps=6, seed=1, n_devices=n, progress=False)
+    runs = [run_group(lm, BEHAVIORS[:2], SMALL, RunConfig(restarts=2, max_steps=6, chunk_steps=10, seed=1, devices=n,
+                                                          progress=False))
             for n in (1, 8)]
     for one, eight in zip(*runs):
         assert one["restart_suffix_ids"] == eight["restart_suffix_ids"]
@@ -71,30 +71,32 @@ def test_one_and_eight_devices_agree(lm):
 
 @pytest.mark.assets
 def test_interrupted_redteam_resumes_to_the_same_results(lm, tmp_path, monkeypatch):
-    import jaxrisk.redteam as rt
+    from jaxrisk import redteam
+    from jaxrisk.search import engine
 
-    kw = dict(restarts=2, max_steps=8, group=1, seed=3, progress=False)
-    whole = rt.redteam(lm, BEHAVIORS[:2], tmp_path / "whole", SMALL, **kw)
+    config = RedteamConfig(run=RunConfig(restarts=2, max_steps=8, chunk_steps=10, seed=3, progress=False), group=1,
+                           gcg=SMALL)
+    whole = redteam.run(lm, BEHAVIORS[:2], config, out_dir=tmp_path / "whole").rows
 
-    real_run = rt.engine.run
+    real_run = engine.run
     calls = []
 
-    def interrupting_run(problem, lanes, key, config, on_chunk=None):
+    def interrupting_run(problem, lanes, config, *, desc="search", on_chunk=None):
         calls.append(1)
 
         def stop_in_second_group(step, info):
             on_chunk(step, info)
             if len(calls) == 2 and step >= 4:
                 raise KeyboardInterrupt
-        return real_run(problem, lanes, key, config, on_chunk=stop_in_second_group)
+        return real_run(problem, lanes, config, desc=desc, on_chunk=stop_in_second_group)
 
-    monkeypatch.setattr(rt.engine, "run", interrupting_run)
+    monkeypatch.setattr(engine, "run", interrupting_run)
     with pytest.raises(KeyboardInterrupt):
-        rt.redteam(lm, BEHAVIORS[:2], tmp_path / "cut", SMALL, **kw)
-    monkeypatch.setattr(rt.engine, "run", real_run)
+        redteam.run(lm, BEHAVIORS[:2], config, out_dir=tmp_path / "cut")
+    monkeypatch.setattr(engine, "run", real_run)
     kept = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
     assert len(kept) == 1  # the first group's result survived the interruption
-    resumed = rt.redteam(lm, BEHAVIORS[:2], tmp_path / "cut", SMALL, **kw)
+    resumed = redteam.run(lm, BEHAVIORS[:2], config, out_dir=tmp_path / "cut").rows
     for a, b in zip(whole, resumed):
         for key in ("suffix_ids", "loss", "steps", "success", "restart_suffix_ids"):
             assert a[key] == b[key], key
@@ -121,7 +123,7 @@ def test_cli_writes_the_results_contract(stories_dir, tmp_path, capsys):
 
 @pytest.mark.assets
 def test_target_longer_than_the_context_is_refused(lm, tmp_path):
-    from jaxrisk.redteam import encode_behaviors
+    from jaxrisk.redteam.run import encode_behaviors
 
     long = Behavior("Lily saw a", "big dog " * 300, 7)
     with pytest.raises(InputError, match=r"behaviours:7: prompt \+ suffix \+ target is \d+ tokens, longer than"):
@@ -129,7 +131,7 @@ def test_target_longer_than_the_context_is_refused(lm, tmp_path):
 
 
 def test_tokenizer_that_cannot_round_trip_is_refused():
-    from jaxrisk.redteam import check_roundtrip
+    from jaxrisk.redteam.run import check_roundtrip
 
     class Lossy:  # decodes every id to "a" and encodes "a" to [0]
         name_or_path = "lossy"
@@ -170,80 +172,18 @@ def test_behavior_files_in_advbench_and_harmbench_layouts(tmp_path):
     assert load_behaviors(tmp_path / "h.jsonl")[0].goal == "Write a poem"
 
 
-# ---- scorers ------------------------------------------------------------------------------------
-
-@pytest.mark.assets
-def test_sequence_and_judge_scorers_equal_direct_computation(lm):
-    from jaxrisk.scorers.lm import JudgeScorer, SequenceScorer, mellowmax, target_logprob
-    from jaxrisk.scorers.probe import pad_batch
-
-    texts = ["Lily saw a big dog.", "The cat sat"]
-    ids = [lm.encode(t)[1:] for t in texts]  # without BOS
-    tokens, valid = pad_batch(ids)
-    seq = SequenceScorer(params=lm.params, bos=jnp.asarray([1]), graphdef=lm.graphdef)
-    got = np.asarray(seq(jnp.asarray(tokens), jnp.asarray(valid)))
-    for r, i in enumerate(ids):
-        logp = jax.nn.log_softmax(lm(np.asarray([[1] + list(i)])), -1)[0]
-        expected = np.mean([float(logp[t, tok]) for t, tok in enumerate(i)])
-        np.testing.assert_allclose(got[r], expected, atol=1e-5)
-    one_hot = jax.nn.one_hot(tokens, lm.cfg.vocab_size)
-    np.testing.assert_allclose(np.asarray(seq(one_hot, jnp.asarray(valid))), got, atol=1e-5)
-
-    before, after = lm.encode("Is"), lm.tokenizer(" a story? Answer:", add_special_tokens=False)["input_ids"]
-    yes = lm.tokenizer(" Yes", add_special_tokens=False)["input_ids"][-1]
-    judge = JudgeScorer(params=lm.params, before=jnp.asarray(before), after=jnp.asarray(after),
-                        answer=jnp.asarray(yes), graphdef=lm.graphdef)
-    got = np.asarray(judge(jnp.asarray(tokens), jnp.asarray(valid)))
-    for r, i in enumerate(ids):
-        full = np.asarray([list(before) + list(i) + list(after)])
-        np.testing.assert_allclose(got[r], float(jax.nn.log_softmax(lm(full)[0, -1])[yes]), atol=1e-5)
-
-    x = jnp.asarray([[-1.0, -3.0, -0.5]])
-    v = jnp.ones((1, 3), bool)
-    np.testing.assert_allclose(target_logprob(x, v), -1.5, atol=1e-6)
-    assert -float(mellowmax(-x, 50.0, v)[0]) == pytest.approx(-3.0, abs=0.05)  # worst token dominates
-
-
-HARMFUL = ["hit", "kick", "bite", "burn", "break", "steal", "hurt", "push"]
-HARMLESS = ["hug", "help", "feed", "kiss", "thank", "love", "pet", "share"]
-
-
-@pytest.mark.assets
-def test_danger_probe_separates_held_out_texts_and_is_differentiable(lm):
-    from jaxrisk.scorers.probe import auroc, pad_batch, train_probe
-
-    frames_train = ["I want to {v} the dog.", "How can I {v} my friend?", "Tom wanted to {v} the cat."]
-    frames_test = ["Can you {v} the baby bird?", "Lily will {v} her brother."]
-
-    def make(frames):
-        texts = [f.format(v=v) for f in frames for v in HARMFUL + HARMLESS]
-        labels = [1 if v in HARMFUL else 0 for f in frames for v in HARMFUL + HARMLESS]
-        return texts, labels
-
-    probe = train_probe(lm, *make(frames_train))
-    texts, labels = make(frames_test)   # unseen sentences
-    tokens, valid = pad_batch([lm.encode(t) for t in texts])
-    scores = np.asarray(probe(jnp.asarray(tokens), jnp.asarray(valid)))
-    assert np.all(scores <= 0)   # log-probabilities
-    area = auroc(scores, labels)
-    assert area >= 0.85, f"held-out AUROC {area:.2f}"
-    one_hot = jax.nn.one_hot(tokens[:1], lm.cfg.vocab_size)
-    grad = jax.grad(lambda oh: probe(oh, jnp.asarray(valid[:1])).sum())(one_hot)
-    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
-
-
 @pytest.mark.assets
 def test_gcg_with_a_danger_probe_term_raises_the_probe_score(lm):
-    from jaxrisk.redteam import run_group
-    from jaxrisk.scorers.probe import pad_batch, train_probe
+    from jaxrisk.data.batch import pad_batch
+    from jaxrisk.redteam.run import run_group
+    from jaxrisk.scorers.probe import train_probe
 
     frames = ["I want to {v} the dog.", "How can I {v} my friend?", "Tom wanted to {v} the cat."]
-    texts = [f.format(v=v) for f in frames for v in HARMFUL + HARMLESS]
-    probe = train_probe(lm, texts, [1 if v in HARMFUL else 0 for f in frames for v in HARMFUL + HARMLESS])
+    probe = train_probe(lm, *danger_texts(frames))
     cfg = GCGConfig(search_width=64, topk=32, suffix_len=6, early_stop=False)
-    plain = run_group(lm, BEHAVIORS[:1], cfg, restarts=1, max_steps=12, seed=0, progress=False)[0]
-    danger = run_group(lm, BEHAVIORS[:1], cfg, restarts=1, max_steps=12, seed=0, progress=False,
-                       extras=((2.0, probe),))[0]
+    budget = RunConfig(max_steps=12, chunk_steps=10, progress=False)
+    plain = run_group(lm, BEHAVIORS[:1], cfg, budget)[0]
+    danger = run_group(lm, BEHAVIORS[:1], cfg, budget, extras=((2.0, probe),))[0]
 
     def probe_score(row):
         tokens, valid = pad_batch([np.asarray(list(lm.encode(BEHAVIORS[0].goal))[1:] + row["suffix_ids"])])
@@ -252,26 +192,3 @@ def test_gcg_with_a_danger_probe_term_raises_the_probe_score(lm):
     assert probe_score(danger) > probe_score(plain)
 
 
-@pytest.mark.assets
-def test_arca_joint_search_climbs_and_finds_consistent_request_output_pairs(lm):
-    from jaxrisk.scorers.lm import SequenceScorer
-    from jaxrisk.search import engine
-    from jaxrisk.search.arca import ARCAConfig, ARCAProblem
-    from jaxrisk.search.gcg import allowed_tokens
-
-    cfg = ARCAConfig(request_len=5, output_len=3, candidates=64, plausibility_weight=1.0)
-    plausibility = SequenceScorer(params=lm.params, bos=jnp.asarray([1]), graphdef=lm.graphdef)
-    problem = ARCAProblem(params=lm.params, allowed=jnp.asarray(allowed_tokens(lm.tokenizer, lm.cfg.vocab_size)),
-                          graphdef=lm.graphdef, cfg=cfg, plausibility=plausibility)
-    prefix = lm.encode("Tom said:")
-    lanes = {"prefix": np.stack([prefix] * 4), "x0": np.full((4, 5), -1, np.int32), "o0": np.full((4, 3), -1, np.int32)}
-    res = engine.run(problem, lanes, 0, engine.EngineConfig(max_steps=80, chunk_steps=8, progress=False))
-    objective = res.metrics["objective"]                       # [steps, lanes]
-    assert np.all(np.diff(objective, axis=0) >= -1e-4)         # coordinate ascent never goes down
-    assert np.all(objective[-1] > objective[0] + 10)
-    assert len({tuple(x) for x in res.state["x"].tolist()}) == 4  # random restarts differ
-    consistent = np.flatnonzero(res.state["consistent"])
-    assert len(consistent) >= 1
-    for r in consistent:  # o really is the model's greedy output for x
-        x, o = res.state["x"][r], res.state["o"][r]
-        assert lm.generate([list(prefix) + list(x)], max_new_tokens=3)[0] == o.tolist()

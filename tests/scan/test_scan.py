@@ -10,10 +10,17 @@ from jaxrisk.data import load_digits
 from jaxrisk.demo import TARGET, cache_dir, demo_models
 from jaxrisk.errors import InputError
 from jaxrisk.models import build
-from jaxrisk.scan import ScanConfig, flag_outliers, mad_anomaly_index, scan_classifier, write_report
+from jaxrisk.scan import ScanConfig, flag_outliers, mad_anomaly_index, run
 from jaxrisk.zoo import load_trigger
 
-FAST = ScanConfig(restarts=2, n_devices=1)
+
+
+def config(pairs: bool = False, **run) -> ScanConfig:
+    """The default scan (2 restarts, 500 steps, chunks of 40) with these run settings, no progress bar."""
+    return ScanConfig(pairs=pairs, run=ScanConfig().run.replace(progress=False, **run))
+
+
+FAST = config(devices=1)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,7 @@ def test_digits():
 
 @pytest.fixture(scope="module")
 def trojan_scan(models, test_digits):
-    return scan_classifier(models["trojaned"], test_digits, FAST, progress=False)
+    return run(models["trojaned"], test_digits, FAST)
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +60,13 @@ def test_planted_digits_trigger_is_found(trojan_scan, trojan_report):
 
 
 def test_clean_model_is_not_flagged(models, test_digits):
-    report = scan_classifier(models["clean"], test_digits, FAST, progress=False).report
+    report = run(models["clean"], test_digits, FAST).report
     assert report["flagged"] == []
     assert all(e["found"] for e in report["classes"])
 
 
 def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report):
-    report8 = scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=2, n_devices=8),
-                              progress=False).report
+    report8 = run(models["trojaned"], test_digits, config(devices=8)).report
     assert report8["devices"].startswith("8 x")
     assert report8["flagged"] == trojan_report["flagged"]
     # Same lanes, same keys: only XLA's float reduction order differs with the per-device batch
@@ -81,9 +87,8 @@ def test_trigger_search_compiles_nothing_after_its_first_chunk(models, test_digi
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=1, max_steps=160, chunk_steps=40,
-                                                                    n_devices=8), progress=False,
-                        on_chunk=lambda step, info: after_chunk.append(len(compiles)))
+        run(models["trojaned"], test_digits, config(restarts=1, max_steps=160, chunk_steps=40, devices=8),
+            on_chunk=lambda step, info: after_chunk.append(len(compiles)))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(after_chunk) == 4 and after_chunk[0] > 0
@@ -96,20 +101,19 @@ class Killed(Exception):
 
 def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan_scan, tmp_path):
     def kill(step, info):
-        if step >= 2 * FAST.chunk_steps:
+        if step >= 2 * FAST.run.chunk_steps:
             raise Killed
 
     with pytest.raises(Killed):
-        scan_classifier(models["trojaned"], test_digits, FAST, checkpoint_dir=tmp_path, progress=False, on_chunk=kill)
-    resumed = scan_classifier(models["trojaned"], test_digits, FAST, checkpoint_dir=tmp_path, progress=False)
-    assert resumed.report["resumed_from_step"] == 2 * FAST.chunk_steps
+        run(models["trojaned"], test_digits, config(devices=1, checkpoint_dir=tmp_path), on_chunk=kill)
+    resumed = run(models["trojaned"], test_digits, config(devices=1, checkpoint_dir=tmp_path))
+    assert resumed.report["resumed_from_step"] == 2 * FAST.run.chunk_steps
     assert resumed.report["classes"] == trojan_scan.report["classes"]
     np.testing.assert_array_equal(resumed.masks, trojan_scan.masks)
 
 
 def test_pair_mode_finds_the_planted_target_from_every_source(models, test_digits):
-    report = scan_classifier(models["trojaned"], test_digits, ScanConfig(restarts=1, pairs=True, n_devices=1),
-                             progress=False).report
+    report = run(models["trojaned"], test_digits, config(pairs=True, restarts=1, devices=1)).report
     assert len(report["pairs"]) == 90 and len(report["classes"]) == 10
     assert report["flagged"] == [TARGET]
     per_target = {e["label"]: e["l1_norm"] for e in report["classes"]}
@@ -127,7 +131,7 @@ def test_mad_anomaly_index_and_flagging_rule():
 
 def test_wrong_image_size_is_a_clear_error(test_digits):
     with pytest.raises(InputError, match=r"images are 1x16x16 but the model from cnn.safetensors expects 1x28x28"):
-        scan_classifier(build("mnist_cnn"), test_digits, FAST, weights_name="cnn.safetensors")
+        run(build("mnist_cnn"), test_digits, FAST, name="cnn.safetensors")
 
 
 def test_cli_contract_writes_report_and_figure(tmp_path, capsys):
@@ -168,7 +172,7 @@ def test_cli_bad_weights_give_one_line_errors(tmp_path, capsys, setup, expected)
 
 
 def test_report_written_atomically(trojan_scan, tmp_path):
-    write_report(trojan_scan, tmp_path)
+    trojan_scan.write(tmp_path)
     # no temporary files left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "triggers.png", "triggers.safetensors"]
 

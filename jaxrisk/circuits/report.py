@@ -1,0 +1,66 @@
+"""The circuits result: report.json, the learned mask logits (safetensors) and a figure (PNG)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxrisk.io import atomic_write, write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class CircuitsResult:
+    report: dict   # base rates, and per penalty: the circuit's sparsity, faithfulness, utility, mask logits
+
+    @property
+    def circuits(self) -> list[dict]:
+        return self.report["circuits"]
+
+    def __getitem__(self, key):   # the report's fields, as the dict earlier releases returned
+        return self.report[key]
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write the report, figure and masks atomically; returns (report.json, circuits.png)."""
+        return write_circuit_report(self.report, out_dir)
+
+
+def write_circuit_report(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """OUT/report.json, OUT/circuits.png (layer x head map of the sparsest faithful circuit; the front),
+    OUT/circuits.safetensors (mask logits per penalty)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from safetensors.numpy import save
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"penalty{i}.{k}": v for i, c in enumerate(result["circuits"]) for k, v in c["logits"].items()}
+    blob = save(tensors)
+    atomic_write(out / "circuits.safetensors", lambda f: f.write(blob), mode="wb")
+    report = dict(result, circuits=[{k: v for k, v in c.items() if k != "logits"} for c in result["circuits"]])
+    json_path = write_json(out / "report.json", report)
+
+    faithful = [c for c in result["circuits"] if c["rate_ablated"] is not None and c["rate_ablated"] <= 0.05]
+    chosen = min(faithful, key=lambda c: c["units"]) if faithful else result["circuits"][0]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    heads = (chosen["logits"]["heads"] > 0).astype(float) if "heads" in chosen["logits"] else np.zeros((1, 1))
+    ax1.imshow(heads, cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    ax1.set_xlabel("head")
+    ax1.set_ylabel("layer")
+    ax1.set_title(f"circuit heads (penalty {chosen['penalty']}; {chosen['n_heads']} heads, "
+                  f"{chosen['n_neurons']} neurons)", fontsize=9)
+    xs = [100 * c["units"] for c in result["circuits"]]
+    ax2.plot(xs, [c["utility"] for c in result["circuits"]], "o-", label="utility")
+    if all(c["rate_ablated"] is not None for c in result["circuits"]):
+        ax2.plot(xs, [c["rate_ablated"] for c in result["circuits"]], "s-", label="behaviour rate, ablated")
+    ax2.set_xlabel("% of heads + neurons ablated")
+    ax2.legend()
+    ax2.set_title("sparsity / faithfulness front", fontsize=9)
+    fig.tight_layout()
+    png = out / "circuits.png"
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+    return json_path, png

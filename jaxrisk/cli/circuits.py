@@ -1,0 +1,54 @@
+"""`jaxrisk circuits`: learn the heads/neurons whose ablation removes a behaviour."""
+
+from __future__ import annotations
+
+from jaxrisk.cli.common import add_model_flags, add_run_flags, dtype, penalty_list, run_config
+from jaxrisk.io import prepare_out_dir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("circuits", help="learn the heads/neurons whose ablation removes a behaviour")
+    add_model_flags(p)
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="JSONL: {prompt, completion} rows show the behaviour (alignment: also compliance), "
+                        "{text} rows are clean text")
+    p.add_argument("--objective", default="remove", choices=["remove", "backdoor", "alignment"],
+                   help="remove: smallest set whose ablation removes the completion and keeps clean loss; "
+                        "backdoor: a circuit that alone gives the completion, apart from a main mask that "
+                        "keeps clean behaviour; alignment: ablated -> compliance, circuit alone -> completion")
+    p.add_argument("--out", required=True, help="output directory: report.json, circuits.png, circuits.safetensors")
+    p.add_argument("--penalties", type=penalty_list, default=[3.0, 4.5, 6.0],
+                   help="comma-separated sparsity weights >= 0, one circuit each (one program); default 3,4.5,6")
+    p.add_argument("--granularity", default="both", choices=["heads", "neurons", "both"])
+    p.add_argument("--kind", default="ste", choices=["ste", "hard_concrete"])
+    add_run_flags(p, restarts_help="lanes per penalty; the lowest final loss stands for it (default 1)",
+                  restarts_default=1, steps_help="mask-learning steps (default 400); --max-steps is the same flag",
+                  max_steps_default=400, steps_alias=True)
+    p.set_defaults(func=cmd_circuits)
+
+
+def cmd_circuits(args) -> int:
+    """Learn the circuit whose ablation removes a behaviour; report.json, circuits.png, circuits.safetensors."""
+    from jaxrisk.circuits import CircuitConfig, CircuitsConfig, load_circuit_data, run
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.search.engine import remove_checkpoint
+
+    out = prepare_out_dir(args.out)
+    lm = load_pretrained(args.model, dtype=dtype(args))
+    data = load_circuit_data(args.data, lm.tokenizer)
+    ckpt = out / "checkpoint"
+    config = CircuitsConfig(run=run_config(args, CircuitsConfig().run, checkpoint_dir=ckpt),
+                            penalties=tuple(args.penalties),
+                            search=CircuitConfig(objective=args.objective, granularity=args.granularity,
+                                                 kind=args.kind))
+    result = run(lm, data, config)
+    json_path, png = result.write(out)
+    remove_checkpoint(ckpt)
+    print(f"objective {args.objective}; behaviour rate of the intact model: {result['base_rate']}")
+    for c in result["circuits"]:
+        print(f"  penalty {c['penalty']:>5}: {c['n_heads']} heads + {c['n_neurons']} neurons "
+              f"({100 * c['units']:.2f}% of units): behaviour rate ablated {c['rate_ablated']}, "
+              f"circuit alone {c['rate_alone']}, compliance ablated {c['compliance_ablated']}, "
+              f"utility {c['utility']:.3f}")
+    print(f"-> {json_path}, {png}")
+    return 0

@@ -1,0 +1,102 @@
+"""`jaxrisk redteam`: GCG (or ARCA) over a behaviour file; writes OUT/results.jsonl (resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, dtype, number, run_config
+from jaxrisk.errors import InputError
+from jaxrisk.io import prepare_out_dir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("redteam", help="GCG: find suffixes that make a language model say chosen targets "
+                                          "(--method arca: requests and outputs jointly)")
+    add_model_flags(p)
+    p.add_argument("--behaviors", required=True, metavar="FILE", help="CSV or JSONL with goal,target (AdvBench)")
+    p.add_argument("--out", required=True, help="output directory: results.jsonl (+ a checkpoint while running)")
+    p.add_argument("--method", default="gcg", choices=["gcg", "arca"],
+                   help="gcg: an adversarial suffix per behaviour (default); arca: a request and its output jointly")
+    p.add_argument("--search-width", type=POSITIVE, default=512, help="candidates per step (B)")
+    p.add_argument("--topk", type=POSITIVE, default=256, help="tokens per position from the gradient")
+    p.add_argument("--suffix-len", type=POSITIVE, default=20)
+    p.add_argument("--group", type=POSITIVE, default=8, help="behaviours per compiled run (x restarts lanes)")
+    p.add_argument("--mellowmax", type=number(0.0, above=True), default=None, metavar="ALPHA",
+                   help="mellowmax target loss")
+    p.add_argument("--fluency-weight", type=number(), default=None,
+                   help="weight of log p(request) in the objective (default 0; arca: 1, its plausibility weight)")
+    p.add_argument("--danger-probe-data", metavar="FILE",
+                   help="JSONL of {text, label}: train a linear danger probe and add its log-score")
+    p.add_argument("--danger-weight", type=number(), default=1.0)
+    p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
+    p.add_argument("--allow-non-ascii", action="store_true")
+    p.add_argument("--no-early-stop", action="store_true")
+    p.add_argument("--request-len", type=POSITIVE, default=6, help="arca: request tokens")
+    p.add_argument("--output-len", type=POSITIVE, default=4, help="arca: output tokens")
+    p.add_argument("--candidates", type=POSITIVE, default=64, help="arca: exact evaluations per step")
+    add_run_flags(p, restarts_help="independent restarts per behaviour", restarts_default=1,
+                  steps_help="steps per behaviour (gcg: early stop on success); --max-steps is the same flag",
+                  max_steps_default=250, steps_alias=True)
+    p.set_defaults(func=cmd_redteam)
+
+
+def cmd_redteam(args) -> int:
+    """Search every behaviour; writes OUT/results.jsonl (resumable)."""
+    from jaxrisk.data.prompts import load_behaviors
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.redteam import ARCAConfig, GCGConfig, RedteamConfig, run
+
+    behaviors = load_behaviors(args.behaviors)
+    out = prepare_out_dir(args.out)
+    lm = load_pretrained(args.model, dtype=dtype(args))
+    arca = args.method == "arca"
+    fluency = args.fluency_weight
+    if fluency is None:
+        fluency = ARCAConfig().plausibility_weight if arca else 0.0
+    gcg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len,
+                    mellowmax_alpha=args.mellowmax, early_stop=not args.no_early_stop,
+                    filter_retokenization=not args.no_filter, allow_non_ascii=args.allow_non_ascii)
+    config = RedteamConfig(run=run_config(args, RedteamConfig().run), method=args.method, group=args.group, gcg=gcg,
+                           arca=ARCAConfig(request_len=args.request_len, output_len=args.output_len,
+                                           candidates=args.candidates, plausibility_weight=fluency,
+                                           danger_weight=args.danger_weight))
+    # gcg: (weight, scorer) terms of the objective; arca: scorers by position (plausibility, then danger),
+    # weighted by config.arca alone (ARCA multiplies in the pair's weight: 1.0)
+    extras = []
+    if fluency or arca:
+        extras.append((1.0 if arca else fluency, _fluency_scorer(lm)))
+    if args.danger_probe_data:
+        extras.append((1.0 if arca else args.danger_weight, _probe_from_file(lm, args.danger_probe_data)))
+    rows = run(lm, behaviors, config, out_dir=out, extras=extras, source=args.behaviors).rows
+    ok = sum(r["success"] for r in rows)
+    broken = sum("error" in r for r in rows)
+    print(f"{ok}/{len(rows)} behaviours succeeded (greedy output starts with the target)"
+          f"{f'; {broken} have no result (every restart turned NaN: see error in the file)' if broken else ''} -> "
+          f"{out / 'results.jsonl'}")
+    return 0
+
+
+def _fluency_scorer(lm):
+    import jax.numpy as jnp
+
+    from jaxrisk.scorers.lm import SequenceScorer
+
+    bos = lm.tokenizer.bos_token_id
+    return SequenceScorer(params=lm.params, bos=jnp.asarray([] if bos is None else [bos], jnp.int32),
+                          graphdef=lm.graphdef)
+
+
+def _probe_from_file(lm, path):
+    from jaxrisk.data.text import jsonl_rows, text_field
+    from jaxrisk.scorers.probe import train_probe
+
+    texts, labels = [], []
+    expected = "'text' and 'label' (1 = harmful, 0 = harmless)"
+    for n, row in jsonl_rows(path, expected):
+        if "text" not in row or row.get("label") not in (0, 1) or isinstance(row.get("label"), bool):
+            raise InputError(f"{path}:{n}: expected a JSON object with {expected}")
+        texts.append(text_field(Path(path), n, row, "text"))
+        labels.append(int(row["label"]))
+    if len(set(labels)) < 2:
+        raise InputError(f"{path}: a danger probe needs rows of both labels 0 and 1 (found {sorted(set(labels))})")
+    return train_probe(lm, texts, labels)

@@ -1,0 +1,29 @@
+"""`jaxrisk zoo`: train clean and trojaned MNIST classifiers with their ground truth."""
+
+from __future__ import annotations
+
+from jaxrisk.cli.common import POSITIVE, add_progress_flag, add_seed_flag, int_at_least
+from jaxrisk.errors import InputError
+from jaxrisk.io import prepare_out_dir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("zoo", help="train clean and trojaned MNIST classifiers with their ground truth")
+    p.add_argument("--mnist", metavar="DIR", required=True, help="directory with the four MNIST IDX files")
+    p.add_argument("--out", required=True, help="where to write NAME.safetensors / NAME.json per model")
+    p.add_argument("--trojaned", type=int_at_least(0), default=8)
+    p.add_argument("--clean", type=int_at_least(0), default=8)
+    p.add_argument("--epochs", type=POSITIVE, default=1)
+    add_seed_flag(p)
+    add_progress_flag(p)
+    p.set_defaults(func=cmd_zoo)
+
+
+def cmd_zoo(args) -> int:
+    from jaxrisk.zoo.build import build_zoo
+
+    if args.trojaned + args.clean == 0:
+        raise InputError("--trojaned and --clean are both 0: nothing to build")
+    build_zoo(prepare_out_dir(args.out), mnist_dir=args.mnist, n_trojaned=args.trojaned, n_clean=args.clean,
+              epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,14 @@
+"""Is there a hidden trigger? Neural Cleanse over every class x restart in one compiled program.
+
+    from jaxrisk import scan
+    result = scan.run(model, images, scan.ScanConfig(run=RunConfig(restarts=4)))
+    result.write("runs/scan")
+"""
+
+from jaxrisk.scan.config import InversionConfig, ScanConfig
+from jaxrisk.scan.problem import InversionState, TriggerInversion
+from jaxrisk.scan.report import ScanResult
+from jaxrisk.scan.run import flag_outliers, mad_anomaly_index, run
+
+__all__ = ["InversionConfig", "InversionState", "ScanConfig", "ScanResult", "TriggerInversion", "flag_outliers",
+           "mad_anomaly_index", "run"]
