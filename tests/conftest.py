@@ -89,6 +89,28 @@ def danger_texts(frames: list[str]) -> tuple[list[str], list[int]]:
     return texts, [1 if v in HARMFUL else 0 for f in frames for v in HARMFUL + HARMLESS]
 
 
+def interrupt_engine_run(monkeypatch, run: int, at_step: int):
+    """Make the `run`-th engine run from now on raise KeyboardInterrupt (as Ctrl-C would) once it has saved
+    `at_step` steps; returns the function that restores the real engine."""
+    from jaxrisk.search import engine
+
+    real_run = engine.run
+    calls = []
+
+    def interrupting_run(problem, lanes, config, *, desc="search", on_chunk=None):
+        calls.append(1)
+
+        def stop(step, info):
+            if on_chunk is not None:
+                on_chunk(step, info)
+            if len(calls) == run and step >= at_step:
+                raise KeyboardInterrupt
+        return real_run(problem, lanes, config, desc=desc, on_chunk=stop)
+
+    monkeypatch.setattr(engine, "run", interrupting_run)
+    return lambda: monkeypatch.setattr(engine, "run", real_run)
+
+
 def write_tiny_lm(directory: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama with a word-level tokenizer, saved as a Hugging Face directory."""
     import json

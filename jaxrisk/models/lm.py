@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +40,8 @@ def pick_logprobs(logp_btv: jax.Array, tokens) -> jax.Array:
 
 def token_logprobs(logits_btv: jax.Array, tokens) -> jax.Array:
     """The one token log-prob gather every loss and score uses: log_softmax(logits) at `tokens` [B, T]."""
+    chex.assert_rank(logits_btv, 3)
+    chex.assert_equal_shape_prefix([logits_btv, tokens], 2)   # one position per token (ids, or one-hot rows)
     return pick_logprobs(jax.nn.log_softmax(logits_btv, -1), tokens)
 
 

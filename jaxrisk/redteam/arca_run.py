@@ -1,6 +1,6 @@
 """Red-teaming with ARCA: per behaviour, a joint search for a request x and the output o it elicits.
 
-`run_arca(lm, behaviors, config)` is what `redteam.run` calls for `RedteamConfig(method="arca")`. One lane
+`redteam.run` searches with `run_arca_group` for `RedteamConfig(method="arca")`. One lane
 = one behaviour x one restart; `config.group` behaviours x `config.run.restarts` lanes share one engine run.
 Per behaviour the model reads
 
@@ -14,34 +14,40 @@ maximises f = log p(o | prefix, x, after) + plausibility and danger terms; the r
 is reported. With `out_dir` the run is resumable exactly like GCG's: OUT/results.jsonl is rewritten
 atomically after each group, finished behaviours are skipped, and an interrupted group continues from
 OUT/checkpoint/group-K.
+
+Rows carry GCG's keys (suffix / suffix_ids = the request x; success = the greedy continuation of prefix + x +
+after starts with the target's tokens; loss = -objective; restart_losses = -objective per restart) plus
+method="arca", request, output (decoded x and o), output_ids, objective, consistent (o is the model's greedy
+continuation, teacher-forced) and scores (output_logprob = log p(o | prompt), and the unweighted plausibility
+/ danger scores).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.data.prompts import Behavior
-from jaxrisk.errors import MAX_SEED, InputError, require_int
+from jaxrisk.errors import InputError
 from jaxrisk.redteam.arca import ARCAProblem
-from jaxrisk.redteam.config import ARCAConfig, GCGConfig, RedteamConfig
+from jaxrisk.redteam.config import ARCAConfig, GCGConfig
 from jaxrisk.redteam.problem import allowed_tokens
-from jaxrisk.redteam.report import RedteamResult, read_results, run_settings, write_results
-from jaxrisk.redteam.run import _group_checkpoints, encode_behaviors
-from jaxrisk.search import engine
+from jaxrisk.redteam.run import encode_behaviors, timed_engine_run
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.reduce import best_per_group
 
 EXTRA_ROLES = ("plausibility", "danger")
 
 
-def _check_extras(extras) -> tuple:
+def check_extras(extras) -> tuple:
+    """`redteam.run`'s ((weight, scorer), ...) pairs, given roles by position: extras[0] is the plausibility
+    scorer, applied to the request x (token ids or one-hot [B, Lx]); extras[1] the danger scorer, applied to
+    the output o ([B, Lo]). Each term's weight is `config.arca.plausibility_weight` (resp. `danger_weight`)
+    times the pair's own weight: pass 1.0 in the pair to have config.arca's weight alone."""
     extras = tuple(extras)
     if len(extras) > len(EXTRA_ROLES):
         raise InputError(f"ARCA takes at most {len(EXTRA_ROLES)} extra scorers (a plausibility scorer of the "
@@ -86,7 +92,7 @@ def run_arca_group(lm, behaviors: list[Behavior], cfg: ARCAConfig, run_cfg: RunC
     """ARCA for these behaviours x `run_cfg.restarts` in one engine run; one result dict per behaviour
     (its restart with the highest objective)."""
     tok = lm.tokenizer
-    extras = _check_extras(extras)
+    extras = check_extras(extras)
     restarts = run_cfg.restarts
     lx, lo = cfg.request_len, cfg.output_len
     lanes, after = encode_arca(lm, behaviors, cfg, source)
@@ -104,14 +110,8 @@ def run_arca_group(lm, behaviors: list[Behavior], cfg: ARCAConfig, run_cfg: RunC
     per_behavior = {"prefix": lanes["before"], "prefix_valid": lanes["before_valid"],
                     "x0": np.full((len(behaviors), lx), -1, np.int32), "o0": o0}
     lane_inputs = {k: np.repeat(v, restarts, axis=0) for k, v in per_behavior.items()}   # behaviour-major
-    stamps = [(0, time.perf_counter())]
-    t0 = stamps[0][1]
-    result = engine.run(problem, lane_inputs, run_cfg, desc="arca",
-                        on_chunk=lambda step, info: stamps.append((step, time.perf_counter())))
+    result, seconds_at = timed_engine_run(problem, lane_inputs, run_cfg, "arca")
     state = result.state
-
-    def seconds_at(step: int) -> float:  # wall time when the chunk holding `step` ended (this process)
-        return next((t - t0 for s, t in stamps if s >= step), stamps[-1][1] - t0)
 
     groups = [np.arange(i * restarts, (i + 1) * restarts) for i in range(len(behaviors))]
     best = [int(r) for r in best_per_group(groups, lambda r: -float(state.objective[r]))]
@@ -149,47 +149,3 @@ def run_arca_group(lm, behaviors: list[Behavior], cfg: ARCAConfig, run_cfg: RunC
             row["error"] = f"every restart turned NaN (first at step {min(nan_at.values())}); no search result"
         out.append(row)
     return out
-
-
-def run_arca(lm, behaviors: list[Behavior], config: RedteamConfig, *, out_dir: str | Path | None = None,
-             extras=(), source: str = "behaviours") -> RedteamResult:
-    """ARCA over every behaviour; with `out_dir`, resume a killed run there and keep OUT/results.jsonl current
-    after every group.
-
-    `extras` are `redteam.run`'s ((weight, scorer), ...) pairs, given roles by position:
-    extras[0] is the plausibility scorer, applied to the request x (token ids or one-hot [B, Lx]);
-    extras[1] is the danger scorer, applied to the output o ([B, Lo]). More than two is an InputError.
-    Each term enters the objective with weight `config.arca.plausibility_weight` (resp. `danger_weight`)
-    times the pair's own weight, so pass 1.0 in the pair to have config.arca's weight alone.
-
-    Rows carry GCG's keys (suffix / suffix_ids = the request x; success = the greedy continuation of
-    prefix + x + after starts with the target's tokens; loss = -objective; restart_losses = -objective per
-    restart) plus method="arca", request, output (decoded x and o), output_ids, objective, consistent (o is
-    the model's greedy continuation, teacher-forced) and scores (output_logprob = log p(o | prompt), and the
-    unweighted plausibility / danger scores).
-    """
-    extras = _check_extras(extras)
-    run_cfg = config.run
-    require_int("RunConfig.seed", run_cfg.seed, 0, MAX_SEED - len(behaviors))   # each group's seed is offset
-    settings = run_settings(lm, config, extras)
-    path = Path(out_dir) / "results.jsonl" if out_dir is not None else None
-    done = read_results(path, settings) if path is not None and path.exists() else []
-    finished = {(r["behavior"], r["target"]) for r in done}
-    todo = [b for b in behaviors if (b.goal, b.target) not in finished]
-    if todo:
-        encode_arca(lm, todo, config.arca, source)  # every bad behaviour is reported before any work starts
-    root = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    if root is not None:
-        _group_checkpoints(root, len(done))
-    for g in range(0, len(todo), config.group):
-        chunk = todo[g:g + config.group]
-        ckpt = root / f"group-{len(done)}" if root is not None else None
-        group_cfg = run_cfg.replace(seed=run_cfg.seed + len(done), checkpoint_dir=ckpt)
-        rows = run_arca_group(lm, chunk, config.arca, group_cfg, extras=extras, source=source)
-        done.extend(dict(row, run=settings) for row in rows)
-        if path is not None:
-            write_results(path, done)
-            engine.remove_checkpoint(ckpt)
-    if root is not None and root.is_dir() and not any(root.iterdir()):
-        root.rmdir()
-    return RedteamResult(done)

@@ -87,6 +87,20 @@ def check_roundtrip(tokenizer, suffix: np.ndarray) -> None:
                          "run without the re-tokenisation filter")
 
 
+def timed_engine_run(problem, lane_inputs, run_cfg: RunConfig, desc: str):
+    """`engine.run`, and `seconds_at(step)`: the wall time (this process) when the chunk holding `step` ended,
+    so each row can say when its lane stopped."""
+    stamps = [(0, time.perf_counter())]
+    result = engine.run(problem, lane_inputs, run_cfg, desc=desc,
+                        on_chunk=lambda step, info: stamps.append((step, time.perf_counter())))
+    t0 = stamps[0][1]
+
+    def seconds_at(step: int) -> float:
+        return next((t - t0 for s, t in stamps if s >= step), stamps[-1][1] - t0)
+
+    return result, seconds_at
+
+
 def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig, *, extras=(),
               source: str = "behaviours") -> list[dict]:
     """GCG for these behaviours x `run_cfg.restarts` in one engine run; one result dict per behaviour
@@ -104,15 +118,8 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
                          init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
                          roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras))
     lane_inputs = {k: np.repeat(v, restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
-    stamps = [(0, time.perf_counter())]
-    t0 = stamps[0][1]
-    result = engine.run(problem, lane_inputs, run_cfg, desc="gcg",
-                        on_chunk=lambda step, info: stamps.append((step, time.perf_counter())))
+    result, seconds_at = timed_engine_run(problem, lane_inputs, run_cfg, "gcg")
     state = result.state
-
-    def seconds_at(step: int) -> float:  # wall time when the chunk holding `step` ended (this process)
-        return next((t - t0 for s, t in stamps if s >= step), stamps[-1][1] - t0)
-
     groups = [np.arange(i * restarts, (i + 1) * restarts) for i in range(len(behaviors))]
     best = best_per_group(groups, lambda r: (not state.success[r], float(state.best_loss[r])))
     out = []
@@ -173,12 +180,19 @@ def _group_checkpoints(root: Path, finished: int) -> None:
 
 def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), *, out_dir: str | Path | None = None,
         extras=(), source: str = "behaviours") -> RedteamResult:
-    """Search every behaviour; with `out_dir`, resume a killed run there and keep OUT/results.jsonl current
-    after every group. `extras`: ((weight, scorer), ...) log-scores of the request added to the objective."""
-    if config.method != "gcg":
-        from jaxrisk.redteam.arca_run import run_arca
+    """Search every behaviour (GCG, or ARCA with `config.method="arca"`); with `out_dir`, resume a killed run
+    there and keep OUT/results.jsonl current after every group. `extras`: ((weight, scorer), ...) log-scores
+    added to the objective (GCG: of the request; ARCA: see `arca_run.check_extras`)."""
+    if config.method == "arca":
+        from jaxrisk.redteam.arca_run import check_extras, encode_arca, run_arca_group
 
-        return run_arca(lm, behaviors, config, out_dir=out_dir, extras=extras, source=source)
+        extras = check_extras(extras)
+        check = lambda todo: encode_arca(lm, todo, config.arca, source)  # noqa: E731
+        search = lambda chunk, cfg: run_arca_group(lm, chunk, config.arca, cfg, extras=extras,  # noqa: E731
+                                                   source=source)
+    else:
+        check = lambda todo: encode_behaviors(lm, todo, config.gcg, source)  # noqa: E731
+        search = lambda chunk, cfg: run_group(lm, chunk, config.gcg, cfg, extras=extras, source=source)  # noqa: E731
     run_cfg = config.run
     require_int("RunConfig.seed", run_cfg.seed, 0, MAX_SEED - len(behaviors))   # each group's seed is offset
     settings = run_settings(lm, config, extras)
@@ -187,15 +201,13 @@ def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), 
     finished = {(r["behavior"], r["target"]) for r in done}
     todo = [b for b in behaviors if (b.goal, b.target) not in finished]
     if todo:
-        encode_behaviors(lm, todo, config.gcg, source)  # every bad behaviour is reported before any work starts
+        check(todo)   # every bad behaviour is reported before any work starts
     root = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if root is not None:
         _group_checkpoints(root, len(done))
     for g in range(0, len(todo), config.group):
-        chunk = todo[g:g + config.group]
         ckpt = root / f"group-{len(done)}" if root is not None else None
-        group_cfg = run_cfg.replace(seed=run_cfg.seed + len(done), checkpoint_dir=ckpt)
-        rows = run_group(lm, chunk, config.gcg, group_cfg, extras=extras, source=source)
+        rows = search(todo[g:g + config.group], run_cfg.replace(seed=run_cfg.seed + len(done), checkpoint_dir=ckpt))
         done.extend(dict(row, run=settings) for row in rows)
         if path is not None:
             write_results(path, done)

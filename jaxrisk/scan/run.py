@@ -17,6 +17,7 @@ import numpy as np
 from jaxrisk.data.images import ImageSet, stamp
 from jaxrisk.errors import InputError
 from jaxrisk.models.classifiers import logits_fn, pure_apply
+from jaxrisk.models.safetensors_file import check_finite
 from jaxrisk.scan.config import ScanConfig
 from jaxrisk.scan.problem import TriggerInversion, to_mask
 from jaxrisk.scan.report import ScanResult, per_target, verdict
@@ -61,12 +62,10 @@ def _check_images(model, data: ImageSet, weights_name: str) -> None:
 
 
 def _check_finite_params(params, weights_name: str) -> None:
-    """Refuse a model whose parameters hold NaN or inf: every search on it would fail, silently 'clean'."""
+    """Refuse a model whose parameters hold NaN or inf (also one built in memory, never loaded from a file):
+    every search on it would fail, silently 'clean'."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf, np.float32))))
-        if bad:
-            raise InputError(f"{weights_name}: parameter {jax.tree_util.keystr(path)} has {bad} NaN / inf values; "
-                             "refusing to scan a model whose weights are not finite")
+        check_finite(weights_name, f"parameter {jax.tree_util.keystr(path)}", np.asarray(leaf))
 
 
 def _check_all_failed(groups: dict[tuple[int, int], list[int]], failed_at: np.ndarray, weights_name: str) -> None:

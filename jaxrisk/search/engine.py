@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +82,17 @@ def _pad_lanes(tree: PyTree, n_pad: int) -> PyTree:
     if n_pad == 0:
         return tree
     return jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], n_pad, axis=0)]), tree)
+
+
+def _check_problem(problem, init_state: PyTree, step_state: PyTree, metrics: dict) -> None:
+    """A problem's `step` keeps its state's structure, shapes and dtypes (else the compiled scan cannot carry
+    it) and returns one scalar per metric and lane: said here, by name, not deep inside `lax.scan`."""
+    try:
+        chex.assert_trees_all_equal_shapes_and_dtypes(init_state, step_state)
+        chex.assert_rank(list(metrics.values()), 1)   # vmapped scalars: [R]
+    except (AssertionError, ValueError) as e:
+        raise TypeError(f"search problem {type(problem).__name__}: step(state, key) must return a state shaped "
+                        f"exactly like init's and scalar metrics; {e}") from None
 
 
 def _fingerprint(problem: PyTree, lanes: PyTree, key: np.ndarray, cfg: RunConfig) -> str:
@@ -143,7 +155,8 @@ def run(problem: SearchProblem, lanes: PyTree, config: RunConfig = RunConfig(), 
     carry = jax.device_get(fresh_carry())
     n_chunks = math.ceil(config.max_steps / config.chunk_steps)
     total = n_chunks * config.chunk_steps
-    metric_shapes = jax.eval_shape(jax.vmap(problem.step), carry["state"], padded_keys)[1]
+    step_state, metric_shapes = jax.eval_shape(jax.vmap(problem.step), carry["state"], padded_keys)
+    _check_problem(problem, carry["state"], step_state, metric_shapes)
     history = {k: np.full((total, n_real), np.nan, np.float32) for k in metric_shapes}
 
     start_chunk = 0

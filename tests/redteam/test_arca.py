@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import struct
 
+from conftest import interrupt_engine_run
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import InputError
 from jaxrisk.redteam import ARCAConfig, RedteamConfig
@@ -161,41 +162,28 @@ def test_run_arca_writes_rows_whose_objective_and_success_check_out_and_resumes_
 
 
 def test_more_than_two_extras_is_refused():
-    from jaxrisk.redteam.arca_run import run_arca
+    from jaxrisk import redteam
 
     scorer = TokenBonus(jnp.zeros(4))
     config = RedteamConfig(method="arca")
     with pytest.raises(InputError, match="at most 2 extra scorers"):
-        run_arca(None, BEHAVIORS, config, extras=((1.0, scorer),) * 3)
+        redteam.run(None, BEHAVIORS, config, extras=((1.0, scorer),) * 3)
     with pytest.raises(InputError, match="plausibility extra: expected a \\(weight, scorer\\) pair"):
-        run_arca(None, BEHAVIORS, config, extras=(scorer,))
+        redteam.run(None, BEHAVIORS, config, extras=(scorer,))
 
 
 @pytest.mark.slow
 def test_interrupted_arca_run_resumes_to_the_same_rows(lm, tmp_path, monkeypatch):
     from jaxrisk import redteam
-    from jaxrisk.search import engine
 
     config = RedteamConfig(method="arca", group=1, arca=ARCAConfig(request_len=3, output_len=2, candidates=8),
                            run=RunConfig(restarts=2, max_steps=10, chunk_steps=5, seed=3, progress=False))
     whole = redteam.run(lm, BEHAVIORS, config, out_dir=tmp_path / "whole").rows
 
-    real_run = engine.run
-    calls = []
-
-    def interrupting_run(problem, lanes, config, *, desc="search", on_chunk=None):
-        calls.append(1)
-
-        def stop_in_second_group(step, info):
-            on_chunk(step, info)
-            if len(calls) == 2 and step >= 5:
-                raise KeyboardInterrupt
-        return real_run(problem, lanes, config, desc=desc, on_chunk=stop_in_second_group)
-
-    monkeypatch.setattr(engine, "run", interrupting_run)
+    restore = interrupt_engine_run(monkeypatch, run=2, at_step=5)
     with pytest.raises(KeyboardInterrupt):
         redteam.run(lm, BEHAVIORS, config, out_dir=tmp_path / "cut")
-    monkeypatch.setattr(engine, "run", real_run)
+    restore()
     kept = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
     assert len(kept) == 1                                     # the first group's row survived
     assert (tmp_path / "cut" / "checkpoint" / "group-1").is_dir()   # the second group's chunk was saved

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import danger_texts
+from conftest import danger_texts, interrupt_engine_run
 from jaxrisk.data.prompts import Behavior, load_behaviors
 from jaxrisk.errors import InputError
 from jaxrisk.redteam import GCGConfig, RedteamConfig
@@ -72,28 +72,15 @@ def test_one_and_eight_devices_agree(lm):
 @pytest.mark.assets
 def test_interrupted_redteam_resumes_to_the_same_results(lm, tmp_path, monkeypatch):
     from jaxrisk import redteam
-    from jaxrisk.search import engine
 
     config = RedteamConfig(run=RunConfig(restarts=2, max_steps=8, chunk_steps=10, seed=3, progress=False), group=1,
                            gcg=SMALL)
     whole = redteam.run(lm, BEHAVIORS[:2], config, out_dir=tmp_path / "whole").rows
 
-    real_run = engine.run
-    calls = []
-
-    def interrupting_run(problem, lanes, config, *, desc="search", on_chunk=None):
-        calls.append(1)
-
-        def stop_in_second_group(step, info):
-            on_chunk(step, info)
-            if len(calls) == 2 and step >= 4:
-                raise KeyboardInterrupt
-        return real_run(problem, lanes, config, desc=desc, on_chunk=stop_in_second_group)
-
-    monkeypatch.setattr(engine, "run", interrupting_run)
+    restore = interrupt_engine_run(monkeypatch, run=2, at_step=4)
     with pytest.raises(KeyboardInterrupt):
         redteam.run(lm, BEHAVIORS[:2], config, out_dir=tmp_path / "cut")
-    monkeypatch.setattr(engine, "run", real_run)
+    restore()
     kept = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
     assert len(kept) == 1  # the first group's result survived the interruption
     resumed = redteam.run(lm, BEHAVIORS[:2], config, out_dir=tmp_path / "cut").rows

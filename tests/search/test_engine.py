@@ -1,6 +1,7 @@
 """The restart-parallel engine on a small problem whose answer is known."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,3 +109,21 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 def test_lane_inputs_must_share_the_restart_axis():
     with pytest.raises(InputError, match="same leading"):
         run(PROBLEM, {"target": LANES["target"], "lr": LANES["lr"][:3]}, cfg())
+
+
+def test_a_problem_whose_step_changes_the_state_shape_is_named():
+    from flax import struct
+
+    @struct.dataclass
+    class Growing:
+        def init(self, key, lane):
+            return {"x": lane}
+
+        def step(self, state, key):
+            return {"x": jnp.concatenate([state["x"], state["x"]])}, {"n": jnp.float32(1)}
+
+        def done(self, state):
+            return jnp.asarray(False)
+
+    with pytest.raises(TypeError, match=r"search problem Growing: step\(state, key\) must return a state shaped"):
+        run(Growing(), np.zeros((2, 3), np.float32), cfg(max_steps=2))
