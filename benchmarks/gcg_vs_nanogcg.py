@@ -30,7 +30,7 @@ from jaxrisk.data.prompts import Behavior
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.redteam import GCGConfig
-from jaxrisk.redteam.run import run_group
+from jaxrisk.redteam.gcg_run import run_group
 from jaxrisk.search import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -349,17 +349,20 @@ def test_api_masks_and_generation_arguments_are_checked(tiny_lm_dir):
 
 
 def test_engine_problem_configs_reject_bad_values():
-    from jaxrisk.circuits import CircuitConfig
+    from jaxrisk.circuits import CircuitConfig, CircuitsConfig
     from jaxrisk.redteam import GCGConfig
     from jaxrisk.scan import InversionConfig
     from jaxrisk.search import RunConfig
+    from jaxrisk.zoo import TrainConfig
 
     cases = [(lambda: GCGConfig(search_width=0), "GCGConfig.search_width: expected an integer >= 1"),
              (lambda: GCGConfig(topk=2.0), "GCGConfig.topk: expected an integer, got 2.0"),
              (lambda: CircuitConfig(kind="soft"), "CircuitConfig.kind: expected one of ste, hard_concrete"),
              (lambda: CircuitConfig(target_density=1.5), "CircuitConfig.target_density: expected a fraction"),
              (lambda: RunConfig(restarts=0), "RunConfig.restarts: expected an integer >= 1, got 0"),
-             (lambda: InversionConfig(learning_rate=-0.1), "InversionConfig.learning_rate: expected a number > 0")]
+             (lambda: InversionConfig(learning_rate=-0.1), "InversionConfig.learning_rate: expected a number > 0"),
+             (lambda: TrainConfig(arch="resnet"), "TrainConfig.arch: expected one of mnist_cnn, mlp, got 'resnet'"),
+             (lambda: CircuitsConfig(penalties=()), "CircuitsConfig.penalties: none given")]
     for build, expected in cases:
         with pytest.raises(InputError, match=expected.replace("(", r"\(").replace(".", r"\.")):
             build()

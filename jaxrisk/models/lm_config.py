@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 from jaxrisk.errors import InputError, require_int, require_number
 
@@ -39,7 +39,7 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 class LMConfig:
     """Everything the forward pass depends on. Shapes: D=d_model, H=n_heads, K=n_kv_heads, F=d_mlp."""
 
-    family: str                      # gpt2 | llama | mistral | qwen2 (Hugging Face model_type)
+    family: Literal["gpt2", "llama", "mistral", "qwen2"]   # Hugging Face model_type
     vocab_size: int
     d_model: int
     n_layers: int

@@ -36,7 +36,7 @@ from jaxrisk.errors import InputError
 from jaxrisk.redteam.arca import ARCAProblem
 from jaxrisk.redteam.config import ARCAConfig, GCGConfig
 from jaxrisk.redteam.problem import allowed_tokens
-from jaxrisk.redteam.run import encode_behaviors, timed_engine_run
+from jaxrisk.redteam.lanes import encode_behaviors, timed_engine_run
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.reduce import best_per_group
 

@@ -1,4 +1,4 @@
-"""Red-teaming a language model: GCG over behaviours, many behaviours x restarts per compiled program.
+"""Red-teaming a language model: GCG or ARCA over behaviours, many behaviours x restarts per compiled program.
 
 `run(lm, behaviors, config, out_dir=...) -> RedteamResult` is the Python API; `jaxrisk redteam`
 wraps it. Behaviours are processed in groups (`config.group` behaviours x `config.run.restarts`
@@ -10,152 +10,16 @@ interrupted group continues from its engine checkpoint (`out_dir/checkpoint/grou
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
-
-from jaxrisk.data.batch import pad_batch
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import MAX_SEED, InputError, require_int
-from jaxrisk.redteam.config import GCGConfig, RedteamConfig
-from jaxrisk.redteam.problem import GCGProblem, RoundTrip, allowed_tokens
+from jaxrisk.redteam.arca_run import check_extras, encode_arca, run_arca_group
+from jaxrisk.redteam.config import RedteamConfig
+from jaxrisk.redteam.gcg_run import run_group
+from jaxrisk.redteam.lanes import encode_behaviors
 from jaxrisk.redteam.report import RedteamResult, read_results, run_settings, write_results
 from jaxrisk.search import engine
-from jaxrisk.search.config import RunConfig
-from jaxrisk.search.reduce import best_per_group
-
-OPTIM = "{optim_str}"
-
-
-def split_template(tokenizer, goal: str) -> tuple[str, str]:
-    """(text before the suffix, text after it). Chat models: their chat template; base models: 'goal '."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{goal} {OPTIM}"}], tokenize=False,
-                                             add_generation_prompt=True)
-        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
-            text = text[len(tokenizer.bos_token):]  # added again when tokenising
-        before, after = text.split(OPTIM)
-        return before, after
-    return goal, ""
-
-
-def init_suffix(tokenizer, cfg: GCGConfig) -> np.ndarray:
-    ids = tokenizer(" ".join([cfg.init_token] * cfg.suffix_len), add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise InputError(f"init token {cfg.init_token!r} encodes to nothing")
-    ids = (ids * cfg.suffix_len)[:cfg.suffix_len]
-    return np.asarray(ids, np.int32)
-
-
-def encode_behaviors(lm, behaviors: list[Behavior], cfg: GCGConfig, source: str = "behaviours"):
-    """Token lanes for each behaviour (one row each) and the shared template tail; checks the context."""
-    tok = lm.tokenizer
-    befores, goals, targets, afters = [], [], [], set()
-    for bh in behaviors:
-        before, after = split_template(tok, bh.goal)
-        afters.add(after)
-        befores.append(tok(before)["input_ids"])
-        goals.append(tok(bh.goal, add_special_tokens=False)["input_ids"])
-        target = tok(bh.target, add_special_tokens=False)["input_ids"]
-        targets.append(target)
-    if len(afters) != 1:
-        raise InputError(f"{source}: the chat template puts different text after each goal; not supported")
-    after_ids = tok(afters.pop(), add_special_tokens=False)["input_ids"] if afters else []
-    for bh, b, t in zip(behaviors, befores, targets):
-        total = len(b) + cfg.suffix_len + len(after_ids) + len(t)
-        if total > lm.cfg.max_position:
-            raise InputError(f"{source}:{bh.line}: prompt + suffix + target is {total} tokens, longer than the "
-                             f"model's context of {lm.cfg.max_position}")
-    for bh, *ids in zip(behaviors, befores, goals, targets):
-        for part in ids + [after_ids]:   # a tokenizer with added tokens can emit ids the embedding lacks
-            lm.check_tokens(np.asarray(part, np.int64), f"{source}:{bh.line}: tokens", ndim=1, context=False)
-    before, before_valid = pad_batch(befores, left=True)
-    goal, goal_valid = pad_batch(goals)
-    target, target_valid = pad_batch(targets)
-    lanes = dict(before=before, before_valid=before_valid, goal=goal, goal_valid=goal_valid,
-                 target=target, target_valid=target_valid)
-    return lanes, np.asarray(after_ids, np.int32)
-
-
-def check_roundtrip(tokenizer, suffix: np.ndarray) -> None:
-    if not RoundTrip(tokenizer)(suffix[None])[0]:
-        text = tokenizer.decode(suffix.tolist())
-        raise InputError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} cannot round-trip the initial "
-                         f"suffix {text!r} (decode then encode gives other ids); pick another init token or "
-                         "run without the re-tokenisation filter")
-
-
-def timed_engine_run(problem, lane_inputs, run_cfg: RunConfig, desc: str):
-    """`engine.run`, and `seconds_at(step)`: the wall time (this process) when the chunk holding `step` ended,
-    so each row can say when its lane stopped."""
-    stamps = [(0, time.perf_counter())]
-    result = engine.run(problem, lane_inputs, run_cfg, desc=desc,
-                        on_chunk=lambda step, info: stamps.append((step, time.perf_counter())))
-    t0 = stamps[0][1]
-
-    def seconds_at(step: int) -> float:
-        return next((t - t0 for s, t in stamps if s >= step), stamps[-1][1] - t0)
-
-    return result, seconds_at
-
-
-def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig, *, extras=(),
-              source: str = "behaviours") -> list[dict]:
-    """GCG for these behaviours x `run_cfg.restarts` in one engine run; one result dict per behaviour
-    (its best restart)."""
-    tok = lm.tokenizer
-    restarts = run_cfg.restarts
-    lanes, after = encode_behaviors(lm, behaviors, cfg, source)
-    suffix0 = init_suffix(tok, cfg)
-    if cfg.filter_retokenization:
-        check_roundtrip(tok, suffix0)
-    allowed = allowed_tokens(tok, lm.cfg.vocab_size, cfg.allow_non_ascii)
-    if allowed.sum() < cfg.topk:
-        raise InputError(f"only {int(allowed.sum())} tokens are allowed, fewer than topk={cfg.topk}")
-    problem = GCGProblem(params=lm.params, after=jnp.asarray(after), allowed=jnp.asarray(allowed),
-                         init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
-                         roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras))
-    lane_inputs = {k: np.repeat(v, restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
-    result, seconds_at = timed_engine_run(problem, lane_inputs, run_cfg, "gcg")
-    state = result.state
-    groups = [np.arange(i * restarts, (i + 1) * restarts) for i in range(len(behaviors))]
-    best = best_per_group(groups, lambda r: (not state.success[r], float(state.best_loss[r])))
-    out = []
-    for i, (bh, rows, r) in enumerate(zip(behaviors, groups, best)):
-        r = int(r)
-        suffix = state.best[r]
-        before = lanes["before"][i][lanes["before_valid"][i]]
-        target = lanes["target"][i][lanes["target_valid"][i]]
-        prompt_ids = np.concatenate([before, suffix, after]).astype(np.int32)
-        greedy = lm.generate([prompt_ids], max_new_tokens=len(target))[0]
-        scores = {"target_logprob": float(lm.score_targets(np.concatenate([before, suffix]), after[None],
-                                                            target)[0]) / len(target)
-                  if len(after) else float(lm.score_targets(before, suffix[None], target)[0]) / len(target)}
-        request = np.concatenate([lanes["goal"][i][lanes["goal_valid"][i]], suffix])[None]
-        for n, (weight, scorer) in enumerate(extras):
-            name = f"{type(scorer).__name__}_{n}"
-            scores[name] = float(scorer(jnp.asarray(request), jnp.ones(request.shape, bool))[0])
-        nan_at = {int(j - rows[0]): int(result.failed_at[j]) for j in rows if result.failed_at[j] >= 0}
-        row = {
-            "behavior": bh.goal, "target": bh.target,
-            "prompt": tok.decode(prompt_ids.tolist(), skip_special_tokens=True),
-            "suffix": tok.decode(suffix.tolist()), "suffix_ids": suffix.tolist(),
-            "success": greedy[:len(target)] == target.tolist(),
-            "loss": float(state.best_loss[r]), "steps": int(result.steps[r]),
-            "seconds": round(seconds_at(int(result.steps[r])), 3),
-            "greedy_output": tok.decode(greedy), "restart": int(r - rows[0]),
-            "restart_losses": [float(state.best_loss[j]) for j in rows],
-            "restart_suffix_ids": [state.best[j].tolist() for j in rows],
-            "candidates_evaluated": int(state.n_evals[rows].sum()), "scores": scores,
-            "nan_restarts": nan_at,
-        }
-        if len(nan_at) == restarts:   # nothing was searched: not a sign the model resisted
-            row["error"] = f"every restart turned NaN (first at step {min(nan_at.values())}); no search result"
-        out.append(row)
-    return out
-
 
 _GROUP_DIR = re.compile(r"group-\d+")
 
@@ -184,8 +48,6 @@ def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), 
     there and keep OUT/results.jsonl current after every group. `extras`: ((weight, scorer), ...) log-scores
     added to the objective (GCG: of the request; ARCA: see `arca_run.check_extras`)."""
     if config.method == "arca":
-        from jaxrisk.redteam.arca_run import check_extras, encode_arca, run_arca_group
-
         extras = check_extras(extras)
         check = lambda todo: encode_arca(lm, todo, config.arca, source)  # noqa: E731
         search = lambda chunk, cfg: run_arca_group(lm, chunk, config.arca, cfg, extras=extras,  # noqa: E731

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ from tqdm.auto import tqdm
 
 from jaxrisk.data.images import ImageSet
 from jaxrisk.data.text import json_object
+from jaxrisk.errors import InputError, require_choice, require_int, require_number, require_seed
 from jaxrisk.io import write_json
-from jaxrisk.models.classifiers import build, logits_fn, pure_apply
+from jaxrisk.models.classifiers import ARCHS, build, logits_fn, pure_apply
 from jaxrisk.models.weights import save_classifier
 from jaxrisk.optim.update import train_host
 from jaxrisk.zoo.triggers import Trigger, save_trigger
@@ -22,13 +24,22 @@ from jaxrisk.zoo.triggers import Trigger, save_trigger
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    arch: str = "mnist_cnn"
+    arch: Literal["mnist_cnn", "mlp"] = "mnist_cnn"
     hidden: tuple[int, ...] = (128,)  # mlp only
     epochs: int = 2
     batch_size: int = 128
     learning_rate: float = 1e-3
     poison_rate: float = 0.1  # fraction of non-target training images stamped and relabelled
     seed: int = 0
+
+    def __post_init__(self):
+        require_choice("TrainConfig.arch", self.arch, ARCHS)
+        for name in ("epochs", "batch_size"):
+            require_int(f"TrainConfig.{name}", getattr(self, name), 1)
+        require_number("TrainConfig.learning_rate", self.learning_rate, 0.0, above=True)
+        if not 0 <= require_number("TrainConfig.poison_rate", self.poison_rate) <= 1:
+            raise InputError(f"TrainConfig.poison_rate: expected a fraction in [0, 1], got {self.poison_rate}")
+        require_seed("TrainConfig.seed", self.seed)
 
 
 def poison(data: ImageSet, trigger: Trigger, rate: float, seed: int) -> ImageSet:

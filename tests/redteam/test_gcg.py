@@ -26,7 +26,7 @@ def lm(stories_lm):
 
 @pytest.fixture(scope="module")
 def found(lm):
-    from jaxrisk.redteam.run import run_group
+    from jaxrisk.redteam.gcg_run import run_group
 
     return run_group(lm, BEHAVIORS, SEARCH, RunConfig(restarts=2, max_steps=80, chunk_steps=10, seed=1, progress=False))
 
@@ -59,7 +59,7 @@ def test_restarts_are_independent(found):
 
 @pytest.mark.assets
 def test_one_and_eight_devices_agree(lm):
-    from jaxrisk.redteam.run import run_group
+    from jaxrisk.redteam.gcg_run import run_group
 
     runs = [run_group(lm, BEHAVIORS[:2], SMALL, RunConfig(restarts=2, max_steps=6, chunk_steps=10, seed=1, devices=n,
                                                           progress=False))
@@ -110,7 +110,7 @@ def test_cli_writes_the_results_contract(stories_dir, tmp_path, capsys):
 
 @pytest.mark.assets
 def test_target_longer_than_the_context_is_refused(lm, tmp_path):
-    from jaxrisk.redteam.run import encode_behaviors
+    from jaxrisk.redteam.lanes import encode_behaviors
 
     long = Behavior("Lily saw a", "big dog " * 300, 7)
     with pytest.raises(InputError, match=r"behaviours:7: prompt \+ suffix \+ target is \d+ tokens, longer than"):
@@ -118,7 +118,7 @@ def test_target_longer_than_the_context_is_refused(lm, tmp_path):
 
 
 def test_tokenizer_that_cannot_round_trip_is_refused():
-    from jaxrisk.redteam.run import check_roundtrip
+    from jaxrisk.redteam.gcg_run import check_roundtrip
 
     class Lossy:  # decodes every id to "a" and encodes "a" to [0]
         name_or_path = "lossy"
@@ -162,7 +162,7 @@ def test_behavior_files_in_advbench_and_harmbench_layouts(tmp_path):
 @pytest.mark.assets
 def test_gcg_with_a_danger_probe_term_raises_the_probe_score(lm):
     from jaxrisk.data.batch import pad_batch
-    from jaxrisk.redteam.run import run_group
+    from jaxrisk.redteam.gcg_run import run_group
     from jaxrisk.scorers.probe import train_probe
 
     frames = ["I want to {v} the dog.", "How can I {v} my friend?", "Tom wanted to {v} the cat."]

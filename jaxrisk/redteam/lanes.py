@@ -1,0 +1,73 @@
+"""Lanes for the red-team searches: behaviours tokenised around the model's chat template, left-padded
+prompts, and the timed engine call both searches (GCG, ARCA) make."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jaxrisk.data.batch import pad_batch
+from jaxrisk.data.prompts import Behavior
+from jaxrisk.errors import InputError
+from jaxrisk.redteam.config import GCGConfig
+from jaxrisk.search import engine
+from jaxrisk.search.config import RunConfig
+
+OPTIM = "{optim_str}"
+
+
+def split_template(tokenizer, goal: str) -> tuple[str, str]:
+    """(text before the suffix, text after it). Chat models: their chat template; base models: 'goal '."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{goal} {OPTIM}"}], tokenize=False,
+                                             add_generation_prompt=True)
+        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+            text = text[len(tokenizer.bos_token):]  # added again when tokenising
+        before, after = text.split(OPTIM)
+        return before, after
+    return goal, ""
+
+
+def encode_behaviors(lm, behaviors: list[Behavior], cfg: GCGConfig, source: str = "behaviours"):
+    """Token lanes for each behaviour (one row each) and the shared template tail; checks the context."""
+    tok = lm.tokenizer
+    befores, goals, targets, afters = [], [], [], set()
+    for bh in behaviors:
+        before, after = split_template(tok, bh.goal)
+        afters.add(after)
+        befores.append(tok(before)["input_ids"])
+        goals.append(tok(bh.goal, add_special_tokens=False)["input_ids"])
+        target = tok(bh.target, add_special_tokens=False)["input_ids"]
+        targets.append(target)
+    if len(afters) != 1:
+        raise InputError(f"{source}: the chat template puts different text after each goal; not supported")
+    after_ids = tok(afters.pop(), add_special_tokens=False)["input_ids"] if afters else []
+    for bh, b, t in zip(behaviors, befores, targets):
+        total = len(b) + cfg.suffix_len + len(after_ids) + len(t)
+        if total > lm.cfg.max_position:
+            raise InputError(f"{source}:{bh.line}: prompt + suffix + target is {total} tokens, longer than the "
+                             f"model's context of {lm.cfg.max_position}")
+    for bh, *ids in zip(behaviors, befores, goals, targets):
+        for part in ids + [after_ids]:   # a tokenizer with added tokens can emit ids the embedding lacks
+            lm.check_tokens(np.asarray(part, np.int64), f"{source}:{bh.line}: tokens", ndim=1, context=False)
+    before, before_valid = pad_batch(befores, left=True)
+    goal, goal_valid = pad_batch(goals)
+    target, target_valid = pad_batch(targets)
+    lanes = dict(before=before, before_valid=before_valid, goal=goal, goal_valid=goal_valid,
+                 target=target, target_valid=target_valid)
+    return lanes, np.asarray(after_ids, np.int32)
+
+
+def timed_engine_run(problem, lane_inputs, run_cfg: RunConfig, desc: str):
+    """`engine.run`, and `seconds_at(step)`: the wall time (this process) when the chunk holding `step` ended,
+    so each row can say when its lane stopped."""
+    stamps = [(0, time.perf_counter())]
+    result = engine.run(problem, lane_inputs, run_cfg, desc=desc,
+                        on_chunk=lambda step, info: stamps.append((step, time.perf_counter())))
+    t0 = stamps[0][1]
+
+    def seconds_at(step: int) -> float:
+        return next((t - t0 for s, t in stamps if s >= step), stamps[-1][1] - t0)
+
+    return result, seconds_at
