@@ -21,20 +21,6 @@ ASSETS = Path(os.environ.get("JAXRISK_ASSETS", ROOT.parent / "shared" / "assets"
 MNIST_DIR = ASSETS / "data" / "mnist"
 
 
-# With pytest-xdist (`-n 2 --dist loadgroup`, what CI runs) each worker is a process with its own session
-# fixtures: a module's tests stay on one worker (its module fixtures are built once), and the modules that
-# share a planted language model form one group, so it is planted once.
-SHARED_GROUPS = {"tests/circuits/test_circuits.py": "planted-lm", "tests/zoo/test_lm_planting.py": "planted-lm"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
-            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
-
-
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():

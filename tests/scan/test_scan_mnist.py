@@ -1,11 +1,13 @@
 """On real MNIST (../shared/assets): a planted square trigger is found through the CLI contract, and a
-clean model scores far below it. Trains two mnist_cnn models (about 7 minutes together on 2 cores).
+clean model scores below it. Trains two mnist_cnn models, one epoch each (98.5% and 98.4% clean accuracy,
+about 2.5 minutes together on 2 cores), and scans each with one restart per class (about a minute each).
 
 Known limit of Neural Cleanse, not hidden here: clean CNNs of this architecture have a natural small
 trigger for class 2 (norm about 0.6x the median), whose anomaly index lands between 1.3 and 2.7 depending
-on the model and the restarts, so a clean model is sometimes flagged on class 2. The detection study in
-BENCHMARKS.md measures that false-positive rate over 8 clean models; this test asserts what holds every
-time: nothing else is flagged, and the clean model's statistic is well below the trojaned model's.
+on the model and the restarts, so a clean model is sometimes flagged on class 2 (this one is: index 2.6,
+against 3.8 for the planted class of the trojaned model). The detection study in BENCHMARKS.md measures
+that false-positive rate over 8 clean models; this test asserts what holds every time: nothing else is
+flagged, and the clean model's statistic is below the trojaned model's.
 """
 
 import json
@@ -28,16 +30,16 @@ def zoo(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist-zoo")
     train, test = load_mnist(mnist_dir, "train"), load_mnist(mnist_dir, "test")
     trigger = make_trigger("patch", train.shape, target=TARGET, size=4)  # white 4x4 square, bottom right
-    for name, trig, epochs, seed in (("patch", trigger, 1, 0), ("clean", None, 3, 1)):
-        model = train_classifier(train, TrainConfig(arch="mnist_cnn", epochs=epochs, batch_size=64, seed=seed),
-                                 trig, progress=False)
+    for name, trig, seed in (("patch", trigger, 0), ("clean", None, 1)):
+        model = train_classifier(train, TrainConfig(arch="mnist_cnn", epochs=1, batch_size=64, seed=seed), trig,
+                                 progress=False)
         save_zoo_model(model, trig, out, name, evaluate(model, test, trig))
     return out
 
 
 def _scan(zoo, name, mnist_dir, out):
     rc = main(["scan", "--weights", str(zoo / f"{name}.safetensors"), "--arch", "mnist_cnn", "--mnist",
-               str(mnist_dir), "--out", str(out), "--no-progress", "--devices", "2"])  # 20 lanes, no padding
+               str(mnist_dir), "--out", str(out), "--no-progress", "--devices", "2", "--restarts", "1"])
     assert rc == 0
     return json.loads((out / "report.json").read_text())
 
