@@ -18,9 +18,6 @@ class CircuitsResult:
     def circuits(self) -> list[dict]:
         return self.report["circuits"]
 
-    def __getitem__(self, key):   # the report's fields, as the dict earlier releases returned
-        return self.report[key]
-
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write the report, figure and masks atomically; returns (report.json, circuits.png)."""
         return write_circuit_report(self.report, out_dir)

@@ -44,8 +44,8 @@ def cmd_circuits(args) -> int:
     result = run(lm, data, config)
     json_path, png = result.write(out)
     remove_checkpoint(ckpt)
-    print(f"objective {args.objective}; behaviour rate of the intact model: {result['base_rate']}")
-    for c in result["circuits"]:
+    print(f"objective {args.objective}; behaviour rate of the intact model: {result.report['base_rate']}")
+    for c in result.circuits:
         print(f"  penalty {c['penalty']:>5}: {c['n_heads']} heads + {c['n_neurons']} neurons "
               f"({100 * c['units']:.2f}% of units): behaviour rate ablated {c['rate_ablated']}, "
               f"circuit alone {c['rate_alone']}, compliance ablated {c['compliance_ablated']}, "

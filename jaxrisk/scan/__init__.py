@@ -1,6 +1,7 @@
 """Is there a hidden trigger? Neural Cleanse over every class x restart in one compiled program.
 
     from jaxrisk import scan
+    from jaxrisk.search import RunConfig
     result = scan.run(model, images, scan.ScanConfig(run=RunConfig(restarts=4)))
     result.write("runs/scan")
 """
