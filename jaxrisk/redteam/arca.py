@@ -29,7 +29,7 @@ from flax import nnx, struct
 
 from jaxrisk.models.lm import broadcast_cache, embed, pick_logprobs
 from jaxrisk.redteam.config import ARCAConfig
-from jaxrisk.redteam.problem import _prefix
+from jaxrisk.redteam.problem import prompt_cache
 
 
 class ARCAState(NamedTuple):
@@ -75,7 +75,7 @@ class ARCAProblem:
     def _cache(self, model, prefix, prefix_valid):
         """KV cache of the (left-padded) prefix, batch 1, with room for x + after + o[:-1]."""
         room = self.cfg.request_len + self._after().shape[0] + self.cfg.output_len - 1
-        return _prefix(model, prefix, prefix_valid.astype(bool), room)
+        return prompt_cache(model, prefix, prefix_valid.astype(bool), room)
 
     def _terms(self, model, cache, z):
         """The parts of f for z = [x; o] (ids [B, Lx+Lo] or one-hot [B, Lx+Lo, V]) after the cached prefix:

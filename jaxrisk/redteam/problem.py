@@ -84,7 +84,8 @@ def allowed_tokens(tokenizer, vocab_size: int, allow_non_ascii: bool = False) ->
     return ok
 
 
-def _prefix(model, before_p, valid_p, room: int):
+def prompt_cache(model, before_p, valid_p, room: int):
+    """KV cache (batch 1) of a left-padded prompt [P] with mask [P], and `room` free positions after it."""
     cache = model.init_cache(1, before_p.shape[0] + room)
     _, cache, _ = model(before_p[None], valid_bt=valid_p[None], cache=cache, logits=False)
     return cache
@@ -155,7 +156,7 @@ class GCGProblem:
         cfg = self.cfg
         model = nnx.merge(self.graphdef, self.params)
         ls, t, a = self.init_suffix.shape[0], state.target.shape[0], self.after.shape[0]
-        cache = _prefix(model, state.before, state.before_valid, room=ls + a + t - 1)
+        cache = prompt_cache(model, state.before, state.before_valid, room=ls + a + t - 1)
 
         one_hot = jax.nn.one_hot(state.current, model.cfg.vocab_size, dtype=jnp.float32)[None]
         grad = jax.grad(lambda oh: self._losses(model, cache, state, oh)[0].sum())(one_hot)[0]  # [Ls, V]
