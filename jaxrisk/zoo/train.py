@@ -90,13 +90,14 @@ def train_classifier(train: ImageSet, cfg: TrainConfig, trigger: Trigger | None 
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     n_batches = len(data.labels) // cfg.batch_size
-    orders = []
+    order = None   # this epoch's shuffle, drawn at its first batch
 
     def next_batch(i):
-        epoch, b = divmod(i, n_batches)
+        nonlocal order
+        b = i % n_batches
         if b == 0:
-            orders.append(rng.permutation(len(data.labels)))
-        idx = orders[epoch][b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            order = rng.permutation(len(data.labels))
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         return data.images[idx], data.labels[idx], jax.random.fold_in(key, i)
 
     bar = tqdm(total=cfg.epochs * n_batches, desc=f"train {cfg.arch}", disable=not progress, leave=False)
