@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -39,6 +40,20 @@ def masked_updates(mask: PyTree) -> optax.GradientTransformation:
 
 def with_mask(optimizer: optax.GradientTransformation, mask: PyTree | None) -> optax.GradientTransformation:
     return optimizer if mask is None else optax.chain(optimizer, masked_updates(mask))
+
+
+def sgd_or_adam(learning_rate, adam) -> optax.GradientTransformation:
+    """`optax.sgd(learning_rate)` where `adam` is False, `optax.adam(learning_rate)` where True; both may be
+    traced, so lanes of one compiled program can audit both optimizers at several learning rates. The
+    state is Adam's either way (SGD ignores it)."""
+    scale = optax.scale_by_adam()
+
+    def update(grads, state, params=None):
+        direction, state = scale.update(grads, state, params)
+        pick = lambda d, g: (-learning_rate * jnp.where(adam, d, g)).astype(g.dtype)  # noqa: E731
+        return jax.tree.map(pick, direction, grads), state
+
+    return optax.GradientTransformation(scale.init, update)
 
 
 def update_step(loss_fn: Callable[[PyTree, Any], jax.Array], optimizer: optax.GradientTransformation,
