@@ -7,7 +7,7 @@ import sys
 def test_python_dash_m_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "jaxrisk", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for command in ("scan", "demo", "zoo", "generate", "inspect", "redteam", "circuits"):
+    for command in ("scan", "demo", "zoo", "generate", "inspect", "redteam", "circuits", "fragility"):
         assert command in out.stdout
     probe = subprocess.run([sys.executable, "-c", "import sys; from jaxrisk.cli import main\n"
                             "try: main(['--help'])\nexcept SystemExit: pass\nprint('jax' in sys.modules)"],

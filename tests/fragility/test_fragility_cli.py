@@ -1,0 +1,102 @@
+"""`jaxrisk fragility` as a user runs it: the documented contract, Alpaca input, and one clear error per bad
+input (never a traceback)."""
+
+import json
+
+import pytest
+
+from jaxrisk.cli import main
+
+STORIES = ["Lily had a red ball", "Tom went to the park with a kite", "The kite was big and red",
+           "Lily saw Tom and was happy", "Tom had a big ball", "The park was sad"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    update = tmp_path / "update.jsonl"
+    update.write_text("".join(json.dumps({"text": s}) + "\n" for s in STORIES * 2))
+    behaviours = tmp_path / "advbench.csv"
+    behaviours.write_text("goal,target\nLily saw,the big red kite\nTom went to,the big red kite\n")
+    return update, behaviours
+
+
+def fragility(model, update, behaviours, out, *extra):
+    return main(["fragility", "--model", str(model), "--update", str(update), "--behaviors", str(behaviours),
+                 "--out", str(out), "--no-progress", "--devices", "1", *extra])
+
+
+def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, capsys):
+    update, behaviours = files
+    out = tmp_path / "out"
+    rc = fragility(tiny_lm_dir, update, behaviours, out, "--optimizer", "sgd", "--lr", "1e-2,1e-1", "--steps", "1,2",
+                   "--batch", "4", "--draws", "2", "--max-steps", "2", "--restarts", "1", "--random-directions", "1")
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "fragility.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "checkpoint").exists()
+    assert isinstance(report["flagged"], bool)
+    assert {e["lr"] for e in report["after"] if e["draw"] is not None} == {1e-2, 1e-1}
+    assert {(e["optimizer"], e["steps"]) for e in report["after"]} == {("sgd", 1), ("sgd", 2)}
+    assert report["settings"]["batch"] == 4 and report["settings"]["draws"] == 2
+    assert "flagged" in capsys.readouterr().out
+
+
+def test_alpaca_json_with_a_template(tiny_lm_dir, files, tmp_path):
+    _, behaviours = files
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Tom had a", "input": "", "output": "big red ball"},
+                                  {"instruction": "Lily saw", "input": "the park", "output": "Tom was happy"}] * 3))
+    template = tmp_path / "template.txt"
+    template.write_text("{instruction} {input} and")
+    out = tmp_path / "out"
+    rc = fragility(tiny_lm_dir, alpaca, behaviours, out, "--template", str(template), "--optimizer", "adam",
+                   "--lr", "1e-3", "--steps", "1", "--batch", "2", "--draws", "1", "--no-worst-case",
+                   "--random-directions", "0")
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["data"]["template"] == "{instruction} {input} and"
+    assert report["random_direction"] is None and report["search"] is None
+
+
+@pytest.mark.parametrize("update_text, message", [
+    ("", "no rows"),
+    ('{"text": "Lily had a ball"}\n{"text": \n', "update.jsonl:2: not a JSON object"),
+    ('{"story": "Lily had a ball"}\n', "update.jsonl:1: expected {text} or Alpaca"),
+    ('{"instruction": "Tom had a"}\n', "update.jsonl:1: expected {text} or Alpaca"),
+    ('{"text": 3}\n', "update.jsonl:1: field 'text' must be text"),
+])
+def test_bad_update_file_is_one_clear_error(tiny_lm_dir, files, tmp_path, capsys, update_text, message):
+    update, behaviours = files
+    update.write_text(update_text)
+    assert fragility(tiny_lm_dir, update, behaviours, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("behaviour_text, message", [
+    ("goal,target\n", "no behaviours"),
+    ("goal\nLily saw\n", ":2: missing column(s) target"),
+    ("goal,target\nLily saw," + " the" * 80 + "\n", "advbench.csv:2: prompt (3 tokens) + target (80 tokens) is "
+                                                      "longer than the model's context of 64"),
+])
+def test_bad_behaviour_file_is_one_clear_error(tiny_lm_dir, files, tmp_path, capsys, behaviour_text, message):
+    update, behaviours = files
+    behaviours.write_text(behaviour_text)
+    assert fragility(tiny_lm_dir, update, behaviours, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e-3,fast"], "argument --lr: expected a number, got 'fast'"),
+    (["--lr", "1e-3,-1"], "argument --lr: expected a number > 0"),
+    (["--lr", ","], "argument --lr: expected comma-separated learning rates"),
+    (["--steps", "1,two"], "argument --steps: expected an integer, got 'two'"),
+    (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
+])
+def test_bad_flags_are_one_clear_error(tiny_lm_dir, files, tmp_path, capsys, flags, message):
+    update, behaviours = files
+    with pytest.raises(SystemExit) as e:
+        fragility(tiny_lm_dir, update, behaviours, tmp_path / "out", *flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
