@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, dtype, number, run_config
+from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, dtype, int_at_least, number, run_config
 from jaxrisk.io import prepare_out_dir
 
 
@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--draws", type=POSITIVE, default=8, help="random batch draws per learning rate (default 8)")
     p.add_argument("--threshold", type=number(0.0, above=True), default=0.5,
                    help="rise in behaviour success (0..1) that flags the model (default 0.5)")
-    p.add_argument("--random-directions", type=int, default=4,
+    p.add_argument("--random-directions", type=int_at_least(0), default=4,
                    help="random directions measured beside each update (default 4; 0: none)")
     p.add_argument("--no-worst-case", action="store_true", help="skip the worst-case batch search")
     p.add_argument("--pool", type=POSITIVE, default=128,

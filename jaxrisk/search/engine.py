@@ -22,6 +22,7 @@ resumed run replays exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import shutil
@@ -100,8 +101,12 @@ def _fingerprint(problem: PyTree, lanes: PyTree, key: np.ndarray, cfg: RunConfig
     return fingerprint(problem, lanes, key, (cfg.max_steps, cfg.chunk_steps))
 
 
-def _make_chunk_fn(n_lanes: int, chunk_steps: int, max_steps: int, mesh, carry_shardings):
-    """The compiled program: `chunk_steps` masked, vmapped steps of every lane."""
+@functools.lru_cache(maxsize=64)
+def _chunk_fn(n_lanes: int, chunk_steps: int, max_steps: int, mesh):
+    """The compiled program: `chunk_steps` masked, vmapped steps of every lane. One per shape of run, reused
+    by every later run of the same shape in the process (jit's cache keys on the problem's type, static
+    fields and array shapes), so a second search of the same shape does not compile again."""
+    lanes = lane_sharding(mesh)
 
     def chunk(problem, carry, start_step):
         def one_step(carry, i):
@@ -118,12 +123,16 @@ def _make_chunk_fn(n_lanes: int, chunk_steps: int, max_steps: int, mesh, carry_s
             done = carry["done"] | (live & ~finite) | (advance & jax.vmap(problem.done)(state)) | (steps >= max_steps)
             metrics = jax.tree.map(lambda m: jnp.where(advance, m, jnp.nan), metrics)
             new_carry = dict(carry, state=state, steps=steps, failed_at=failed_at, done=done)
-            new_carry = jax.lax.with_sharding_constraint(new_carry, carry_shardings)
-            return new_carry, metrics
+            return jax.lax.with_sharding_constraint(new_carry, lanes), metrics
 
         return jax.lax.scan(one_step, carry, jnp.arange(chunk_steps, dtype=jnp.int32))
 
-    return jax.jit(chunk, out_shardings=(carry_shardings, lane_sharding(mesh, 1)), donate_argnums=(1,))
+    return jax.jit(chunk, out_shardings=(lanes, lane_sharding(mesh, 1)), donate_argnums=(1,))
+
+
+@jax.jit
+def _init_lanes(problem, keys, lanes):
+    return jax.vmap(problem.init)(keys, lanes)
 
 
 def run(problem: SearchProblem, lanes: PyTree, config: RunConfig = RunConfig(), *, desc: str = "search",
@@ -148,7 +157,7 @@ def run(problem: SearchProblem, lanes: PyTree, config: RunConfig = RunConfig(), 
     padded_keys = _pad_lanes(lane_keys, n_lanes - n_real)
 
     def fresh_carry():
-        state = jax.jit(lambda p, k, l: jax.vmap(p.init)(k, l))(problem, padded_keys, padded)
+        state = _init_lanes(problem, padded_keys, padded)
         return dict(state=state, lane_key=padded_keys, steps=np.zeros(n_lanes, np.int32),
                     failed_at=np.full(n_lanes, -1, np.int32), done=np.arange(n_lanes) >= n_real)
 
@@ -165,10 +174,9 @@ def run(problem: SearchProblem, lanes: PyTree, config: RunConfig = RunConfig(), 
         manager, start_chunk, carry, history = _open_checkpoint(
             Path(config.checkpoint_dir), _fingerprint(problem, lanes, key, config), carry, history, n_real)
 
-    carry_shardings = jax.tree.map(lambda _: lane_sharding(mesh), carry)
-    chunk_fn = _make_chunk_fn(n_lanes, config.chunk_steps, config.max_steps, mesh, carry_shardings)
+    chunk_fn = _chunk_fn(n_lanes, config.chunk_steps, config.max_steps, mesh)
     problem_dev = jax.device_put(problem, replicated(mesh))
-    carry_dev = jax.device_put(carry, carry_shardings)
+    carry_dev = jax.device_put(carry, lane_sharding(mesh))
 
     bar = tqdm(total=total, initial=start_chunk * config.chunk_steps, desc=desc, unit="step",
                disable=not config.progress)

@@ -145,7 +145,7 @@ def test_worst_case_batch_beats_random_draws_and_the_teaching_batch(tiny_lm_dir)
     examples = [UpdateExample("", t, i + 1) for i, t in enumerate(benign[:10] + teaching + benign[10:])]
     behaviours = [Behavior(p, TARGET, i + 1) for i, p in enumerate(["Lily saw", "Tom went to", "The park was"])]
     data = fragility_data(lm, examples, behaviours)
-    config = FragilityConfig(run=RunConfig(restarts=2, max_steps=30, chunk_steps=30, devices=1, progress=False),
+    config = FragilityConfig(run=RunConfig(restarts=2, max_steps=20, chunk_steps=20, devices=1, progress=False),
                              optimizers=("sgd",), learning_rates=(0.1, 0.3), steps=(1,), batch=4, draws=4,
                              pool=32, random_directions=0)
     report = run(lm, data, config).report

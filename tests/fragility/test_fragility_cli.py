@@ -29,7 +29,7 @@ def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, caps
     update, behaviours = files
     out = tmp_path / "out"
     rc = fragility(tiny_lm_dir, update, behaviours, out, "--optimizer", "sgd", "--lr", "1e-2,1e-1", "--steps", "1,2",
-                   "--batch", "4", "--draws", "2", "--max-steps", "2", "--restarts", "1", "--random-directions", "1")
+                   "--batch", "4", "--draws", "2", "--no-worst-case", "--random-directions", "1")
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert (out / "fragility.png").read_bytes()[:4] == b"\x89PNG"
@@ -38,6 +38,7 @@ def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, caps
     assert {e["lr"] for e in report["after"] if e["draw"] is not None} == {1e-2, 1e-1}
     assert {(e["optimizer"], e["steps"]) for e in report["after"]} == {("sgd", 1), ("sgd", 2)}
     assert report["settings"]["batch"] == 4 and report["settings"]["draws"] == 2
+    assert report["search"] is None   # --no-worst-case (the search itself: tests/fragility/test_fragility.py)
     assert "flagged" in capsys.readouterr().out
 
 
