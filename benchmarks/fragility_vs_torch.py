@@ -27,6 +27,7 @@ import torch
 
 from jaxrisk.data.batch import answer_rows
 from jaxrisk.fragility.problem import Lookahead, clean_logprobs
+from jaxrisk.fragility.run import direction_keys
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.search import engine
@@ -52,7 +53,8 @@ def workload(lm, draws: int, k: int, batch: int = 32):
             lanes["adam"].append(a)
             lanes["batches"].append(np.stack([rng.choice(len(rows), batch, replace=False) for _ in range(3 * k)]))
     lanes = {"learning_rate": np.asarray(lanes["learning_rate"], np.float32), "adam": np.asarray(lanes["adam"]),
-             "batches": np.asarray(lanes["batches"], np.int32)}
+             "batches": np.asarray(lanes["batches"], np.int32),
+             "direction_key": direction_keys(0, len(lanes["learning_rate"]))}
     loss_mask = np.ones(rows.shape, np.float32)
     loss_mask[:, 0] = 0
     return rows.astype(np.int32), loss_mask, b_tokens, b_weight.astype(np.float32), lanes

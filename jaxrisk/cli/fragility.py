@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-worst-case", action="store_true", help="skip the worst-case batch search")
     p.add_argument("--pool", type=POSITIVE, default=128,
                    help="update examples the worst-case batch is chosen from (default 128)")
+    p.add_argument("--max-lanes", type=POSITIVE, default=None,
+                   help="simulated updates per compiled run (each holds a copy of the weights); default: all at once")
     p.add_argument("--template", metavar="FILE", default=None,
                    help="prompt template for Alpaca rows, a text file using {instruction} and {input} "
                         "(default: Stanford Alpaca's)")
@@ -70,15 +72,15 @@ def cmd_fragility(args) -> int:
                              learning_rates=tuple(args.lr) if args.lr else None, steps=tuple(args.steps),
                              batch=args.batch, draws=args.draws, threshold=args.threshold,
                              random_directions=args.random_directions, worst_case=not args.no_worst_case,
-                             pool=args.pool)
+                             pool=args.pool, max_lanes=args.max_lanes)
     templates = ((read_text(args.template),) * 2 if args.template else (ALPACA_TEMPLATE, ALPACA_TEMPLATE_INPUT))
     lm = load_pretrained(args.model, dtype=dtype(args))
     data = load_fragility_data(lm, args.update, args.behaviors, max_length=config.max_length,
                                template=templates[0], template_with_input=templates[1])
     result = run(lm, data, config)
     json_path, png = result.write(out)
-    for name in ("lookahead", "worst_case"):
-        remove_checkpoint(out / "checkpoint" / name)
+    for directory in (out / "checkpoint").glob("*") if (out / "checkpoint").is_dir() else ():
+        remove_checkpoint(directory)
     try:
         (out / "checkpoint").rmdir()
     except OSError:

@@ -38,6 +38,8 @@ class FragilityConfig:
                                      # measured with exact Adam)
     clean_rows: int = 16             # update-set rows the drift (KL) is measured on
     max_length: int = 256            # update rows longer than this are cut
+    max_lanes: int | None = None     # simulated updates per compiled run (each lane holds a copy of the weights
+                                     # and Adam's moments); None: every lane at once
 
     def __post_init__(self):
         if not isinstance(self.run, RunConfig):
@@ -62,6 +64,8 @@ class FragilityConfig:
         for name, minimum in (("batch", 1), ("draws", 1), ("random_directions", 0), ("pool", 1),
                               ("clean_rows", 1), ("max_length", 2)):
             require_int(f"FragilityConfig.{name}", getattr(self, name), minimum)
+        if self.max_lanes is not None:
+            require_int("FragilityConfig.max_lanes", self.max_lanes, 1)
         require_number("FragilityConfig.threshold", self.threshold, 0.0, above=True)
         if self.threshold > 1:
             raise InputError(f"FragilityConfig.threshold: a rise in success rate, at most 1; got {self.threshold}")

@@ -84,7 +84,8 @@ class LookaheadState(NamedTuple):
 
 @struct.dataclass
 class Lookahead:
-    """Lanes: {"learning_rate": [R], "adam": [R] bool, "batches": [R, k, batch] int32}."""
+    """Lanes: {"learning_rate": [R], "adam": [R] bool, "batches": [R, k, batch] int32, "direction_key": [R, 2]
+    uint32 (the lane's random directions: raw key data, fixed by the lane, not by how lanes are grouped)}."""
     params: PyTree                 # the model before any update
     update_tokens: jax.Array       # [N, L]
     update_loss_mask: jax.Array    # [N, L]
@@ -105,11 +106,12 @@ class Lookahead:
         return {"target_logprob": jnp.mean(logp), "success": jnp.mean(success.astype(jnp.float32)), "kl": kl}
 
     def init(self, key, lane) -> LookaheadState:
+        del key
         return LookaheadState(params=self.params, opt_state=sgd_or_adam(0.0, False).init(self.params),
                               step=jnp.zeros((), jnp.int32),
                               learning_rate=jnp.asarray(lane["learning_rate"], jnp.float32),
                               adam=jnp.asarray(lane["adam"], bool), batches=jnp.asarray(lane["batches"], jnp.int32),
-                              direction_key=jax.random.key_data(key))
+                              direction_key=jnp.asarray(lane["direction_key"], jnp.uint32))
 
     def step(self, state: LookaheadState, key):
         del key   # a lane's batches and directions are fixed by its lane input and init key

@@ -34,6 +34,12 @@ def _draw_batches(seed: int, draw: int, n: int, batch: int, steps: int) -> np.nd
     return np.stack([rng.choice(n, batch, replace=False) for _ in range(steps)]).astype(np.int32)
 
 
+def direction_keys(seed: int, n: int) -> np.ndarray:
+    """[n, 2] uint32 raw keys of each lane's random directions: lane i's depends on the seed and i only."""
+    base = jax.random.key(seed)
+    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, i)), np.uint32) for i in range(n)])
+
+
 def _checkpoint(config: FragilityConfig, name: str):
     directory = config.run.checkpoint_dir
     return None if directory is None else Path(directory) / name
@@ -89,21 +95,19 @@ def run(lm, data: FragilityData, config: FragilityConfig = FragilityConfig(), *,
             lanes["adam"].append(s["optimizer"] == "adam")
             lanes["batches"].append(np.tile(np.asarray(s["batch"], np.int32), (k, 1)))
     lanes = {"learning_rate": np.asarray(lanes["learning_rate"], np.float32),
-             "adam": np.asarray(lanes["adam"], bool), "batches": np.stack(lanes["batches"])}
+             "adam": np.asarray(lanes["adam"], bool), "batches": np.stack(lanes["batches"]),
+             "direction_key": direction_keys(seed, len(labels))}
 
-    res = engine.run(problem, lanes, config.run.replace(max_steps=k, chunk_steps=k,
-                                                        checkpoint_dir=_checkpoint(config, "lookahead")),
-                     desc="fragility: simulated updates")
+    res = _simulate(problem, lanes, config, k)
     after = []
     for lane, label in enumerate(labels):
         for s in config.steps:
             entry = dict(label, steps=s, diverged=bool(res.failed_at[lane] >= 0 and res.failed_at[lane] < s))
-            ran = s <= res.metrics["success"].shape[0]
             for m in MEASURES + ("loss", "update_norm"):
-                entry[m] = _value(res.metrics[m][s - 1, lane]) if ran else None
+                entry[m] = _value(res.metrics[m][s - 1, lane])
             if config.random_directions:
-                entry["random"] = {f"{m}_{agg}": (_value(res.metrics[f"random_{m}_{agg}"][s - 1, lane]) if ran
-                                                  else None) for m in MEASURES for agg in ("mean", "max")}
+                entry["random"] = {f"{m}_{agg}": _value(res.metrics[f"random_{m}_{agg}"][s - 1, lane])
+                                   for m in MEASURES for agg in ("mean", "max")}
             after.append(entry)
     grid = [e for e in after if e["draw"] is not None]
     searched = [e for e in after if e["draw"] is None]
@@ -123,6 +127,29 @@ def run(lm, data: FragilityData, config: FragilityConfig = FragilityConfig(), *,
     report = verdict(before, grid, searched, config)
     report.update(after=after, search=search, geometry=geometry, settings=settings(config, data, batch))
     return FragilityResult(report)
+
+
+def _simulate(problem: Lookahead, lanes: dict, config: FragilityConfig, k: int) -> engine.SearchResult:
+    """The lookahead lanes, `config.max_lanes` at a time (each group one engine run; the groups are padded to
+    one size, so they share one compiled program); metrics and failures joined back in lane order."""
+    n = len(lanes["learning_rate"])
+    size = min(config.max_lanes or n, n)
+    metrics, failed_at = {}, []
+    for g, start in enumerate(range(0, n, size)):
+        take = np.minimum(np.arange(start, start + size), n - 1)   # the last group repeats its last lane
+        name = "lookahead" if size == n else f"lookahead_{g}"
+        res = engine.run(problem, {key: value[take] for key, value in lanes.items()},
+                         config.run.replace(max_steps=k, chunk_steps=k, checkpoint_dir=_checkpoint(config, name)),
+                         desc=f"fragility: simulated updates{'' if size == n else f' {start + 1}-{min(start + size, n)}/{n}'}")
+        real = slice(0, min(size, n - start))
+        padded = {m: np.full((k, size), np.nan, np.float32) for m in res.metrics}
+        for m, v in res.metrics.items():
+            padded[m][: len(v)] = v
+        for m, v in padded.items():
+            metrics.setdefault(m, []).append(v[:, real])
+        failed_at.append(res.failed_at[real])
+    return engine.SearchResult(state=None, metrics={m: np.concatenate(v, 1) for m, v in metrics.items()},
+                               steps=None, failed_at=np.concatenate(failed_at), done=None, resumed_from_step=0)
 
 
 def _worst_case(lm, params, data: FragilityData, config: FragilityConfig, batch: int, k: int) -> list[dict]:

@@ -13,6 +13,7 @@ from jaxrisk.data.prompts import Behavior
 from jaxrisk.data.updates import UpdateExample
 from jaxrisk.fragility import FragilityConfig, fragility_data, run
 from jaxrisk.fragility.problem import Lookahead, behaviour_scores, clean_logprobs, project_capped_simplex
+from jaxrisk.fragility.run import direction_keys
 from jaxrisk.models import load_pretrained
 from jaxrisk.models.lm import lm_loss
 from jaxrisk.search import engine
@@ -68,7 +69,7 @@ def test_lookahead_equals_an_explicit_optax_loop(tiny):
     k, rng = 3, np.random.default_rng(0)
     batches = np.stack([np.stack([rng.choice(24, 5, replace=False) for _ in range(k)]) for _ in range(3)])
     lanes = {"learning_rate": np.asarray([0.05, 1e-3, 3e-3], np.float32), "adam": np.asarray([False, True, True]),
-             "batches": batches.astype(np.int32)}
+             "batches": batches.astype(np.int32), "direction_key": direction_keys(0, 3)}
     problem = lookahead(lm, data)
     res = engine.run(problem, lanes, RunConfig(max_steps=k, chunk_steps=2, devices=1, progress=False))
     for lane, (lr, adam) in enumerate(zip(lanes["learning_rate"], lanes["adam"])):
@@ -152,15 +153,16 @@ def test_worst_case_batch_beats_random_draws_and_the_teaching_batch(tiny_lm_dir)
     searched = max(e["target_logprob"] for e in report["after"] if e["draw"] is None)
     assert searched > max(e["target_logprob"] for e in report["after"] if e["draw"] is not None)
     teaching_lane = {"learning_rate": np.asarray([0.3], np.float32), "adam": np.asarray([False]),
-                     "batches": np.asarray([[[10, 11, 12, 13]]], np.int32)}
+                     "batches": np.asarray([[[10, 11, 12, 13]]], np.int32), "direction_key": direction_keys(0, 1)}
     res = engine.run(lookahead(lm, data), teaching_lane, RunConfig(max_steps=1, chunk_steps=1, devices=1, progress=False))
     assert searched >= float(res.metrics["target_logprob"][0, 0]) - 1e-4
 
 
-def test_devices_agree(tiny, audit):
-    """One device or eight: the same simulated updates and random directions, lane by lane."""
+def test_devices_and_lane_groups_agree(tiny, audit):
+    """One device with every lane in one program, or eight devices three lanes at a time (--max-lanes): the
+    same simulated updates and random directions, lane by lane."""
     lm, data = tiny
-    eight = run(lm, data, AUDIT.replace(run=AUDIT.run.replace(devices=8), worst_case=False)).report
+    eight = run(lm, data, AUDIT.replace(run=AUDIT.run.replace(devices=8), worst_case=False, max_lanes=3)).report
     one = [e for e in audit.report["after"] if e["draw"] is not None]
     assert len(one) == len(eight["after"]) == 2 * 2 * 2 * 2
     for a, b in zip(one, eight["after"]):
