@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="audit this optimizer only (default: both)")
     p.add_argument("--lr", type=_list(number(0.0, above=True), "learning rates", "1e-4,1e-3"), default=None,
-                   help="comma-separated learning rates (default grid: sgd 1e-3,1e-2,1e-1; adam 1e-5,1e-4,1e-3)")
+                   help="comma-separated learning rates, for every audited optimizer (default grid: sgd "
+                        "1e-3,1e-2,1e-1; adam 1e-5,1e-4,1e-3)")
     p.add_argument("--steps", type=_list(POSITIVE, "step counts", "1,2,4"), default=[1, 2, 4],
                    help="comma-separated numbers of update steps to measure after (default 1,2,4)")
     p.add_argument("--batch", type=POSITIVE, default=32, help="update batch size (default 32)")
