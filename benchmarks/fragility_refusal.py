@@ -28,6 +28,7 @@ from jaxrisk.data.prompts import Behavior
 from jaxrisk.data.updates import UpdateExample
 from jaxrisk.fragility import FragilityConfig, fragility_data, run
 from jaxrisk.fragility.problem import behaviour_scores
+from jaxrisk.fragility.run import draw_batches
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.models.lm import lm_loss
@@ -78,8 +79,7 @@ def main() -> None:
     rngs = [np.random.default_rng([99, r]) for r in range(args.runs)]
     batches = [[rng.choice(len(tokens), min(32, len(tokens)), replace=False) for _ in range(max(steps))] for rng in rngs]
     real = {s: [finetune_to(lambda i, b=b: b[i], s) for b in batches] for s in steps}
-    audit_batches = [np.random.default_rng([0, 0]).choice(len(tokens), min(32, len(tokens)), replace=False)
-                     for _ in range(max(steps))]
+    audit_batches = draw_batches(0, 0, len(tokens), min(32, len(tokens)), max(steps))   # the audit's draw 0
     same = {s: finetune_to(lambda i: audit_batches[i], s) for s in steps}
 
     rows_out = []

@@ -27,7 +27,7 @@ from jaxrisk.search import engine
 MEASURES = ("target_logprob", "success", "kl")
 
 
-def _draw_batches(seed: int, draw: int, n: int, batch: int, steps: int) -> np.ndarray:
+def draw_batches(seed: int, draw: int, n: int, batch: int, steps: int) -> np.ndarray:
     """[steps, batch] update rows of one draw: without replacement within a step; the same for every optimizer
     and learning rate (paired lanes)."""
     rng = np.random.default_rng([seed, draw])
@@ -83,7 +83,7 @@ def run(lm, data: FragilityData, config: FragilityConfig = FragilityConfig(), *,
                 labels.append({"optimizer": optimizer, "lr": lr, "draw": draw})
                 lanes["learning_rate"].append(lr)
                 lanes["adam"].append(optimizer == "adam")
-                lanes["batches"].append(_draw_batches(seed, draw, n, batch, k))
+                lanes["batches"].append(draw_batches(seed, draw, n, batch, k))
     n_grid = len(labels)
 
     search = None
