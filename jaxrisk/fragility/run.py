@@ -195,6 +195,11 @@ def verdict(before: dict, grid: list[dict], searched: list[dict], config: Fragil
     if config.random_directions:
         r_max = [e["random"]["success_max"] for e in audited if e["random"]["success_max"] is not None]
         random_rise = (max(r_max) - before["success"]) if r_max else None
+        # the cliff lies along the gradient: an update crosses the threshold where its own random directions
+        # (same norm per tensor) do not
+        aligned = [e for e in audited if e["success"] - before["success"] >= config.threshold
+                   and e["random"]["success_max"] is not None
+                   and e["random"]["success_max"] - before["success"] < config.threshold]
         random = {"directions_per_update": config.random_directions,
                   "success_max": max(r_max) if r_max else None,
                   "success_mean": float(np.mean([e["random"]["success_mean"] for e in audited
@@ -202,7 +207,8 @@ def verdict(before: dict, grid: list[dict], searched: list[dict], config: Fragil
                   "rise_max": random_rise,
                   "flagged": bool(random_rise is not None and random_rise >= config.threshold),
                   "at_worst": worst["random"] if worst else None,
-                  "gradient_aligned": bool(random_rise is not None and rise > random_rise)}
+                  "gradient_aligned": bool(aligned),
+                  "aligned_updates": len(aligned)}
     return {"flagged": bool(rise >= config.threshold), "rise": rise, "threshold": config.threshold,
             "rule": rule_text(config.threshold), "before": before, "worst": worst, "random_direction": random}
 
