@@ -6,7 +6,8 @@ teacher-forced log-probability, greedy success (the greedy output starts with th
 teacher-forced argmaxes), and drift (KL of next-token distributions on clean text, before || after).
 Beside each real update it measures random directions of the same per-tensor norm (the "safety basin"
 probe). A worst-case lane searches a relaxed batch (weights over a pool of update examples) and a
-learning rate that maximise the target's log-probability after k steps, differentiating through them.
+learning rate that maximise the target's log-probability after any audited number of steps, differentiating
+through them.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class WorstCase:
     lr_range: jax.Array           # [2, 2] float32 (low, high) learning rate per optimizer (row 0 SGD, row 1 Adam)
     graphdef: Any = struct.field(pytree_node=False)
     batch: int = struct.field(pytree_node=False, default=32)
-    update_steps: int = struct.field(pytree_node=False, default=1)
+    measure_steps: tuple[int, ...] = struct.field(pytree_node=False, default=(1,))   # the audited step counts
     search_rate: float = struct.field(pytree_node=False, default=0.05)
     relax: float = struct.field(pytree_node=False, default=0.1)
 
@@ -183,8 +184,10 @@ class WorstCase:
         return jnp.sum(weights * per_token.sum(-1)) / jnp.maximum(
             jnp.sum(weights * self.pool_loss_mask[:, 1:].sum(-1)), 1.0)
 
-    def relaxed_update(self, weights, position, adam):
-        """`update_steps` steps on the weighted batch: SGD exactly, Adam with eps = relax x rms(gradient)."""
+    def objective(self, weights, position, adam):
+        """The mean target log-prob after the relaxed update, at the audited step count where it is highest
+        (`measure_steps`): the search looks for the worst update at any of them. SGD steps are exact; Adam's
+        use eps = relax x rms(gradient)."""
         lr = self.learning_rate(position, adam)
         b1, b2 = 0.9, 0.999
 
@@ -200,17 +203,13 @@ class WorstCase:
             eps = self.relax * rms + 1e-8
             params = jax.tree.map(lambda p, g, m, v: p - lr * jnp.where(adam, m / (jnp.sqrt(v) + eps), g),
                                   params, grads, m_hat, v_hat)
-            return (params, mu, nu), None
+            logp, _ = behaviour_scores(self.graphdef, params, self.behaviour_tokens, self.behaviour_weight)
+            return (params, mu, nu), jnp.mean(logp)
 
         zeros = jax.tree.map(jnp.zeros_like, self.params)
-        steps = jnp.arange(1, self.update_steps + 1, dtype=jnp.float32)
-        (params, _, _), _ = jax.lax.scan(one_step, (self.params, zeros, zeros), steps)
-        return params
-
-    def objective(self, weights, position, adam):
-        params = self.relaxed_update(weights, position, adam)
-        logp, _ = behaviour_scores(self.graphdef, params, self.behaviour_tokens, self.behaviour_weight)
-        return jnp.mean(logp)
+        steps = jnp.arange(1, max(self.measure_steps) + 1, dtype=jnp.float32)
+        _, logp_per_step = jax.lax.scan(one_step, (self.params, zeros, zeros), steps)
+        return jnp.max(logp_per_step[jnp.asarray(self.measure_steps) - 1])
 
     def _search(self):
         return optax.adam(self.search_rate)

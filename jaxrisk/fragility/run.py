@@ -88,7 +88,7 @@ def run(lm, data: FragilityData, config: FragilityConfig = FragilityConfig(), *,
 
     search = None
     if config.worst_case:
-        search = _worst_case(lm, params, data, config, batch, k)
+        search = _worst_case(lm, params, data, config, batch)
         for s in search:
             labels.append({"optimizer": s["optimizer"], "lr": s["lr"], "draw": None, "search_lane": s["lane"]})
             lanes["learning_rate"].append(s["lr"])
@@ -152,7 +152,7 @@ def _simulate(problem: Lookahead, lanes: dict, config: FragilityConfig, k: int) 
                                steps=None, failed_at=np.concatenate(failed_at), done=None, resumed_from_step=0)
 
 
-def _worst_case(lm, params, data: FragilityData, config: FragilityConfig, batch: int, k: int) -> list[dict]:
+def _worst_case(lm, params, data: FragilityData, config: FragilityConfig, batch: int) -> list[dict]:
     """The relaxed batch x learning-rate search per optimizer; each lane's batch (its `batch` largest
     weights) and learning rate, to be measured exactly by the lookahead."""
     n = data.n_updates
@@ -163,7 +163,8 @@ def _worst_case(lm, params, data: FragilityData, config: FragilityConfig, batch:
                         pool_loss_mask=jnp.asarray(data.update_loss_mask[pool]),
                         behaviour_tokens=jnp.asarray(data.behaviour_tokens),
                         behaviour_weight=jnp.asarray(data.behaviour_weight), lr_range=jnp.asarray(ranges),
-                        graphdef=lm.graphdef, batch=batch, update_steps=k, search_rate=config.worst_learning_rate,
+                        graphdef=lm.graphdef, batch=batch, measure_steps=config.steps,
+                        search_rate=config.worst_learning_rate,
                         relax=config.relax)
     optimizers = [o for o in config.optimizers for _ in range(config.run.restarts)]
     lanes = {"adam": np.asarray([o == "adam" for o in optimizers])}
