@@ -159,7 +159,7 @@ class WorstCaseState(NamedTuple):
 
 @struct.dataclass
 class WorstCase:
-    """Lanes: {"adam": [R] bool, "lr_low": [R], "lr_high": [R]}; init draws random starting weights."""
+    """Lanes: {"adam": [R] bool}; init draws random starting weights and learning rate."""
     params: PyTree
     pool_tokens: jax.Array        # [P, L]
     pool_loss_mask: jax.Array     # [P, L]
