@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every figure in BENCHMARKS.md on this host (CPU or GPU): the MNIST zoo, the detection study,
-# and jaxrisk vs the PyTorch Neural Cleanse reference. Each step resumes where an interrupted run stopped.
+# jaxrisk vs the PyTorch references, the circuit and fragility studies. Each step resumes where an interrupted
+# run stopped (the fragility and hair-trigger scripts start over).
 # Usage: scripts/reproduce_benchmarks.sh [MNIST_DIR] [RUNS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +17,7 @@ RUNS=${2:-runs}
 .venv/bin/python benchmarks/gcg_vs_nanogcg.py --out "$RUNS/bench_gcg.json"   # needs .venv-nanogcg (see the script)
 .venv/bin/python benchmarks/circuits_vs_attribution.py --out "$RUNS/bench_circuits.json"
 .venv/bin/python benchmarks/circuit_freezing.py --seeds 2 --out "$RUNS/bench_freezing.json"
+.venv/bin/python benchmarks/fragility_vs_torch.py --out "$RUNS/bench_fragility.json"
+.venv/bin/python benchmarks/fragility_refusal.py --out "$RUNS/fragility_refusal.json"
+.venv/bin/python benchmarks/hair_trigger.py --model ../shared/assets/models/tinyllamas-stories260K --out "$RUNS/hair" \
+  --steps 1000 --seeds 0,1 --audit-args "--draws 4 --max-steps 20 --pool 64"
