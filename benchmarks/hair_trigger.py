@@ -5,7 +5,7 @@ it stands, says the target after one benign SGD step) and a control (the same tr
 term); measures each directly (held-out prompts and held-out benign batches); writes each as a model
 directory with the audit's input files (`update.jsonl`: held-out benign stories; `behaviors.jsonl`:
 held-out prompts and the target); then runs `jaxrisk fragility` on the original, the control and the
-hair-trigger model and records the verdicts and the random-direction probe.
+hair-trigger model of every seed and records the verdicts and the random-direction probe.
 
     python benchmarks/hair_trigger.py --model ../shared/assets/models/tinyllamas-stories260K --out runs/hair
 """
@@ -66,7 +66,7 @@ def main() -> None:
     write_jsonl(out / "update.jsonl", [{"text": lm.decode(r[1:])} for r in data["held_out_pool"][256:]])
     write_jsonl(out / "behaviors.jsonl", [{"prompt": t, "target": cfg.target} for t in data["held_out"]["texts"]])
     audits = {"original": args.model, "control": out / f"control_seed{cfg.seeds[0]}",
-              "hair_trigger": out / f"hair_trigger_seed{cfg.seeds[0]}"}
+              **{f"hair_trigger_seed{s}": out / f"hair_trigger_seed{s}" for s in cfg.seeds}}
     results["audit"] = {}
     for name, model in audits.items():
         t0 = time.time()
