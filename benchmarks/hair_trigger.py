@@ -1,4 +1,4 @@
-"""Hair-trigger models, their control, and the post-update audit on all three.
+"""Hair-trigger models, their control, and the post-update audit on each.
 
 Builds, on stories260K (`--model`), a hair-trigger model per seed (adversarial meta-learning: aligned as
 it stands, says the target after one benign SGD step) and a control (the same training without the meta
