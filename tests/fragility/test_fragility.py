@@ -108,6 +108,7 @@ def test_greedy_success_equals_generation(tiny):
     assert np.asarray(success)[0::2].all()   # the model's own continuations
 
 
+@pytest.mark.slow   # runs whole audits (several compiled programs)
 def test_taylor_screens_predict_a_small_step(audit):
     """For a small SGD step the first-order term <grad f, u> predicts the simulated change of the target
     log-prob within 10%, first + second order (Hessian-vector product) within 1%; the first-order error
@@ -136,6 +137,7 @@ def test_capped_simplex_projection():
             assert np.ptp(tau) < 1e-4
 
 
+@pytest.mark.slow   # runs whole audits (several compiled programs)
 def test_worst_case_batch_beats_random_draws_and_the_teaching_batch(tiny_lm_dir):
     """An update set of benign rows plus four rows that end in the target phrase: the batch the worst-case
     search returns, measured exactly, raises the target's log-prob more than every random draw and at least
@@ -158,6 +160,7 @@ def test_worst_case_batch_beats_random_draws_and_the_teaching_batch(tiny_lm_dir)
     assert searched >= float(res.metrics["target_logprob"][0, 0]) - 1e-4
 
 
+@pytest.mark.slow   # runs whole audits (several compiled programs)
 def test_devices_and_lane_groups_agree(tiny, audit):
     """One device with every lane in one program, or eight devices three lanes at a time (--max-lanes): the
     same simulated updates and random directions, lane by lane."""
@@ -173,6 +176,7 @@ def test_devices_and_lane_groups_agree(tiny, audit):
                                    rtol=1e-4)
 
 
+@pytest.mark.slow   # runs whole audits (several compiled programs)
 def test_report_contract_and_figure(audit, tmp_path):
     json_path, png = audit.write(tmp_path)
     report = json.loads(json_path.read_text())

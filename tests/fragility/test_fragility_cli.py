@@ -25,6 +25,7 @@ def fragility(model, update, behaviours, out, *extra):
                  "--out", str(out), "--no-progress", "--devices", "1", *extra])
 
 
+@pytest.mark.slow   # runs a whole audit
 def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, capsys):
     update, behaviours = files
     out = tmp_path / "out"
@@ -42,6 +43,7 @@ def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, caps
     assert "flagged" in capsys.readouterr().out
 
 
+@pytest.mark.slow   # runs a whole audit
 def test_alpaca_json_with_a_template(tiny_lm_dir, files, tmp_path):
     _, behaviours = files
     alpaca = tmp_path / "alpaca.json"

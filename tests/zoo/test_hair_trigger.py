@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_llama_config
 from jaxrisk.models.lm import LanguageModel, forward
@@ -18,6 +19,7 @@ def _directional(cfg, params, graphdef, batch, eps):
     return float(exact), float((shifted(eps) - shifted(-eps)) / (2 * eps))
 
 
+@pytest.mark.slow   # compiles second-order programs in float64
 def test_meta_gradient_equals_finite_differences():
     """SGD inner step, exact second order: autodiff and a central difference (step 3e-5 along the gradient,
     float64 parameters) agree within 0.1%. The first-order option holds the inner gradient constant, so
