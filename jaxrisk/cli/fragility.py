@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
                         "JSON array (rendered with --template)")
     p.add_argument("--behaviors", required=True, metavar="FILE",
                    help="behaviours to watch: JSONL or CSV rows prompt,target (AdvBench goal,target accepted)")
+    p.add_argument("--clean", metavar="FILE", default=None,
+                   help="text the drift (KL before || after) is measured on, in the update set's formats "
+                        "(default: the first 16 update rows)")
     p.add_argument("--out", required=True, help="output directory: report.json, fragility.png")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="audit this optimizer only (default: both)")
@@ -77,7 +80,7 @@ def cmd_fragility(args) -> int:
     templates = ((read_text(args.template),) * 2 if args.template else (ALPACA_TEMPLATE, ALPACA_TEMPLATE_INPUT))
     lm = load_pretrained(args.model, dtype=dtype(args))
     data = load_fragility_data(lm, args.update, args.behaviors, max_length=config.max_length,
-                               template=templates[0], template_with_input=templates[1])
+                               template=templates[0], template_with_input=templates[1], clean_path=args.clean)
     result = run(lm, data, config)
     json_path, png = result.write(out)
     for directory in (out / "checkpoint").glob("*") if (out / "checkpoint").is_dir() else ():

@@ -36,7 +36,7 @@ class FragilityConfig:
     relax: float = 0.1               # relaxed search only: Adam's eps = relax x rms(gradient), so its sign-like
                                      # first step has a gradient w.r.t. the batch (the chosen batch is then
                                      # measured with exact Adam)
-    clean_rows: int = 16             # update-set rows the drift (KL) is measured on
+    clean_rows: int = 16             # rows of drift text (the clean file, else the update set) the KL is measured on
     max_length: int = 256            # update rows longer than this are cut
     max_lanes: int | None = None     # simulated updates per compiled run (each lane holds a copy of the weights
                                      # and Adam's moments); None: every lane at once

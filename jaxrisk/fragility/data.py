@@ -22,6 +22,8 @@ class FragilityData:
     behaviour_weight: np.ndarray   # [B, T-1] float32: 1 where the next token belongs to the target
     behaviours: tuple[Behavior, ...]
     source: dict                   # file names, counts, the template: for the report
+    clean_tokens: np.ndarray | None = None   # [C, S] int32 text the drift (KL) is measured on; None: update rows
+    clean_valid: np.ndarray | None = None    # [C, S] bool
 
     @property
     def n_updates(self) -> int:
@@ -67,25 +69,37 @@ def encode_behaviours(tokenizer, behaviours: list[Behavior], context: int, where
 
 
 def load_fragility_data(lm, update_path: str | Path, behaviours_path: str | Path, *, max_length: int = 256,
-                        template: str = ALPACA_TEMPLATE, template_with_input: str = ALPACA_TEMPLATE_INPUT
-                        ) -> FragilityData:
-    """Read and tokenise the update set and the behaviour set for `lm` (its tokenizer and context)."""
+                        template: str = ALPACA_TEMPLATE, template_with_input: str = ALPACA_TEMPLATE_INPUT,
+                        clean_path: str | Path | None = None) -> FragilityData:
+    """Read and tokenise the update set and the behaviour set for `lm` (its tokenizer and context); the drift
+    is measured on `clean_path` (same formats as the update set, whole rows) or, without it, on update rows."""
     examples = load_update_set(update_path, template, template_with_input)
     behaviours = load_behaviors(behaviours_path)
-    return fragility_data(lm, examples, behaviours, max_length=min(max_length, lm.cfg.max_position),
+    clean = None if clean_path is None else load_update_set(clean_path, template, template_with_input)
+    return fragility_data(lm, examples, behaviours, clean=clean, max_length=min(max_length, lm.cfg.max_position),
                           source={"update": str(update_path), "behaviours": str(behaviours_path),
+                                  "clean": None if clean_path is None else str(clean_path),
                                   "template": template, "template_with_input": template_with_input},
-                          where=(str(update_path), str(behaviours_path)))
+                          where=(str(update_path), str(behaviours_path), str(clean_path)))
 
 
-def fragility_data(lm, examples: list[UpdateExample], behaviours: list[Behavior], *, max_length: int = 256,
-                   source: dict | None = None, where=("update set", "behaviours")) -> FragilityData:
-    """Tokenise in-memory update examples and behaviours (the notebook path of `load_fragility_data`)."""
+def fragility_data(lm, examples: list[UpdateExample], behaviours: list[Behavior], *,
+                   clean: list[UpdateExample] | None = None, max_length: int = 256, source: dict | None = None,
+                   where=("update set", "behaviours", "clean text")) -> FragilityData:
+    """Tokenise in-memory update examples, behaviours and (optionally) drift text (the notebook path of
+    `load_fragility_data`)."""
     if not examples or not behaviours:
         raise InputError("the audit needs at least one update example and one behaviour")
     tokens, mask, valid = encode_update_set(lm.tokenizer, examples, max_length, where[0])
     b_tokens, b_weight = encode_behaviours(lm.tokenizer, behaviours, lm.cfg.max_position, where[1])
     lm.check_tokens(tokens, "update rows")
     lm.check_tokens(b_tokens, "behaviour rows")
-    source = dict(source or {}, n_update=len(examples), n_behaviours=len(behaviours))
-    return FragilityData(tokens, mask, valid, b_tokens, b_weight.astype(np.float32), tuple(behaviours), source)
+    c_tokens = c_valid = None
+    if clean is not None:
+        whole = [UpdateExample("", e.prompt + e.response, e.line) for e in clean]   # drift covers every token
+        c_tokens, _, c_valid = encode_update_set(lm.tokenizer, whole, max_length, where[2])
+        lm.check_tokens(c_tokens, "clean rows")
+    source = dict(source or {}, n_update=len(examples), n_behaviours=len(behaviours),
+                  n_clean=None if clean is None else len(clean))
+    return FragilityData(tokens, mask, valid, b_tokens, b_weight.astype(np.float32), tuple(behaviours), source,
+                         c_tokens, c_valid)

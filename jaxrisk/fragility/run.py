@@ -57,15 +57,16 @@ def run(lm, data: FragilityData, config: FragilityConfig = FragilityConfig(), *,
     batch = min(config.batch, n)
     k = max(config.steps)
     seed = config.run.seed
-    clean = slice(0, min(config.clean_rows, n))
+    own = data.clean_tokens is not None
+    clean_tokens = (data.clean_tokens if own else data.update_tokens)[: config.clean_rows]
+    clean_valid = (data.clean_valid if own else data.update_valid)[: config.clean_rows]
     problem = Lookahead(params=params, update_tokens=jnp.asarray(data.update_tokens),
                         update_loss_mask=jnp.asarray(data.update_loss_mask),
                         behaviour_tokens=jnp.asarray(data.behaviour_tokens),
                         behaviour_weight=jnp.asarray(data.behaviour_weight),
-                        clean_tokens=jnp.asarray(data.update_tokens[clean]),
-                        clean_valid=jnp.asarray(data.update_valid[clean]),
+                        clean_tokens=jnp.asarray(clean_tokens), clean_valid=jnp.asarray(clean_valid),
                         base_clean_logp=jax.jit(clean_logprobs, static_argnums=0)(
-                            lm.graphdef, params, jnp.asarray(data.update_tokens[clean])),
+                            lm.graphdef, params, jnp.asarray(clean_tokens)),
                         graphdef=lm.graphdef, random_directions=config.random_directions)
     logp0, success0 = jax.jit(behaviour_scores, static_argnums=0)(lm.graphdef, params, problem.behaviour_tokens,
                                                                    problem.behaviour_weight)
@@ -221,5 +222,7 @@ def settings(config: FragilityConfig, data: FragilityData, batch: int) -> dict:
             "random_directions": config.random_directions, "worst_case": config.worst_case,
             "worst_case_steps": config.run.max_steps, "worst_case_restarts": config.run.restarts,
             "pool": min(max(config.pool, batch), data.n_updates), "relax": config.relax,
-            "clean_rows": min(config.clean_rows, data.n_updates), "data": data.source}
+            "drift_text": "clean file" if data.clean_tokens is not None else "update set",
+            "clean_rows": len((data.clean_tokens if data.clean_tokens is not None else data.update_tokens)
+                              [: config.clean_rows]), "data": data.source}
 

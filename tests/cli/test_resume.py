@@ -29,9 +29,13 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")   # one device: the ch
 
 def committed(ckpt: Path) -> set[Path]:
     """Step directories orbax has committed (it writes commit_success.txt last), in `ckpt` or a group below it."""
-    if not ckpt.is_dir():
-        return set()
-    return {p.parent for p in ckpt.rglob("commit_success.txt") if p.parent.name.isdigit()}
+    while True:
+        if not ckpt.is_dir():
+            return set()
+        try:
+            return {p.parent for p in ckpt.rglob("commit_success.txt") if p.parent.name.isdigit()}
+        except FileNotFoundError:   # orbax renamed a temporary directory while we walked it: look again
+            continue
 
 
 def run_killed(args: list, ckpt: Path, sig: int) -> subprocess.CompletedProcess:

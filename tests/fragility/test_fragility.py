@@ -162,10 +162,10 @@ def test_worst_case_batch_beats_random_draws_and_the_teaching_batch(tiny_lm_dir)
 
 @pytest.mark.slow   # runs whole audits (several compiled programs)
 def test_devices_and_lane_groups_agree(tiny, audit):
-    """One device with every lane in one program, or eight devices three lanes at a time (--max-lanes): the
-    same simulated updates and random directions, lane by lane."""
+    """One device with every lane in one program, or eight devices eight lanes at a time (--max-lanes; the
+    16 lanes in two groups): the same simulated updates and random directions, lane by lane."""
     lm, data = tiny
-    eight = run(lm, data, AUDIT.replace(run=AUDIT.run.replace(devices=8), worst_case=False, max_lanes=3)).report
+    eight = run(lm, data, AUDIT.replace(run=AUDIT.run.replace(devices=8), worst_case=False, max_lanes=8)).report
     one = [e for e in audit.report["after"] if e["draw"] is not None]
     assert len(one) == len(eight["after"]) == 2 * 2 * 2 * 2
     for a, b in zip(one, eight["after"]):

@@ -3,6 +3,7 @@ input (never a traceback)."""
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxrisk.cli import main
@@ -28,8 +29,10 @@ def fragility(model, update, behaviours, out, *extra):
 @pytest.mark.slow   # runs a whole audit
 def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, capsys):
     update, behaviours = files
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"text": s}) + "\n" for s in reversed(STORIES)))
     out = tmp_path / "out"
-    rc = fragility(tiny_lm_dir, update, behaviours, out, "--optimizer", "sgd", "--lr", "1e-2,1e-1", "--steps", "1,2",
+    rc = fragility(tiny_lm_dir, update, behaviours, out, "--clean", str(clean), "--optimizer", "sgd", "--lr", "1e-2,1e-1", "--steps", "1,2",
                    "--batch", "4", "--draws", "2", "--no-worst-case", "--random-directions", "1")
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
@@ -39,26 +42,39 @@ def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, caps
     assert {e["lr"] for e in report["after"] if e["draw"] is not None} == {1e-2, 1e-1}
     assert {(e["optimizer"], e["steps"]) for e in report["after"]} == {("sgd", 1), ("sgd", 2)}
     assert report["settings"]["batch"] == 4 and report["settings"]["draws"] == 2
+    assert report["settings"]["drift_text"] == "clean file" and report["settings"]["clean_rows"] == 6
     assert report["search"] is None   # --no-worst-case (the search itself: tests/fragility/test_fragility.py)
     assert "flagged" in capsys.readouterr().out
 
 
-@pytest.mark.slow   # runs a whole audit
-def test_alpaca_json_with_a_template(tiny_lm_dir, files, tmp_path):
+def test_alpaca_json_is_rendered_with_the_template(tiny_lm_dir, files, tmp_path):
+    """Alpaca rows (JSON array) through a template file: the prompt is the template, the loss covers the
+    response only, rows with an input use it."""
+    from jaxrisk.fragility import load_fragility_data
+    from jaxrisk.models import load_pretrained
+
     _, behaviours = files
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Tom had a", "input": "", "output": "big red ball"},
-                                  {"instruction": "Lily saw", "input": "the park", "output": "Tom was happy"}] * 3))
+                                  {"instruction": "Lily saw", "input": "the park", "output": "Tom was happy"}]))
+    lm = load_pretrained(tiny_lm_dir)
+    data = load_fragility_data(lm, alpaca, behaviours, template="{instruction} {input} and",
+                               template_with_input="{instruction} {input} and")
+    for row, mask, prompt, response in zip(data.update_tokens, data.update_loss_mask,
+                                           ["Tom had a and", "Lily saw the park and"],
+                                           ["big red ball", "Tom was happy"]):
+        assert lm.decode(row[mask > 0]) == response
+        assert lm.decode(row[1:int(np.argmax(mask))]) == prompt
+    assert data.source["template"] == "{instruction} {input} and"
+
+
+def test_template_without_instruction_is_one_clear_error(tiny_lm_dir, files, tmp_path, capsys):
+    update, behaviours = files
     template = tmp_path / "template.txt"
-    template.write_text("{instruction} {input} and")
-    out = tmp_path / "out"
-    rc = fragility(tiny_lm_dir, alpaca, behaviours, out, "--template", str(template), "--optimizer", "adam",
-                   "--lr", "1e-3", "--steps", "1", "--batch", "2", "--draws", "1", "--no-worst-case",
-                   "--random-directions", "0")
-    assert rc == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["data"]["template"] == "{instruction} {input} and"
-    assert report["random_direction"] is None and report["search"] is None
+    template.write_text("### Question: {question}")
+    assert fragility(tiny_lm_dir, update, behaviours, tmp_path / "out", "--template", str(template)) == 2
+    err = capsys.readouterr().err
+    assert "has no {instruction} placeholder" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("update_text, message", [
