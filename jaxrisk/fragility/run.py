@@ -25,6 +25,8 @@ from jaxrisk.fragility.report import FragilityResult, rule_text
 from jaxrisk.search import engine
 
 MEASURES = ("target_logprob", "success", "kl")
+_clean_logprobs = jax.jit(clean_logprobs, static_argnums=0)      # jitted once: later audits reuse the program
+_behaviour_scores = jax.jit(behaviour_scores, static_argnums=0)
 
 
 def draw_batches(seed: int, draw: int, n: int, batch: int, steps: int) -> np.ndarray:
@@ -65,11 +67,9 @@ def run(lm, data: FragilityData, config: FragilityConfig = FragilityConfig(), *,
                         behaviour_tokens=jnp.asarray(data.behaviour_tokens),
                         behaviour_weight=jnp.asarray(data.behaviour_weight),
                         clean_tokens=jnp.asarray(clean_tokens), clean_valid=jnp.asarray(clean_valid),
-                        base_clean_logp=jax.jit(clean_logprobs, static_argnums=0)(
-                            lm.graphdef, params, jnp.asarray(clean_tokens)),
+                        base_clean_logp=_clean_logprobs(lm.graphdef, params, jnp.asarray(clean_tokens)),
                         graphdef=lm.graphdef, random_directions=config.random_directions)
-    logp0, success0 = jax.jit(behaviour_scores, static_argnums=0)(lm.graphdef, params, problem.behaviour_tokens,
-                                                                   problem.behaviour_weight)
+    logp0, success0 = _behaviour_scores(lm.graphdef, params, problem.behaviour_tokens, problem.behaviour_weight)
     before = {"success": float(np.mean(success0)), "target_logprob": float(np.mean(logp0)),
               "per_behaviour": [{"line": b.line, "success": bool(s), "target_logprob": float(lp)}
                                 for b, s, lp in zip(data.behaviours, np.asarray(success0), np.asarray(logp0))]}
