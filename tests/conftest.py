@@ -6,6 +6,11 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the demo cache of a test session lives in a temporary directory, never in the user's home
 os.environ["JAXRISK_CACHE"] = __import__("tempfile").mkdtemp(prefix="jaxrisk-test-cache-")
+# one XLA compilation cache per test session, shared with the command-line subprocesses: a program compiled
+# twice in the session (a killed run and its resume, the same step in two tests) is compiled once
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["JAXRISK_CACHE"], "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
@@ -113,8 +118,6 @@ def interrupt_engine_run(monkeypatch, run: int, at_step: int):
 
 def write_tiny_lm(directory: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama with a word-level tokenizer, saved as a Hugging Face directory."""
-    import json
-
     from jaxrisk.models.hf import save_pretrained
     from jaxrisk.models.lm import LanguageModel
     from jaxrisk.models.lm_config import LMConfig
@@ -125,13 +128,6 @@ def write_tiny_lm(directory: Path, seed: int = 0) -> Path:
                    head_dim=8, d_mlp=64, max_position=64, norm_eps=1e-5, tie_embeddings=True, eos_token_ids=(2,))
     lm = LanguageModel.random(cfg, seed=seed, tokenizer=tokenizer)
     save_pretrained(lm, lm.params, directory)
-    tokenizer.save_pretrained(str(directory))
-    (directory / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.d_mlp,
-        "max_position_embeddings": cfg.max_position, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": True,
-        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}))
     return directory
 
 

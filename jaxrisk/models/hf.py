@@ -8,6 +8,7 @@ checkpoints (`pytorch_model.bin`) are refused: unpickling executes code.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -193,8 +194,19 @@ def load_weights(path: Path, cfg: LMConfig, dtype, shardings=None) -> tuple[nnx.
     return graphdef, nnx.from_flat_state(flat)
 
 
+def llama_config_json(cfg: LMConfig, bos_token_id: int | None = None) -> dict:
+    """The Hugging Face config.json of a Llama-family LMConfig (for models built here, not loaded)."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_mlp,
+            "max_position_embeddings": cfg.max_position, "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": cfg.act, "rope_theta": cfg.rope_theta,
+            "bos_token_id": bos_token_id, "eos_token_id": list(cfg.eos_token_ids) or None, "torch_dtype": "float32"}
+
+
 def save_pretrained(lm, params, out: str | Path) -> Path:
-    """Write `params` as a Hugging Face directory (config, tokenizer files copied from `lm.path`), Llama family.
+    """Write `params` as a Hugging Face directory, Llama family: config and tokenizer files copied from
+    `lm.path`, or (a model built here) its config written and its tokenizer saved.
 
     The inverse of the key map: kernels back to PyTorch [out, in] layout. Used to hand a planted-behaviour
     model to the command line or to transformers.
@@ -229,4 +241,11 @@ def save_pretrained(lm, params, out: str | Path) -> Path:
                      "tokenizer.model", "special_tokens_map.json"):
             if (Path(lm.path) / name).exists():
                 shutil.copyfile(Path(lm.path) / name, out / name)
+    else:
+        if cfg.family != "llama" or cfg.rope_scaling or cfg.qkv_bias:
+            raise InputError(f"save_pretrained: a built {cfg.family} model with these options has no config writer")
+        hf_config = llama_config_json(cfg, getattr(lm.tokenizer, "bos_token_id", None))
+        atomic_write(out / "config.json", lambda f: f.write(json.dumps(hf_config, indent=1)))
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(str(out))
     return out
