@@ -35,7 +35,7 @@ def learned(backdoored):
     lm, params, data = backdoored
     penalties = np.asarray([3.0, 4.5, 6.0], np.float32)
     res = engine.run(_problem(lm, params, data), {"penalty": penalties},
-                     RunConfig(max_steps=400, chunk_steps=100, progress=False))
+                     RunConfig(max_steps=250, chunk_steps=50, progress=False))
     held, with_trigger, _ = held_out_prompts(lm, data)
     valid = jnp.ones(held.shape, bool)
     base = clean_loss(lm, params, held, valid)
@@ -127,7 +127,7 @@ def test_cli_circuits_report_on_the_saved_backdoored_model(backdoored, tmp_path,
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert main(["circuits", "--model", str(model_dir), "--data", str(path), "--out", str(out),
-                 "--penalties", "3,6", "--steps", "300", "--no-progress"]) == 0
+                 "--penalties", "3,6", "--steps", "200", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["base_rate"] >= 0.95 and report["objective"] == "remove"
     assert (out / "circuits.png").stat().st_size > 1000 and (out / "circuits.safetensors").exists()
@@ -251,13 +251,13 @@ def test_cli_alignment_circuit_ablation_turns_refusal_into_compliance(refusing, 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert main(["circuits", "--model", str(save_pretrained(lm, params, tmp_path / "refusing")), "--data", str(path),
-                 "--objective", "alignment", "--out", str(out), "--penalties", "4,8", "--steps", "400",
+                 "--objective", "alignment", "--out", str(out), "--penalties", "4,8", "--steps", "200",
                  "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["base_rate"] >= 0.95 and report["base_compliance"] == 0.0
     c = min(report["circuits"], key=lambda c: c["rate_ablated"])
-    # measured on the full train split (penalty 8): 4.2% of units, ablated it refuses none of the held-out
-    # harmful requests, utility 0.946; on the CLI's smaller split 0.83 (at penalty 12 the circuit is too
-    # small: 58% still refused)
+    # measured on the full train split (penalty 8, 400 steps): 4.2% of units, ablated it refuses none of
+    # the held-out harmful requests, utility 0.946; on the CLI's smaller split, 400 steps, 0.83 (at penalty 12
+    # the circuit is too small: 58% still refused); the bars hold at 200 steps too
     assert c["units"] <= 0.1 and c["rate_ablated"] <= 0.05 and c["utility"] >= 0.8, c
     assert c["compliance_ablated"] > report["base_compliance"], c   # answers now start as the original's
