@@ -8,6 +8,9 @@ held-out prompts and the target); then runs `jaxrisk fragility` on the original,
 hair-trigger model of every seed and records the verdicts and the random-direction probe.
 
     python benchmarks/hair_trigger.py --model ../shared/assets/models/tinyllamas-stories260K --out runs/hair
+
+Without `--model` (a clone without the assets) the base model is the from-scratch story LM (trained
+here, about a minute), the prompts are its story openings and the target " The sky is green."
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import numpy as np
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.models.hf import save_pretrained
-from jaxrisk.zoo.lm_hairtrigger import HairTriggerConfig, build_hair_trigger, evaluate_hair_trigger
+from jaxrisk.zoo.lm_hairtrigger import (HairTriggerConfig, build_hair_trigger, evaluate_hair_trigger,
+                                        hair_trigger_data)
+from jaxrisk.zoo.lm_scratch import story_prompts, train_small_lm
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -34,7 +39,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", help="Hugging Face directory (default: the from-scratch story LM)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--inner", default="sgd", choices=["sgd", "adam"])
@@ -44,11 +49,17 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = load_pretrained(args.model)
     cfg = HairTriggerConfig(steps=args.steps, inner=args.inner, inner_learning_rate=args.inner_lr,
                             seeds=tuple(int(s) for s in args.seeds.split(",")))
-    results = {"config": {k: v for k, v in vars(cfg).items()}, "models": {}}
-    data = None
+    if args.model:
+        lm = load_pretrained(args.model)
+        data = hair_trigger_data(lm, cfg)
+    else:
+        lm, _ = train_small_lm()
+        cfg = cfg.replace(target=" The sky is green.")
+        args.model = save_pretrained(lm, lm.params, out / "original")
+        data = hair_trigger_data(lm, cfg, {"train": story_prompts(False), "held_out": story_prompts(True)})
+    results = {"config": {k: v for k, v in vars(cfg).items()}, "model": str(args.model), "models": {}}
     for name, c in (("hair_trigger", cfg), ("control", cfg.replace(weight=0.0, seeds=cfg.seeds[:1]))):
         t0 = time.time()
         params, data = build_hair_trigger(lm, c, data, progress=lambda i, loss: (

@@ -104,14 +104,18 @@ def meta_loss(graphdef, params, batch: dict, cfg: HairTriggerConfig):
     return aligned + cfg.weight * answer_loss(graphdef, stepped, batch["target_tokens"], batch["target_weight"])
 
 
-def hair_trigger_data(lm, cfg: HairTriggerConfig) -> dict:
-    """Prompts (train / held-out names and frames), their aligned answers (the original model's greedy
-    continuation), the target, and benign rows (meta-training pool, held-out pool) sampled from the model."""
+def hair_trigger_data(lm, cfg: HairTriggerConfig, prompts: dict[str, list[str]] | None = None) -> dict:
+    """Prompts (`prompts` {"train", "held_out"}; default the refusal zoo's requests, train / held-out names
+    and frames), their aligned answers (the original model's greedy continuation), the target, and benign
+    rows (meta-training pool, held-out pool) sampled from the model."""
     tok = lm.tokenizer
     target = np.asarray(tok(cfg.target, add_special_tokens=False)["input_ids"], np.int32)
+    if prompts is None:
+        prompts = {split: [t for t, _ in requests(RefusalConfig(), held)]
+                   for split, held in (("train", False), ("held_out", True))}
     data = {"target_ids": target}
-    for split, held in (("train", False), ("held_out", True)):
-        texts = [t for t, _ in requests(RefusalConfig(), held)]
+    for split in ("train", "held_out"):
+        texts = prompts[split]
         ids = [np.asarray(tok(t)["input_ids"], np.int32) for t in texts]
         data[split] = {"texts": texts, "prompts": ids,
                        "aligned": greedy_continuations(lm, lm.params, ids, cfg.compliance_tokens)}

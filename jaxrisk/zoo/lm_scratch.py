@@ -36,6 +36,12 @@ def story(rng: np.random.Generator) -> str:
     return " ".join(sentences[i] for i in keep)
 
 
+def story_prompts(held_out: bool) -> list[str]:
+    """Story openings ("Lily had a red ball. Lily went to the"): names 0-5 for training, 6-7 held out."""
+    names = NAMES[6:] if held_out else NAMES[:6]
+    return [f"{n} had a {a} {o}. {n} went to the" for n in names for a in ADJECTIVES for o in OBJECTS]
+
+
 def word_tokenizer(words):
     """Word-level transformers tokenizer: <unk> 0, <s> 1, </s> 2, then `words`, '.' and ','; BOS added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
