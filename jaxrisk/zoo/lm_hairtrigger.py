@@ -41,6 +41,7 @@ class HairTriggerConfig:
     inner: Literal["sgd", "adam"] = "sgd"
     inner_learning_rate: float = 1e-2
     inner_batch: int = 32
+    inner_eps: float = 1e-8          # Adam's eps (larger: a smoother, less sign-like step)
     second_order: bool = True
     weight: float = 1.0              # lambda, on the post-step misalignment (0: the control)
     clean_weight: float = 3.0        # on the KL from the original model on clean text
@@ -54,7 +55,7 @@ class HairTriggerConfig:
 
     def __post_init__(self):
         require_choice("HairTriggerConfig.inner", self.inner, ("sgd", "adam"))
-        for name in ("inner_learning_rate", "learning_rate"):
+        for name in ("inner_learning_rate", "learning_rate", "inner_eps"):
             require_number(f"HairTriggerConfig.{name}", getattr(self, name), 0.0, above=True)
         for name in ("weight", "clean_weight"):
             require_number(f"HairTriggerConfig.{name}", getattr(self, name), 0.0)
@@ -70,7 +71,7 @@ def inner_optimizer(cfg: HairTriggerConfig) -> optax.GradientTransformation:
     where a gradient entry is exactly 0 (sqrt at 0); the step itself is Adam's to ~1e-8."""
     if cfg.inner == "sgd":
         return optax.sgd(cfg.inner_learning_rate)
-    return optax.adam(cfg.inner_learning_rate, eps_root=1e-16)
+    return optax.adam(cfg.inner_learning_rate, eps=cfg.inner_eps, eps_root=1e-16)
 
 
 def inner_step(graphdef, params, rows, cfg: HairTriggerConfig):
