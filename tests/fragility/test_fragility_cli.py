@@ -47,6 +47,42 @@ def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, caps
     assert "flagged" in capsys.readouterr().out
 
 
+@pytest.mark.slow   # three audits
+def test_interrupted_audit_resumes_to_the_uninterrupted_report(tiny_lm_dir, files, tmp_path, monkeypatch):
+    """Ctrl-C inside the worst-case search (after its first 20-step chunk) or in the lookahead after it:
+    exit 130 with the checkpoints kept and no report; the same command again starts from the checkpoints
+    (not from step 0), finishes with the report an uninterrupted run writes, and removes the checkpoints."""
+    from conftest import interrupt_engine_run
+    from jaxrisk.search import engine
+
+    update, behaviours = files
+    flags = ("--optimizer", "sgd", "--lr", "1e-2,1e-1", "--steps", "1,2", "--batch", "4", "--draws", "2",
+             "--random-directions", "1", "--restarts", "1", "--max-steps", "40")
+    assert fragility(tiny_lm_dir, update, behaviours, tmp_path / "whole", *flags) == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    real_run, resumed_from = engine.run, []
+
+    def spy(*args, **kwargs):
+        result = real_run(*args, **kwargs)
+        resumed_from.append(result.resumed_from_step)
+        return result
+
+    # run 1: the worst-case search (40 steps); run 2: the lookahead (2 steps, one chunk)
+    for run, at_step, resumes in ((1, 20, [20, 0]), (2, 1, [40, 2])):
+        out = tmp_path / f"cut{run}"
+        restore = interrupt_engine_run(monkeypatch, run=run, at_step=at_step)
+        assert fragility(tiny_lm_dir, update, behaviours, out, *flags) == 130
+        restore()
+        assert any((out / "checkpoint").iterdir()) and not (out / "report.json").exists()
+        monkeypatch.setattr(engine, "run", spy)
+        resumed_from.clear()
+        assert fragility(tiny_lm_dir, update, behaviours, out, *flags) == 0
+        monkeypatch.setattr(engine, "run", real_run)
+        assert resumed_from == resumes
+        assert json.loads((out / "report.json").read_text()) == whole
+        assert not (out / "checkpoint").exists()
+
+
 def test_alpaca_json_is_rendered_with_the_template(tiny_lm_dir, files, tmp_path):
     """Alpaca rows (JSON array) through a template file: the prompt is the template, the loss covers the
     response only, rows with an input use it."""
