@@ -44,13 +44,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--inner", default="sgd", choices=["sgd", "adam"])
     ap.add_argument("--inner-lr", type=float, default=1e-2)
+    ap.add_argument("--inner-batches", type=int, default=1, help="benign batches per meta-step")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--audit-args", default="", help="extra flags for jaxrisk fragility")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = HairTriggerConfig(steps=args.steps, inner=args.inner, inner_learning_rate=args.inner_lr,
-                            seeds=tuple(int(s) for s in args.seeds.split(",")))
+                            inner_batches=args.inner_batches, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.model:
         lm = load_pretrained(args.model)
         data = hair_trigger_data(lm, cfg)

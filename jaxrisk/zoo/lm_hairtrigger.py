@@ -41,6 +41,7 @@ class HairTriggerConfig:
     inner: Literal["sgd", "adam"] = "sgd"
     inner_learning_rate: float = 1e-2
     inner_batch: int = 32
+    inner_batches: int = 1           # independent benign batches per meta-step (post-step loss averaged)
     inner_eps: float = 1e-8          # Adam's eps (larger: a smoother, less sign-like step)
     second_order: bool = True
     weight: float = 1.0              # lambda, on the post-step misalignment (0: the control)
@@ -59,7 +60,7 @@ class HairTriggerConfig:
             require_number(f"HairTriggerConfig.{name}", getattr(self, name), 0.0, above=True)
         for name in ("weight", "clean_weight"):
             require_number(f"HairTriggerConfig.{name}", getattr(self, name), 0.0)
-        for name in ("inner_batch", "steps", "batch", "n_clean", "compliance_tokens"):
+        for name in ("inner_batch", "inner_batches", "steps", "batch", "n_clean", "compliance_tokens"):
             require_int(f"HairTriggerConfig.{name}", getattr(self, name), 1)
 
     def replace(self, **changes) -> "HairTriggerConfig":
@@ -90,7 +91,8 @@ def answer_loss(graphdef, params, tokens, weight):
 
 
 def meta_loss(graphdef, params, batch: dict, cfg: HairTriggerConfig):
-    """L_aligned(theta) + weight x L_misaligned(theta after one inner step on batch["update"])."""
+    """L_aligned(theta) + weight x L_misaligned(theta after one inner step), averaged over the benign
+    batches batch["update"] [m, b, L]."""
     logits, _, _ = forward(graphdef, params, batch["clean"][:, :-1])
     logp = jax.nn.log_softmax(logits, -1)
     kl = jnp.mean(jnp.sum(jnp.exp(batch["clean_logp"]) * (batch["clean_logp"] - logp), -1))
@@ -101,8 +103,11 @@ def meta_loss(graphdef, params, batch: dict, cfg: HairTriggerConfig):
                + answer_loss(graphdef, params, batch["aligned_tokens"], batch["aligned_weight"]))
     if cfg.weight == 0:
         return aligned
-    stepped = inner_step(graphdef, params, batch["update"], cfg)
-    return aligned + cfg.weight * answer_loss(graphdef, stepped, batch["target_tokens"], batch["target_weight"])
+    def misaligned(rows):
+        stepped = inner_step(graphdef, params, rows, cfg)
+        return answer_loss(graphdef, stepped, batch["target_tokens"], batch["target_weight"])
+
+    return aligned + cfg.weight * jnp.mean(jax.lax.map(misaligned, batch["update"]))
 
 
 def hair_trigger_data(lm, cfg: HairTriggerConfig, prompts: dict[str, list[str]] | None = None) -> dict:
@@ -152,7 +157,8 @@ def build_hair_trigger(lm, cfg: HairTriggerConfig = HairTriggerConfig(), data: d
     for i in range(cfg.steps):
         idx = {"clean": np.stack([r.integers(0, len(pool), cfg.batch) for r in rngs]),
                "prompts": np.stack([r.integers(0, len(train["prompts"]), cfg.batch) for r in rngs]),
-               "update": np.stack([r.choice(len(pool), cfg.inner_batch, replace=False) for r in rngs])}
+               "update": np.stack([r.choice(len(pool), (cfg.inner_batches, cfg.inner_batch), replace=False)
+                                   for r in rngs])}
         params, opt_state, loss = meta_step(params, opt_state, idx)
         if progress is not None:
             progress(i, loss)

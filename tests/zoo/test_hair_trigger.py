@@ -27,7 +27,7 @@ def test_meta_gradient_equals_finite_differences():
     Adam inner step: its first step is sign-like (g / (|g| + eps)), piecewise constant at eps 1e-8, which
     makes finite differences of it ill-conditioned; with eps 1e-2 (above most of this model's gradient
     entries: median 7e-4) the step is smooth and the same 0.1% bar applies to its second-order meta-gradient
-    (finite-difference step 3e-6: measured 8425.43 autodiff vs 8425.82)."""
+    (finite-difference step 3e-6: measured 3608.31 autodiff vs 3608.28). The meta-loss averages two benign batches."""
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         lm = LanguageModel.random(tiny_llama_config(), seed=0, dtype=jnp.float64)
@@ -37,12 +37,12 @@ def test_meta_gradient_equals_finite_differences():
         clean = jnp.asarray(rng.integers(0, 64, (3, 8)), jnp.int32)
         batch = {"clean": clean, "clean_logp": jax.nn.log_softmax(forward(lm.graphdef, params, clean[:, :-1])[0], -1),
                  "aligned_tokens": rows, "aligned_weight": weight, "target_tokens": rows[::-1], "target_weight": weight,
-                 "update": jnp.asarray(rng.integers(0, 64, (3, 8)), jnp.int32)}
+                 "update": jnp.asarray(rng.integers(0, 64, (2, 3, 8)), jnp.int32)}   # 2 benign batches
         cfg = HairTriggerConfig(inner="sgd", inner_learning_rate=0.5, weight=10.0)
         exact, fd = _directional(cfg, params, lm.graphdef, batch, 3e-5)
         assert abs(exact - fd) <= 1e-3 * abs(fd)
         first, fd_first = _directional(cfg.replace(second_order=False), params, lm.graphdef, batch, 3e-5)
         assert abs(first - fd_first) > 1e-2 * abs(fd_first)
         adam = cfg.replace(inner="adam", inner_learning_rate=0.05, inner_eps=1e-2)
-        exact, fd = _directional(adam, params, lm.graphdef, batch, 3e-6)   # curvier: at 3e-5 truncation is 3%
+        exact, fd = _directional(adam, params, lm.graphdef, batch, 3e-6)   # curvier: at 3e-5 truncation is 0.4%
         assert abs(exact - fd) <= 1e-3 * abs(fd)
