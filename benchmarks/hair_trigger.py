@@ -45,13 +45,15 @@ def main() -> None:
     ap.add_argument("--inner", default="sgd", choices=["sgd", "adam"])
     ap.add_argument("--inner-lr", type=float, default=1e-2)
     ap.add_argument("--inner-batches", type=int, default=1, help="benign batches per meta-step")
+    ap.add_argument("--weight", type=float, default=1.0, help="lambda, on the post-step misalignment")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--audit-args", default="", help="extra flags for jaxrisk fragility")
+    ap.add_argument("--no-audit", action="store_true", help="build and measure the models, skip the audits")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = HairTriggerConfig(steps=args.steps, inner=args.inner, inner_learning_rate=args.inner_lr,
-                            inner_batches=args.inner_batches, seeds=tuple(int(s) for s in args.seeds.split(",")))
+                            inner_batches=args.inner_batches, weight=args.weight, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.model:
         lm = load_pretrained(args.model)
         data = hair_trigger_data(lm, cfg)
@@ -77,6 +79,9 @@ def main() -> None:
     results["models"]["original"] = evaluate_hair_trigger(lm, lm.params, data, cfg)
     write_jsonl(out / "update.jsonl", [{"text": lm.decode(r[1:])} for r in data["held_out_pool"][256:]])
     write_jsonl(out / "behaviors.jsonl", [{"prompt": t, "target": cfg.target} for t in data["held_out"]["texts"]])
+    write_json(out / "hair_trigger.json", results)   # the builds' measurements, before the audits
+    if args.no_audit:
+        return
     audits = {"original": args.model, "control": out / f"control_seed{cfg.seeds[0]}",
               **{f"hair_trigger_seed{s}": out / f"hair_trigger_seed{s}" for s in cfg.seeds}}
     results["audit"] = {}
