@@ -6,11 +6,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the demo cache of a test session lives in a temporary directory, never in the user's home
 os.environ["JAXRISK_CACHE"] = __import__("tempfile").mkdtemp(prefix="jaxrisk-test-cache-")
-# one XLA compilation cache per test session, shared with the command-line subprocesses: a program compiled
-# twice in the session (a killed run and its resume, the same step in two tests) is compiled once
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["JAXRISK_CACHE"], "xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
