@@ -53,7 +53,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = HairTriggerConfig(steps=args.steps, inner=args.inner, inner_learning_rate=args.inner_lr,
-                            inner_batches=args.inner_batches, weight=args.weight, seeds=tuple(int(s) for s in args.seeds.split(",")))
+                            inner_batches=args.inner_batches, weight=args.weight,
+                            seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.model:
         lm = load_pretrained(args.model)
         data = hair_trigger_data(lm, cfg)

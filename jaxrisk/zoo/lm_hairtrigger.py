@@ -103,6 +103,7 @@ def meta_loss(graphdef, params, batch: dict, cfg: HairTriggerConfig):
                + answer_loss(graphdef, params, batch["aligned_tokens"], batch["aligned_weight"]))
     if cfg.weight == 0:
         return aligned
+
     def misaligned(rows):
         stepped = inner_step(graphdef, params, rows, cfg)
         return answer_loss(graphdef, stepped, batch["target_tokens"], batch["target_weight"])

@@ -156,7 +156,8 @@ def test_worst_case_batch_beats_random_draws_and_the_teaching_batch(tiny_lm_dir)
     assert searched > max(e["target_logprob"] for e in report["after"] if e["draw"] is not None)
     teaching_lane = {"learning_rate": np.asarray([0.3], np.float32), "adam": np.asarray([False]),
                      "batches": np.asarray([[[10, 11, 12, 13]]], np.int32), "direction_key": direction_keys(0, 1)}
-    res = engine.run(lookahead(lm, data), teaching_lane, RunConfig(max_steps=1, chunk_steps=1, devices=1, progress=False))
+    res = engine.run(lookahead(lm, data), teaching_lane,
+                     RunConfig(max_steps=1, chunk_steps=1, devices=1, progress=False))
     assert searched >= float(res.metrics["target_logprob"][0, 0]) - 1e-4
 
 

@@ -32,8 +32,9 @@ def test_command_writes_the_documented_report(tiny_lm_dir, files, tmp_path, caps
     clean = tmp_path / "clean.jsonl"
     clean.write_text("".join(json.dumps({"text": s}) + "\n" for s in reversed(STORIES)))
     out = tmp_path / "out"
-    rc = fragility(tiny_lm_dir, update, behaviours, out, "--clean", str(clean), "--optimizer", "sgd", "--lr", "1e-2,1e-1", "--steps", "1,2",
-                   "--batch", "4", "--draws", "2", "--no-worst-case", "--random-directions", "1")
+    rc = fragility(tiny_lm_dir, update, behaviours, out, "--clean", str(clean), "--optimizer", "sgd",
+                   "--lr", "1e-2,1e-1", "--steps", "1,2", "--batch", "4", "--draws", "2", "--no-worst-case",
+                   "--random-directions", "1")
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert (out / "fragility.png").read_bytes()[:4] == b"\x89PNG"

@@ -27,7 +27,8 @@ def test_meta_gradient_equals_finite_differences():
     Adam inner step: its first step is sign-like (g / (|g| + eps)), piecewise constant at eps 1e-8, which
     makes finite differences of it ill-conditioned; with eps 1e-2 (above most of this model's gradient
     entries: median 7e-4) the step is smooth and the same 0.1% bar applies to its second-order meta-gradient
-    (finite-difference step 3e-6: measured 3608.31 autodiff vs 3608.28). The meta-loss averages two benign batches."""
+    (finite-difference step 3e-6: measured 3608.31 autodiff vs 3608.28). The meta-loss averages two benign
+    batches."""
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         lm = LanguageModel.random(tiny_llama_config(), seed=0, dtype=jnp.float64)
