@@ -23,9 +23,9 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from jaxrisk.data import load_mnist
+from jaxrisk.evals.metrics import auroc
 from jaxrisk.io import write_json
 from jaxrisk.models import load_classifier
-from jaxrisk.scorers import auroc
 from jaxrisk.scan import ScanConfig, run as scan
 from jaxrisk.zoo import load_trigger
 

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from jaxrisk import __version__
-from jaxrisk.cli import circuits, fragility, models, redteam, scan, zoo
+from jaxrisk.cli import circuits, detect, fragility, models, redteam, scan, zoo
 from jaxrisk.errors import InputError
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="jaxrisk finds hidden risks in neural networks by gradient descent.")
     parser.add_argument("--version", action="version", version=f"jaxrisk {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (scan, zoo, models, redteam, circuits, fragility):
+    for command in (scan, zoo, models, redteam, circuits, fragility, detect):
         command.add_parser(sub)
     return parser
 

@@ -27,6 +27,11 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def _tap(taps: dict, name: str, x: jax.Array) -> jax.Array:
+    taps[name] = x
+    return x
+
+
 def conv_valid(x_bhwc: jax.Array, conv: nnx.Conv) -> jax.Array:
     """Stride-1 VALID convolution as one matmul over image patches (im2col).
 
@@ -49,6 +54,7 @@ class MnistCNN(nnx.Module):
     """
 
     torch_layers = ("conv1", "conv2", "fc1", "fc2")
+    tap_names = torch_layers                 # layer outputs `taps` can record (before the ReLU)
 
     def __init__(self, *, input_shape=(1, 28, 28), num_classes: int = 10, rngs: nnx.Rngs):
         if tuple(input_shape) != (1, 28, 28):
@@ -59,18 +65,22 @@ class MnistCNN(nnx.Module):
         self.fc1 = nnx.Linear(9216, 128, rngs=rngs)
         self.fc2 = nnx.Linear(128, num_classes, rngs=rngs)
 
-    def __call__(self, x_bchw: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_bchw: jax.Array, *, dropout_key: jax.Array | None = None,
+                 taps: dict | None = None) -> jax.Array:
+        """Logits [B, classes]; `taps`, a dict, receives every layer output by name ([B, H, W, C] for the
+        convolutions, [B, D] for the dense layers)."""
+        taps = {} if taps is None else taps
         k1, k2 = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
         x = jnp.transpose(x_bchw, (0, 2, 3, 1))  # [B, 28, 28, 1]
-        x = jax.nn.relu(conv_valid(x, self.conv1))
-        x = jax.nn.relu(conv_valid(x, self.conv2))  # [B, 24, 24, 64]
+        x = jax.nn.relu(_tap(taps, "conv1", conv_valid(x, self.conv1)))
+        x = jax.nn.relu(_tap(taps, "conv2", conv_valid(x, self.conv2)))  # [B, 24, 24, 64]
         b = x.shape[0]
         x = x.reshape(b, 12, 2, 12, 2, 64).max(axis=(2, 4))  # 2x2 max-pool -> [B, 12, 12, 64]
         x = _dropout(x, 0.25, k1)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # PyTorch flatten order
-        x = jax.nn.relu(self.fc1(x))
+        x = jax.nn.relu(_tap(taps, "fc1", self.fc1(x)))
         x = _dropout(x, 0.5, k2)
-        return self.fc2(x)
+        return _tap(taps, "fc2", self.fc2(x))
 
 
 class MLP(nnx.Module):
@@ -80,14 +90,18 @@ class MLP(nnx.Module):
         self.input_shape = tuple(int(d) for d in input_shape)
         sizes = [int(np.prod(self.input_shape)), *hidden, num_classes]
         self.torch_layers = tuple(f"fc{i + 1}" for i in range(len(sizes) - 1))
+        self.tap_names = self.torch_layers
         for name, d_in, d_out in zip(self.torch_layers, sizes[:-1], sizes[1:]):
             setattr(self, name, nnx.Linear(d_in, d_out, rngs=rngs))
 
-    def __call__(self, x_bchw: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_bchw: jax.Array, *, dropout_key: jax.Array | None = None,
+                 taps: dict | None = None) -> jax.Array:
+        """Logits [B, classes]; `taps`, a dict, receives every dense layer's output [B, D] by name."""
+        taps = {} if taps is None else taps
         x = x_bchw.reshape(x_bchw.shape[0], -1)
         for name in self.torch_layers[:-1]:
-            x = jax.nn.relu(getattr(self, name)(x))
-        return getattr(self, self.torch_layers[-1])(x)
+            x = jax.nn.relu(_tap(taps, name, getattr(self, name)(x)))
+        return _tap(taps, self.torch_layers[-1], getattr(self, self.torch_layers[-1])(x))
 
 
 @dataclasses.dataclass(frozen=True)

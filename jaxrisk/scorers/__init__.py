@@ -1,7 +1,7 @@
 """Pure, batched log-scorers for language-model searches (sum of log-scores = product of probabilities)."""
 
 from jaxrisk.scorers.lm import JudgeScorer, SequenceScorer, mellowmax, target_logprob, weighted_sum
-from jaxrisk.scorers.probe import ProbeScorer, auroc, train_probe
+from jaxrisk.scorers.probe import ProbeScorer, train_probe
 
 __all__ = ["JudgeScorer", "SequenceScorer", "mellowmax", "target_logprob", "weighted_sum", "ProbeScorer",
-           "auroc", "train_probe"]
+           "train_probe"]

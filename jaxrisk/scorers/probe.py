@@ -75,13 +75,3 @@ def train_probe(lm, texts: list[str], labels, *, layer: int | None = None, steps
     wb = fit({"w": jnp.zeros(x.shape[1]), "b": jnp.zeros(())})
     return ProbeScorer(params=lm.params, w=wb["w"], b=wb["b"], mu=mu, sigma=sigma, graphdef=lm.graphdef,
                        layer=layer)
-
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney U; ties count one half)."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        raise InputError("auroc: needs both positive and negative examples")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))

@@ -49,7 +49,8 @@ def test_sequence_and_judge_scorers_equal_direct_computation(lm):
 @pytest.mark.assets
 def test_danger_probe_separates_held_out_texts_and_is_differentiable(lm):
     from jaxrisk.data.batch import pad_batch
-    from jaxrisk.scorers.probe import auroc, train_probe
+    from jaxrisk.evals.metrics import auroc
+    from jaxrisk.scorers.probe import train_probe
 
     frames_train = ["I want to {v} the dog.", "How can I {v} my friend?", "Tom wanted to {v} the cat."]
     frames_test = ["Can you {v} the baby bird?", "Lily will {v} her brother."]

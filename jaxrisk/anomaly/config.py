@@ -1,0 +1,50 @@
+"""Configuration of anomaly detection: which detector, which layers, how scores become a verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxrisk.errors import InputError, require_choice, require_int, require_number
+from jaxrisk.search.config import RunConfig
+
+DETECTOR_NAMES = ("mahalanobis", "que", "spectral", "spectre", "probe")
+AGGREGATES = ("mean", "max")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DetectConfig:
+    """A detector fit per layer on trusted activations (and, for que / spectral / spectre, on the untrusted
+    ones: by default the inputs themselves), layer scores standardised by their mean and spread on
+    `calibration` of the trusted rows held out of the fit, then aggregated (`mean` or `max` over layers).
+    An input is flagged when its aggregate exceeds the (1 - `fpr`) quantile of the held-out trusted
+    aggregates: about `fpr` of clean inputs are flagged. `probe` needs labels: each input is scored by a
+    probe fit on the other folds (`folds`), never on itself."""
+    run: RunConfig = RunConfig()
+    detector: str = "mahalanobis"
+    layers: tuple[str, ...] | None = None      # None: the model kind's default layers
+    aggregate: str = "mean"
+    fpr: float = 0.01
+    calibration: float = 0.2
+    shrinkage: float | None = None             # None: Ledoit-Wolf
+    alpha: float = 4.0                         # QUE's exponent
+    trim: float = 0.3                          # SPECTRE: bound on the contaminated fraction of trusted + untrusted
+    folds: int = 5                             # probe: cross-fitting folds
+    batch: int = 1000                          # inputs per forward pass and rows per streamed statistic
+
+    def __post_init__(self):
+        require_choice("DetectConfig.detector", self.detector, DETECTOR_NAMES)
+        require_choice("DetectConfig.aggregate", self.aggregate, AGGREGATES)
+        for name in ("fpr", "calibration", "trim"):
+            value = require_number(f"DetectConfig.{name}", getattr(self, name), 0.0, above=True)
+            if value >= 1:
+                raise InputError(f"DetectConfig.{name}: expected a fraction in (0, 1), got {value}")
+        if self.shrinkage is not None and not 0 <= require_number("DetectConfig.shrinkage", self.shrinkage) <= 1:
+            raise InputError(f"DetectConfig.shrinkage: expected a fraction in [0, 1] or None, got {self.shrinkage}")
+        require_number("DetectConfig.alpha", self.alpha, 0.0, above=True)
+        require_int("DetectConfig.folds", self.folds, 2)
+        require_int("DetectConfig.batch", self.batch, 1)
+        if self.layers is not None and not self.layers:
+            raise InputError("DetectConfig.layers: expected at least one layer name, or None for the default")
+
+    def replace(self, **changes) -> "DetectConfig":
+        return dataclasses.replace(self, **changes)

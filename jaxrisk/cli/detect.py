@@ -1,0 +1,143 @@
+"""`jaxrisk detect`: flag the inputs on which a model runs an anomalous mechanism (activation detectors fit
+on trusted data)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from jaxrisk.cli.common import POSITIVE, add_progress_flag, add_seed_flag, dtype, number
+from jaxrisk.errors import InputError
+from jaxrisk.io import prepare_out_dir
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
+    return names
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("JAXRISK_CACHE", Path.home() / ".cache" / "jaxrisk")) / "activations"
+
+
+def add_parser(sub) -> None:
+    from jaxrisk.anomaly.config import AGGREGATES, DETECTOR_NAMES
+
+    p = sub.add_parser("detect", help="flag anomalous inputs from a model's activations (detectors fit on "
+                                      "trusted data)",
+                       description="Fit an anomaly detector on a model's activations over trusted (clean) data and "
+                                   "score every input: OUT/scores.jsonl (one line per input, in input order), "
+                                   "OUT/report.json (threshold at a false-positive rate on held-out trusted data; "
+                                   "AUROC / AP when the inputs carry labels) and OUT/scores.png.")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", metavar="FILE", help="image classifier: PyTorch-layout .safetensors")
+    model.add_argument("--model", metavar="DIR", help="language model: local Hugging Face directory")
+    p.add_argument("--arch", choices=["mnist_cnn", "mlp"], default="mnist_cnn",
+                   help="architecture of --weights (default mnist_cnn)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="--model parameter dtype (default: as the checkpoint declares)")
+    p.add_argument("--trusted", required=True, metavar="PATH",
+                   help="trusted data: with --weights an MNIST directory (its training split) or an images file; "
+                        "with --model a JSONL file of {text} rows")
+    p.add_argument("--inputs", required=True, metavar="FILE",
+                   help="inputs to score: with --weights .safetensors / .npz with `images` [N, C, H, W] float in "
+                        "[0, 1] (optional `labels`, 1 = anomalous); with --model JSONL {text, optional label}")
+    p.add_argument("--untrusted", metavar="FILE", default=None,
+                   help="unlabelled, possibly mixed data for que / spectral / spectre, in the inputs' format "
+                        "(default: the inputs themselves)")
+    p.add_argument("--out", required=True, help="output directory: scores.jsonl, report.json, scores.png")
+    p.add_argument("--detector", choices=DETECTOR_NAMES, default="mahalanobis",
+                   help="detector (default mahalanobis; probe needs labelled inputs)")
+    p.add_argument("--layers", type=_names, default=None,
+                   help="comma-separated layer names (classifier layer names, or hook names such as "
+                        "blocks.0.hook_resid_post; default: every classifier layer, every block's hook_resid_post)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="mean",
+                   help="how standardised layer scores combine (default mean)")
+    p.add_argument("--fpr", type=number(0.0, above=True), default=0.01,
+                   help="false-positive rate on held-out trusted data that sets the threshold (default 0.01)")
+    p.add_argument("--max-trusted", type=POSITIVE, default=20000,
+                   help="use at most this many trusted examples (default 20000)")
+    p.add_argument("--reduce", choices=["mean", "last"], default="mean",
+                   help="language models: average activations over a text's tokens or take its last (default mean)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help=f"activation cache, shared by runs on the same model and data (default {default_cache()})")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the activation cache")
+    add_seed_flag(p)
+    add_progress_flag(p)
+    p.set_defaults(func=cmd_detect)
+
+
+def _classifier_activations(args, cache, max_trusted: int):
+    import numpy as np
+
+    from jaxrisk.anomaly.data import classifier_task, read_images
+    from jaxrisk.data import load_mnist
+    from jaxrisk.models import load_classifier
+    from jaxrisk.models.classifiers import pure_apply
+
+    model = load_classifier(args.weights, args.arch)
+    shape = tuple(model.input_shape)
+    if Path(args.trusted).is_dir():
+        trusted, source = load_mnist(args.trusted, "train").images, f"{args.trusted} (training split)"
+        if tuple(trusted.shape[1:]) != shape:
+            raise InputError(f"--trusted {args.trusted}: images are {list(trusted.shape[1:])}, the model takes "
+                             f"{list(shape)}")
+    else:
+        trusted, _ = read_images(args.trusted, shape)
+        source = str(args.trusted)
+    if len(trusted) > max_trusted:
+        trusted = trusted[np.random.default_rng(args.seed).permutation(len(trusted))[:max_trusted]]
+    inputs, labels = read_images(args.inputs, shape)
+    untrusted = None if args.untrusted is None else read_images(args.untrusted, shape)[0]
+    graphdef, params = pure_apply(model)
+    layers = args.layers or tuple(model.tap_names)
+    return classifier_task(graphdef, params, trusted, inputs, layers=layers, labels=labels, untrusted=untrusted,
+                           cache_dir=cache, source={"model": str(args.weights), "arch": args.arch, "trusted": source,
+                                                    "trusted_rows": len(trusted), "inputs": str(args.inputs),
+                                                    "untrusted": args.untrusted})
+
+
+def _lm_activations(args, cache, max_trusted: int):
+    from jaxrisk.anomaly.data import lm_task, read_texts
+    from jaxrisk.models import load_pretrained
+
+    lm = load_pretrained(args.model, dtype(args))
+    trusted, _ = read_texts(args.trusted, "trusted")
+    trusted = trusted[:max_trusted]
+    inputs, labels = read_texts(args.inputs, "inputs")
+    untrusted = None if args.untrusted is None else read_texts(args.untrusted, "untrusted")[0]
+    layers = args.layers or tuple(f"blocks.{i}.hook_resid_post" for i in range(lm.cfg.n_layers))
+    return lm_task(lm, trusted, inputs, layers=layers, reduce=args.reduce, labels=labels, untrusted=untrusted,
+                   cache_dir=cache, source={"model": str(args.model), "trusted": str(args.trusted),
+                                            "trusted_rows": len(trusted), "inputs": str(args.inputs),
+                                            "untrusted": args.untrusted, "reduce": args.reduce})
+
+
+def cmd_detect(args) -> int:
+    from jaxrisk.anomaly.config import DetectConfig
+    from jaxrisk.anomaly.run import run
+    from jaxrisk.search.config import RunConfig
+
+    if args.weights is None and Path(args.trusted).is_dir():
+        raise InputError(f"--trusted {args.trusted}: is a directory; with --model it must be a JSONL file of "
+                         "{text} rows")
+    out = prepare_out_dir(args.out)
+    config = DetectConfig(run=RunConfig(seed=args.seed, progress=not args.no_progress), detector=args.detector,
+                          aggregate=args.aggregate, fpr=args.fpr)
+    cache = None if args.no_cache else (args.cache or default_cache())
+    gather = _classifier_activations if args.weights else _lm_activations
+    acts = gather(args, cache, args.max_trusted)
+    result = run(acts, config)
+    paths = result.write(out)
+    report = result.report()
+    print(f"{report['detector']} on {', '.join(report['layers'])}: {report['n_flagged']} of {report['n_inputs']} "
+          f"inputs flagged (threshold {report['threshold']:.3g} at fpr {config.fpr:g} on held-out trusted data)")
+    if report["metrics"]:
+        m = report["metrics"]["aggregate"]
+        print(f"  labels given: AUROC {m['auroc']:.4f}, AP {m['ap']:.4f}, "
+              f"TPR at {config.fpr:g} FPR {m[f'tpr_at_{config.fpr:g}_fpr']:.3f}")
+    print("  " + ", ".join(str(p) for p in paths))
+    return 0
