@@ -63,10 +63,11 @@ class Settings(NamedTuple):
     trim: float = 0.3                # SPECTRE: bound on the contaminated fraction of the pooled rows
     batch: int = 4096                # rows per streamed batch
     probe_steps: int = 300
+    mesh: object = None              # a device mesh the statistics' rows are sharded over (None: one device)
 
 
 def _gaussian(x_nd: np.ndarray, settings: Settings) -> Whitened:
-    m = stats.moments(stats.batches(x_nd, settings.batch))
+    m = stats.moments(stats.batches(x_nd, settings.batch), settings.mesh)
     shrinkage = settings.shrinkage
     if shrinkage is None:
         shrinkage = stats.ledoit_wolf_shrinkage(m, stats.batches(x_nd, settings.batch))
@@ -74,10 +75,10 @@ def _gaussian(x_nd: np.ndarray, settings: Settings) -> Whitened:
     return Whitened(jnp.asarray(m.mean, jnp.float32), jnp.asarray(w, jnp.float32))
 
 
-def _que_matrix(z_nk: np.ndarray, alpha: float, batch: int) -> jax.Array:
-    c = stats.covariance(stats.moments(stats.batches(z_nk, batch)))
+def _que_matrix(z_nk: np.ndarray, settings: Settings) -> jax.Array:
+    c = stats.covariance(stats.moments(stats.batches(z_nk, settings.batch), settings.mesh))
     values, vectors = np.linalg.eigh(c)
-    weights = np.exp(alpha * (values / values.max() - 1.0))      # exp(alpha C / ||C||), scaled by exp(-alpha)
+    weights = np.exp(settings.alpha * (values / values.max() - 1.0))   # exp(alpha C / ||C||) x exp(-alpha)
     q = (vectors * weights) @ vectors.T
     return jnp.asarray(q / np.trace(q), jnp.float32)
 
@@ -98,7 +99,7 @@ def score_mahalanobis(state: Whitened, x_nd) -> jax.Array:
 def fit_que(trusted, untrusted, labels, settings: Settings) -> Que:
     g = _gaussian(trusted, settings)
     z = np.concatenate([np.asarray(_whiten(g, x)) for x in stats.batches(untrusted, settings.batch)])
-    return Que(g.mean, g.whiten, _que_matrix(z, settings.alpha, settings.batch))
+    return Que(g.mean, g.whiten, _que_matrix(z, settings))
 
 
 @jax.jit
@@ -112,12 +113,13 @@ def fit_spectral(trusted, untrusted, labels, settings: Settings) -> Direction:
     centred on their mean (raw, an untrusted-only fit sees the classes' own spread first; whitened, the
     excess variance a planted cluster adds); without trusted rows, Tran et al.'s raw form."""
     if trusted is None:
-        m = stats.moments(stats.batches(untrusted, settings.batch))
+        m = stats.moments(stats.batches(untrusted, settings.batch), settings.mesh)
         _, vectors = np.linalg.eigh(stats.covariance(m))
         return Direction(jnp.asarray(m.mean, jnp.float32), jnp.asarray(vectors[:, -1], jnp.float32))
     g = _gaussian(trusted, settings)
     z = np.concatenate([np.asarray(_whiten(g, x)) for x in stats.batches(untrusted, settings.batch)])
-    _, vectors = np.linalg.eigh(stats.covariance(stats.moments(stats.batches(z, settings.batch))))
+    whitened = stats.moments(stats.batches(z, settings.batch), settings.mesh)
+    _, vectors = np.linalg.eigh(stats.covariance(whitened))
     return Direction(g.mean, g.whiten @ jnp.asarray(vectors[:, -1], jnp.float32))
 
 
@@ -133,12 +135,12 @@ def fit_spectre(trusted, untrusted, labels, settings: Settings) -> Que:
     pooled = untrusted if trusted is None else np.concatenate([trusted, untrusted])
     start = None if trusted is None else np.arange(len(trusted))
     m = stats.trimmed_moments(pooled, fraction=settings.trim, alpha=settings.alpha, batch=settings.batch,
-                              start=start)
+                              start=start, mesh=settings.mesh)
     shrinkage = 0.01 if settings.shrinkage is None else settings.shrinkage
     g = Whitened(jnp.asarray(m.mean, jnp.float32),
                  jnp.asarray(stats.whitening(stats.shrunk(stats.covariance(m), shrinkage)), jnp.float32))
     z = np.concatenate([np.asarray(_whiten(g, x)) for x in stats.batches(untrusted, settings.batch)])
-    return Que(g.mean, g.whiten, _que_matrix(z, settings.alpha, settings.batch))
+    return Que(g.mean, g.whiten, _que_matrix(z, settings))
 
 
 def fit_probe(trusted, untrusted, labels, settings: Settings) -> Probe:

@@ -12,6 +12,7 @@ from jaxrisk.anomaly.detectors import DETECTORS, Settings
 from jaxrisk.anomaly.report import DetectResult
 from jaxrisk.errors import InputError
 from jaxrisk.evals.metrics import auroc, average_precision, tpr_at_fpr
+from jaxrisk.search.mesh import restart_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,8 @@ def detection_metrics(scores: np.ndarray, labels: np.ndarray, fpr: float) -> dic
 def run(acts: Activations, config: DetectConfig = DetectConfig(), progress=None) -> DetectResult:
     """Score every input; see DetectConfig for the rule."""
     fit, cal = check_activations(acts, config)
-    settings = Settings(shrinkage=config.shrinkage, alpha=config.alpha, trim=config.trim, batch=config.batch)
+    settings = Settings(shrinkage=config.shrinkage, alpha=config.alpha, trim=config.trim, batch=config.batch,
+                        mesh=restart_mesh(config.run.devices))
     layers = list(acts.trusted)
     standardised, calibration = {}, {}
     for layer in layers:

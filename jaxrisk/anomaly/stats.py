@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.errors import InputError
+from jaxrisk.search.mesh import lane_sharding
 
 
 class Moments(NamedTuple):
@@ -20,10 +21,11 @@ class Moments(NamedTuple):
 
 
 @jax.jit
-def _batch_moments(x_nd):
-    """(mean [D], scatter about it [D, D]) of one batch; under jit the rows may be sharded over devices."""
-    mean = jnp.mean(x_nd, axis=0)
-    centred = x_nd - mean
+def _batch_moments(x_nd, w_n):
+    """(mean [D], scatter about it [D, D]) of the rows with weight 1 (padding rows weigh 0); under jit the
+    rows may be sharded over devices (the sums become collectives)."""
+    mean = jnp.sum(w_n[:, None] * x_nd, axis=0) / jnp.sum(w_n)
+    centred = (x_nd - mean) * w_n[:, None]
     return mean, centred.T @ centred
 
 
@@ -48,12 +50,18 @@ def merge(a: Moments, b: Moments) -> Moments:
                    a.scatter + b.scatter + np.outer(delta, delta) * (a.count * b.count / n))
 
 
-def moments(rows: Iterable[np.ndarray]) -> Moments:
-    """Streaming moments of the rows of every batch [n_i, D] in `rows`."""
+def moments(rows: Iterable[np.ndarray], mesh=None) -> Moments:
+    """Streaming moments of the rows of every batch [n_i, D] in `rows`; with a `mesh`, each batch's rows
+    are sharded over its devices (padded to a multiple of them with rows of weight 0)."""
     total = None
     for x in rows:
-        mean, scatter = _batch_moments(jnp.asarray(x, jnp.float32))
-        m = Moments(len(x), np.asarray(mean, np.float64), np.asarray(scatter, np.float64))
+        w = np.ones(len(x), np.float32)
+        if mesh is not None:
+            pad = -len(x) % mesh.size
+            x, w = np.pad(x, ((0, pad), (0, 0))), np.pad(w, (0, pad))
+            x, w = jax.device_put(x, lane_sharding(mesh)), jax.device_put(w, lane_sharding(mesh))
+        mean, scatter = _batch_moments(jnp.asarray(x, jnp.float32), jnp.asarray(w))
+        m = Moments(int(w.sum()), np.asarray(mean, np.float64), np.asarray(scatter, np.float64))
         total = m if total is None else merge(total, m)
     if total is None:
         raise InputError("no rows to compute statistics from")
@@ -95,22 +103,23 @@ def whitening(cov: np.ndarray, rcond: float = 1e-5) -> np.ndarray:
 
 
 def trimmed_moments(x_nd: np.ndarray, *, fraction: float, rounds: int = 6, alpha: float = 4.0,
-                    shrinkage: float = 0.01, batch: int = 4096, start: np.ndarray | None = None) -> Moments:
+                    shrinkage: float = 0.01, batch: int = 4096, start: np.ndarray | None = None,
+                    mesh=None) -> Moments:
     """A robust mean and covariance for rows that may hold a cluster of outliers (SPECTRE's filter): fit
     on the kept rows, whiten every row by that fit, score each by quantum entropy (the directions in which
     all rows have more variance than the kept ones weigh exponentially more), keep the 1 - `fraction`
     lowest, refit; `rounds` times. The first fit is on the rows `start` (default: all)."""
     keep = np.arange(len(x_nd)) if start is None else start
     for _ in range(rounds):
-        m = moments(batches(x_nd[keep], batch))
+        m = moments(batches(x_nd[keep], batch), mesh)
         z = (x_nd - m.mean) @ whitening(shrunk(covariance(m), shrinkage))
-        values, vectors = np.linalg.eigh(covariance(moments(batches(z, batch))))
+        values, vectors = np.linalg.eigh(covariance(moments(batches(z, batch), mesh)))
         weights = np.exp(alpha * (values / values.max() - 1.0))
         score = np.sum(np.square(z @ vectors) * weights, axis=1)
         keep = np.argsort(score)[: max(int(round(len(x_nd) * (1.0 - fraction))), z.shape[1] + 2)]
     # reweighting (as after a minimum-covariance-determinant fit): the trimmed fit is too narrow, so take
     # back every row whose Mahalanobis distance from it is typical of the kept rows' own
-    m = moments(batches(x_nd[keep], batch))
+    m = moments(batches(x_nd[keep], batch), mesh)
     dist = np.sum(np.square((x_nd - m.mean) @ whitening(shrunk(covariance(m), shrinkage))), axis=1)
     keep = dist <= np.quantile(dist[keep], 0.975) * 1.5
-    return moments(batches(x_nd[keep], batch))
+    return moments(batches(x_nd[keep], batch), mesh)

@@ -89,3 +89,34 @@ def test_metrics_on_known_rankings():
     assert tpr_at_fpr(scores, labels, 0.01) == 0.5
     with pytest.raises(InputError, match="both positive and negative"):
         auroc([1, 2], [1, 1])
+
+
+def test_moments_sharded_over_8_devices_equal_one_device():
+    from jaxrisk.search.mesh import restart_mesh
+
+    x, _ = gaussian_rows(1003, 12, 6)                # not a multiple of 8: padded rows must weigh nothing
+    one = stats.moments(stats.batches(x, 500), restart_mesh(1))
+    eight = stats.moments(stats.batches(x, 500), restart_mesh(8))
+    assert one.count == eight.count == 1003
+    np.testing.assert_allclose(eight.mean, one.mean, rtol=1e-6)
+    np.testing.assert_allclose(eight.scatter, one.scatter, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(one.scatter, stats.moments(stats.batches(x, 500)).scatter, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("detector", ["mahalanobis", "que", "spectre"])
+def test_a_run_on_8_devices_scores_as_on_one(detector):
+    from jaxrisk.anomaly.config import DetectConfig
+    from jaxrisk.anomaly.run import Activations, run
+    from jaxrisk.search.config import RunConfig
+
+    rows, _ = gaussian_rows(3000, 10, 7)
+    labels = np.arange(1000) < 100
+    inputs = rows[2000:].copy()
+    inputs[labels, 0] += 3.0
+    acts = Activations(trusted={"a": rows[:2000], "b": rows[:2000, :5]}, inputs={"a": inputs, "b": inputs[:, :5]},
+                       labels=labels)
+    results = [run(acts, DetectConfig(detector=detector, batch=512, run=RunConfig(devices=n))) for n in (1, 8)]
+    np.testing.assert_allclose(results[1].scores, results[0].scores, rtol=1e-4, atol=1e-4)
+    assert results[0].threshold == pytest.approx(results[1].threshold, rel=1e-4)
+    assert np.array_equal(results[0].flagged, results[1].flagged)
+    assert results[0].metrics["aggregate"]["auroc"] > 0.9
