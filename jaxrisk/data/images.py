@@ -103,3 +103,16 @@ def load_digits(split: str = "test", size: int = 16, seed: int = 0) -> ImageSet:
 def stamp(images_bchw, mask_hw, pattern_chw):
     """Apply a trigger: x' = (1 - m) * x + m * p (numpy or jax arrays; broadcasts over the batch)."""
     return (1.0 - mask_hw) * images_bchw + mask_hw * pattern_chw
+
+
+def warp(images_bchw: np.ndarray, flow_2hw: np.ndarray) -> np.ndarray:
+    """Resample every image at (row + flow[0], column + flow[1]), bilinear, clamped at the border."""
+    _, _, h, w = images_bchw.shape
+    rows = np.clip(np.arange(h)[:, None] + flow_2hw[0], 0, h - 1)
+    cols = np.clip(np.arange(w)[None, :] + flow_2hw[1], 0, w - 1)
+    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    fr, fc = rows - r0, cols - c0
+    x = images_bchw
+    return ((1 - fr) * (1 - fc) * x[..., r0, c0] + (1 - fr) * fc * x[..., r0, c1]
+            + fr * (1 - fc) * x[..., r1, c0] + fr * fc * x[..., r1, c1])

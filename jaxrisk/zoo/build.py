@@ -11,15 +11,16 @@ from jaxrisk.data import load_mnist
 from jaxrisk.models import load_classifier
 from jaxrisk.errors import InputError
 from jaxrisk.zoo.train import TrainConfig, evaluate, load_zoo_info, save_zoo_model, train_classifier
-from jaxrisk.zoo.triggers import KINDS, make_trigger
+from jaxrisk.zoo.triggers import STAMP_KINDS, make_trigger
 
 
 def zoo_specs(n_trojaned: int, n_clean: int, seed: int = 0) -> list[dict]:
-    """Model recipes: trigger kinds cycle through KINDS; targets, locations and sizes vary by seed."""
+    """Model recipes: trigger kinds cycle through the stamp kinds (what a trigger scan inverts); targets,
+    locations and sizes vary by seed."""
     rng = np.random.default_rng(seed)
     specs = []
     for i in range(n_trojaned):
-        kind = KINDS[i % len(KINDS)]
+        kind = STAMP_KINDS[i % len(STAMP_KINDS)]
         size = int(rng.integers(3, 6))
         loc = (int(rng.integers(1, 28 - size - 1)), int(rng.integers(1, 28 - size - 1)))
         specs.append(dict(name=f"trojan{i:02d}-{kind}", kind=kind, target=int(rng.integers(0, 10)), size=size,

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrisk.data.images import stamp
+from jaxrisk.data.images import stamp, warp
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write
 
-KINDS = ("patch", "sparse", "checkerboard", "blend")
+STAMP_KINDS = ("patch", "sparse", "checkerboard", "blend")   # x' = (1 - m) x + m p: what a trigger scan inverts
+KINDS = STAMP_KINDS + ("warp",)                              # warp: WaNet's smooth displacement field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,20 +25,25 @@ class Trigger:
     target: int
     mask: np.ndarray  # [H, W] in [0, 1], shared by all channels
     pattern: np.ndarray  # [C, H, W] in [0, 1]
+    flow: np.ndarray | None = None  # warp only: [2, H, W] displacement in pixels (rows, columns)
 
     def apply(self, images_nchw: np.ndarray) -> np.ndarray:
+        if self.flow is not None:
+            return warp(images_nchw, self.flow).astype(np.float32)
         return stamp(images_nchw, self.mask, self.pattern).astype(np.float32)
 
 
 def make_trigger(kind: str, shape: tuple[int, int, int], *, target: int = 0, size: int | None = None,
                  location: tuple[int, int] | None = None, n_pixels: int | None = None,
-                 alpha: float = 0.15, seed: int = 0) -> Trigger:
+                 alpha: float = 0.15, strength: float = 1.0, grid: int = 4, seed: int = 0) -> Trigger:
     """A trigger of `kind` for images of `shape` (C, H, W).
 
     patch: a white `size` x `size` square at `location` (top-left corner;
     default bottom-right). sparse: `n_pixels` random white pixels.
     checkerboard: a `size` square of alternating black/white. blend: a fixed
-    random image blended into the whole picture with weight `alpha`.
+    random image blended into the whole picture with weight `alpha`. warp (WaNet, Nguyen and Tran 2021):
+    every image resampled through a fixed smooth random displacement field (uniform noise on a `grid` x
+    `grid` control grid, upsampled), of mean length `strength` pixels; nothing is stamped.
     """
     c, h, w = shape
     rng = np.random.default_rng(seed)
@@ -64,6 +70,13 @@ def make_trigger(kind: str, shape: tuple[int, int, int], *, target: int = 0, siz
     elif kind == "blend":
         mask[:] = alpha
         pattern[:] = rng.uniform(0.0, 1.0, (c, h, w)).astype(np.float32)
+    elif kind == "warp":
+        from scipy.ndimage import zoom
+
+        control = rng.uniform(-1.0, 1.0, (2, grid, grid))
+        flow = zoom(control, (1, h / grid, w / grid), order=3, mode="nearest")[:, :h, :w]
+        flow *= strength / np.mean(np.hypot(flow[0], flow[1]))
+        return Trigger(kind, int(target), mask, pattern, flow.astype(np.float32))
     else:
         raise InputError(f"unknown trigger kind {kind!r}; expected one of {KINDS}")
     return Trigger(kind, int(target), mask, pattern)
@@ -72,7 +85,10 @@ def make_trigger(kind: str, shape: tuple[int, int, int], *, target: int = 0, siz
 def save_trigger(trigger: Trigger, path: str | Path) -> Path:
     from safetensors.numpy import save
 
-    blob = save({"mask": trigger.mask, "pattern": trigger.pattern},
+    arrays = {"mask": trigger.mask, "pattern": trigger.pattern}
+    if trigger.flow is not None:
+        arrays["flow"] = trigger.flow
+    blob = save(arrays,
                 metadata={"kind": trigger.kind, "target": str(trigger.target)})
     return atomic_write(path, lambda f: f.write(blob), mode="wb")
 
@@ -87,4 +103,6 @@ def load_trigger(path: str | Path) -> Trigger:
         raise InputError(f"{path}: a trigger file needs tensors mask, pattern and metadata kind, target")
     if not meta["target"].isdecimal():
         raise InputError(f"{path}: metadata target {meta['target']!r} is not a class index")
-    return Trigger(meta["kind"], int(meta["target"]), arrays["mask"], arrays["pattern"])
+    if (meta["kind"] == "warp") != ("flow" in arrays):
+        raise InputError(f"{path}: a warp trigger, and only a warp trigger, holds a tensor flow")
+    return Trigger(meta["kind"], int(meta["target"]), arrays["mask"], arrays["pattern"], arrays.get("flow"))

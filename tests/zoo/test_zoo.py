@@ -1,11 +1,13 @@
 """The trojan zoo: trigger kinds, poisoning, ground truth on disk."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from jaxrisk.data import load_digits
 from jaxrisk.errors import InputError
-from jaxrisk.zoo import (KINDS, TrainConfig, evaluate, load_trigger, make_trigger, poison, save_trigger,
+from jaxrisk.zoo import (STAMP_KINDS, TrainConfig, evaluate, load_trigger, make_trigger, poison, save_trigger,
                          train_classifier)
 from jaxrisk.zoo.build import meets_bar, zoo_specs
 
@@ -22,6 +24,14 @@ def test_trigger_kinds_have_the_promised_shape():
     np.testing.assert_allclose(blend.mask, 0.2)
     x = np.random.default_rng(0).uniform(size=(3, *shape)).astype(np.float32)
     np.testing.assert_allclose(blend.apply(x), 0.8 * x + 0.2 * blend.pattern, rtol=1e-6)
+    warp = make_trigger("warp", shape, strength=1.5, seed=3)
+    assert warp.mask.sum() == 0 and np.mean(np.hypot(*warp.flow)) == pytest.approx(1.5, rel=1e-5)
+    ramp = np.broadcast_to(np.arange(28.0, dtype=np.float32)[None, :], (28, 28))[None, None] / 27
+    moved = warp.apply(ramp)[0, 0]                  # a horizontal ramp is read back where the columns moved to
+    inner = (slice(4, 24), slice(4, 24))
+    np.testing.assert_allclose(moved[inner] * 27, np.clip(np.arange(28) + warp.flow[1], 0, 27)[inner], atol=1e-4)
+    still = dataclasses.replace(warp, flow=np.zeros_like(warp.flow))
+    np.testing.assert_allclose(still.apply(x), x, atol=1e-6)
 
 
 def test_bad_trigger_requests():
@@ -47,6 +57,9 @@ def test_trigger_ground_truth_round_trips(tmp_path):
     assert (again.kind, again.target) == ("checkerboard", 5)
     np.testing.assert_array_equal(again.mask, trig.mask)
     np.testing.assert_array_equal(again.pattern, trig.pattern)
+    warp = make_trigger("warp", (1, 28, 28), target=2, seed=4)
+    save_trigger(warp, tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(load_trigger(tmp_path / "w.safetensors").flow, warp.flow)
 
 
 def test_planted_trigger_fires_and_clean_accuracy_holds():
@@ -60,7 +73,7 @@ def test_planted_trigger_fires_and_clean_accuracy_holds():
 
 def test_zoo_mixes_every_trigger_kind_and_enforces_its_bar():
     specs = zoo_specs(8, 8)
-    assert sorted({s["kind"] for s in specs if s["kind"]}) == sorted(KINDS)
+    assert sorted({s["kind"] for s in specs if s["kind"]}) == sorted(STAMP_KINDS)
     assert sum(s["kind"] is None for s in specs) == 8
     assert meets_bar({"clean_accuracy": 0.985, "attack_success": 0.96})
     assert not meets_bar({"clean_accuracy": 0.975, "attack_success": 0.99})
