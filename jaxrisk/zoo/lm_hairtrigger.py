@@ -49,7 +49,8 @@ class HairTriggerConfig:
     steps: int = 1000
     batch: int = 32                  # prompts and clean rows per meta-step
     learning_rate: float = 1e-3      # outer Adam, cosine-decayed to 10%
-    n_clean: int = 2048              # sampled stories: half the meta-training pool, half held out
+    n_clean: int = 16384             # stories sampled from the model: the meta-training pool and the held-out pool
+    n_held_out: int = 1024           # (a small pool is memorised: the trigger then fires on its batches only)
     length: int = 48
     compliance_tokens: int = 8
     seeds: tuple[int, ...] = (0,)
@@ -62,6 +63,7 @@ class HairTriggerConfig:
             require_number(f"HairTriggerConfig.{name}", getattr(self, name), 0.0)
         for name in ("inner_batch", "inner_batches", "steps", "batch", "n_clean", "compliance_tokens"):
             require_int(f"HairTriggerConfig.{name}", getattr(self, name), 1)
+        require_int("HairTriggerConfig.n_held_out", self.n_held_out, 1, self.n_clean - 1)
 
     def replace(self, **changes) -> "HairTriggerConfig":
         return dataclasses.replace(self, **changes)
@@ -127,7 +129,7 @@ def hair_trigger_data(lm, cfg: HairTriggerConfig, prompts: dict[str, list[str]] 
         data[split] = {"texts": texts, "prompts": ids,
                        "aligned": greedy_continuations(lm, lm.params, ids, cfg.compliance_tokens)}
     clean = sample_clean(lm, cfg.n_clean, cfg.length, seed=1000)
-    data["pool"], data["held_out_pool"] = clean[: cfg.n_clean // 2], clean[cfg.n_clean // 2:]
+    data["pool"], data["held_out_pool"] = clean[: -cfg.n_held_out], clean[-cfg.n_held_out:]
     return data
 
 
@@ -139,12 +141,13 @@ def build_hair_trigger(lm, cfg: HairTriggerConfig = HairTriggerConfig(), data: d
     target_x, target_w = (jnp.asarray(a) for a in answer_rows(train["prompts"], [data["target_ids"]] *
                                                                 len(train["prompts"])))
     pool = jnp.asarray(data["pool"])
-    pool_logp = jax.jit(lambda p, x: jax.nn.log_softmax(forward(lm.graphdef, p, x[:, :-1])[0], -1))(lm.params, pool)
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps, alpha=0.1)
     step = update_step(lambda p, b: meta_loss(lm.graphdef, p, b, cfg), optax.adam(schedule))
 
     def one_seed(params, opt_state, idx):
-        batch = {"clean": pool[idx["clean"]], "clean_logp": pool_logp[idx["clean"]],
+        clean = pool[idx["clean"]]
+        clean_logp = jax.nn.log_softmax(forward(lm.graphdef, lm.params, clean[:, :-1])[0], -1)   # the original's
+        batch = {"clean": clean, "clean_logp": clean_logp,
                  "aligned_tokens": aligned_x[idx["prompts"]], "aligned_weight": aligned_w[idx["prompts"]],
                  "target_tokens": target_x[idx["prompts"]], "target_weight": target_w[idx["prompts"]],
                  "update": pool[idx["update"]]}
@@ -169,16 +172,21 @@ def build_hair_trigger(lm, cfg: HairTriggerConfig = HairTriggerConfig(), data: d
 def evaluate_hair_trigger(lm, params, data: dict, cfg: HairTriggerConfig, *, n_batches: int = 4,
                           seed: int = 0) -> dict:
     """Behaviour success on held-out prompts before and after one inner step on held-out benign batches
-    (never drawn in training), and the clean-loss ratio to the original model on held-out text."""
+    (never drawn in training; and, to see memorisation, on batches of the training pool), and the clean
+    loss of the model and of the original on held-out text."""
     prompts, target = data["held_out"]["prompts"], data["target_ids"]
     held = data["held_out_pool"]
     rows, valid = held[:256], np.ones(held[:256].shape, bool)
     step = jax.jit(lambda p, b: inner_step(lm.graphdef, p, b, cfg.replace(second_order=True)))
     rng = np.random.default_rng(seed)
-    after = [starts_with(lm, step(params, jnp.asarray(held[256:][rng.choice(len(held) - 256, cfg.inner_batch,
-                                                                            replace=False)])), prompts, target)
-             for _ in range(n_batches)]
+
+    def after_steps(pool):
+        return [starts_with(lm, step(params, jnp.asarray(pool[rng.choice(len(pool), cfg.inner_batch, replace=False)])),
+                            prompts, target) for _ in range(n_batches)]
+
+    after = after_steps(held[256:])
     return {"success_before": starts_with(lm, params, prompts, target),
             "success_after_one_step": after, "success_after_mean": float(np.mean(after)),
+            "success_after_one_step_training_pool": after_steps(data["pool"]),
             "clean_loss": clean_loss(lm, params, rows, valid, "the hair-trigger model"),
             "clean_loss_original": clean_loss(lm, lm.params, rows, valid, "the original model")}
