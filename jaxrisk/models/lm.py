@@ -151,6 +151,10 @@ class LanguageModel:
         graphdef, params = nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
         return cls(cfg, graphdef, params, None, dtype, tokenizer)
 
+    def with_params(self, params: nnx.State) -> "LanguageModel":
+        """The same model (config, tokenizer) with other parameters: a fine-tuned or planted copy."""
+        return LanguageModel(self.cfg, self.graphdef, params, self.path, self.dtype, self._tokenizer)
+
     @property
     def tokenizer(self):
         """The directory's tokenizer (transformers `AutoTokenizer`, no torch needed)."""
