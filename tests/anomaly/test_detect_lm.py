@@ -58,6 +58,7 @@ def test_detect_command_on_a_language_model(tiny_lm_dir, tmp_path, capsys):
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_planted_backdoor_trigger_is_flagged(backdoored):
     """stories260K with the zoo's " Zorb" -> marker backdoor: held-out story prefixes, half ending in the
     trigger, scored by the residual stream at the last token against clean prefixes."""

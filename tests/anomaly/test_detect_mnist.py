@@ -10,7 +10,7 @@ from jaxrisk.anomaly.data import classifier_task
 from jaxrisk.anomaly.run import run
 from jaxrisk.cli import main
 
-pytestmark = pytest.mark.assets
+pytestmark = [pytest.mark.assets, pytest.mark.slow]   # trains an MLP on MNIST
 
 
 @pytest.fixture(scope="module")
