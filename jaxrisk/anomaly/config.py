@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from jaxrisk.errors import InputError, require_choice, require_int, require_number
 from jaxrisk.search.config import RunConfig
 
-DETECTOR_NAMES = ("mahalanobis", "que", "spectral", "spectre", "probe")
+ACTIVATION_DETECTORS = ("mahalanobis", "que", "spectral", "spectre", "probe")
+DETECTOR_NAMES = ACTIVATION_DETECTORS + ("distillation",)
 AGGREGATES = ("mean", "max")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """The distillation-discrepancy detector's student and its training (see `anomaly.distill`)."""
+    direction: Literal["forward", "reverse"] = "forward"   # KL(model || student); reverse: KL(student || model)
+    temperature: float = 1.0
+    steps: int = 2000
+    batch: int = 128
+    learning_rate: float = 1e-3
+    hidden: tuple[int, ...] = (64,)        # classifier students: MLP hidden widths
+    layers: int | None = None              # LM students: blocks kept (default: half, at least 1)
+
+    def __post_init__(self):
+        require_choice("DistillConfig.direction", self.direction, ("forward", "reverse"))
+        for name in ("temperature", "learning_rate"):
+            require_number(f"DistillConfig.{name}", getattr(self, name), 0.0, above=True)
+        for name in ("steps", "batch"):
+            require_int(f"DistillConfig.{name}", getattr(self, name), 1)
+        if self.layers is not None:
+            require_int("DistillConfig.layers", self.layers, 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,6 +53,7 @@ class DetectConfig:
     trim: float = 0.3                          # SPECTRE: bound on the contaminated fraction of trusted + untrusted
     folds: int = 5                             # probe: cross-fitting folds
     batch: int = 1000                          # inputs per forward pass and rows per streamed statistic
+    distill: DistillConfig = DistillConfig()   # the distillation detector's student
 
     def __post_init__(self):
         require_choice("DetectConfig.detector", self.detector, DETECTOR_NAMES)

@@ -34,6 +34,9 @@ def _rows(acts: dict[str, np.ndarray], what: str) -> int:
 
 def check_activations(acts: Activations, config: DetectConfig) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, calibration rows) of the trusted set, after checking there are enough of each."""
+    if config.detector not in DETECTORS:
+        raise InputError(f"{config.detector} is not an activation detector: the distillation detector runs "
+                         "through jaxrisk.anomaly.distill.run_classifier / run_lm")
     if not acts.trusted or set(acts.trusted) != set(acts.inputs):
         raise InputError(f"trusted and input activations must cover the same layers, got {sorted(acts.trusted)} "
                          f"and {sorted(acts.inputs)}")
@@ -58,8 +61,7 @@ def check_activations(acts: Activations, config: DetectConfig) -> tuple[np.ndarr
             + (f", and {need_fit} to fit the covariance of layer {layer} ({widest} features)" if need_fit else ""))
     if DETECTORS[config.detector].uses_labels and acts.labels is None:
         raise InputError("the probe detector needs labelled inputs (a `labels` field in the inputs file)")
-    perm = np.random.default_rng(config.run.seed).permutation(n_trusted)
-    return np.sort(perm[n_cal:]), np.sort(perm[:n_cal])
+    return trusted_split(n_trusted, config)
 
 
 def _score(det, state, x: np.ndarray, batch: int) -> np.ndarray:
@@ -89,31 +91,48 @@ def detection_metrics(scores: np.ndarray, labels: np.ndarray, fpr: float) -> dic
 
 
 def run(acts: Activations, config: DetectConfig = DetectConfig(), progress=None) -> DetectResult:
-    """Score every input; see DetectConfig for the rule."""
+    """Score every input with an activation detector; see DetectConfig for the rule."""
     fit, cal = check_activations(acts, config)
     settings = Settings(shrinkage=config.shrinkage, alpha=config.alpha, trim=config.trim, batch=config.batch,
                         mesh=restart_mesh(config.run.devices))
-    layers = list(acts.trusted)
-    standardised, calibration = {}, {}
-    for layer in layers:
-        raw, raw_cal = _layer_scores(acts, layer, fit, cal, config, settings)
-        centre, spread = float(np.mean(raw_cal)), float(np.std(raw_cal)) or 1.0
-        standardised[layer] = (raw - centre) / spread
-        calibration[layer] = (raw_cal - centre) / spread
+    raw, raw_cal = {}, {}
+    for layer in acts.trusted:
+        raw[layer], raw_cal[layer] = _layer_scores(acts, layer, fit, cal, config, settings)
         if progress is not None:
             progress(layer)
+    return verdict(raw, raw_cal, acts.labels, config, dict(acts.source, trusted_fit=len(fit),
+                                                             trusted_calibration=len(cal)))
+
+
+def trusted_split(n_trusted: int, config: DetectConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, calibration rows) of `n_trusted` trusted examples, drawn with the run's seed."""
+    n_cal = int(np.ceil(config.calibration * n_trusted))
+    perm = np.random.default_rng(config.run.seed).permutation(n_trusted)
+    return np.sort(perm[n_cal:]), np.sort(perm[:n_cal])
+
+
+def verdict(raw: dict[str, np.ndarray], raw_cal: dict[str, np.ndarray], labels, config: DetectConfig,
+            source: dict) -> DetectResult:
+    """Raw scores per layer (inputs [M], held-out trusted rows [C]) -> standardised layer scores, their
+    aggregate, the threshold at `config.fpr` on the held-out rows, flags and (with labels) metrics."""
+    layers = list(raw)
+    standardised, calibration = {}, {}
+    for layer in layers:
+        centre, spread = float(np.mean(raw_cal[layer])), float(np.std(raw_cal[layer])) or 1.0
+        standardised[layer] = (raw[layer] - centre) / spread
+        calibration[layer] = (raw_cal[layer] - centre) / spread
     pool = np.max if config.aggregate == "max" else np.mean
     scores = pool(np.stack([standardised[k] for k in layers]), axis=0)
     cal_scores = pool(np.stack([calibration[k] for k in layers]), axis=0)
     threshold = float(np.quantile(cal_scores, 1.0 - config.fpr, method="higher"))
     flagged = scores > threshold
     metrics = None
-    if acts.labels is not None and acts.labels.any() and not acts.labels.all():
-        labels = np.asarray(acts.labels, bool)
+    if labels is not None and labels.any() and not labels.all():
+        labels = np.asarray(labels, bool)
         metrics = {"aggregate": detection_metrics(scores, labels, config.fpr),
                    "layers": {k: detection_metrics(standardised[k], labels, config.fpr) for k in layers},
                    "flagged_clean_fraction": float(np.mean(flagged[~labels])),
                    "flagged_anomalous_fraction": float(np.mean(flagged[labels]))}
     return DetectResult(config=config, layers=layers, scores=scores, layer_scores=standardised, flagged=flagged,
-                        threshold=threshold, calibration_scores=cal_scores, labels=acts.labels, metrics=metrics,
-                        source=dict(acts.source, trusted_fit=len(fit), trusted_calibration=len(cal)))
+                        threshold=threshold, calibration_scores=cal_scores, labels=labels, metrics=metrics,
+                        source=source)

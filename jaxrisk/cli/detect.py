@@ -19,6 +19,16 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths, e.g. 64 or 128,64; got {text!r}")
+    return widths
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("JAXRISK_CACHE", Path.home() / ".cache" / "jaxrisk")) / "activations"
 
@@ -50,7 +60,15 @@ def add_parser(sub) -> None:
                         "(default: the inputs themselves)")
     p.add_argument("--out", required=True, help="output directory: scores.jsonl, report.json, scores.png")
     p.add_argument("--detector", choices=DETECTOR_NAMES, default="mahalanobis",
-                   help="detector (default mahalanobis; probe needs labelled inputs)")
+                   help="detector (default mahalanobis; probe needs labelled inputs; distillation trains a "
+                        "smaller student on the trusted data and scores the KL between its outputs and the model's)")
+    p.add_argument("--student-hidden", type=_widths, default=(64,),
+                   help="distillation, classifiers: the MLP student's hidden widths (default 64)")
+    p.add_argument("--student-layers", type=POSITIVE, default=None,
+                   help="distillation, language models: blocks the student keeps (default: half)")
+    p.add_argument("--distill-steps", type=POSITIVE, default=2000, help="distillation: training steps (default 2000)")
+    p.add_argument("--kl", choices=["forward", "reverse"], default="forward",
+                   help="distillation: KL(model || student) (forward, default) or KL(student || model)")
     p.add_argument("--layers", type=_names, default=None,
                    help="comma-separated layer names (classifier layer names, or hook names such as "
                         "blocks.0.hook_resid_post; default: every classifier layer, every block's hook_resid_post)")
@@ -70,13 +88,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_detect)
 
 
-def _classifier_activations(args, cache, max_trusted: int):
+def _classifier_inputs(args, max_trusted: int):
+    """(model, trusted images, inputs, labels, untrusted images or None, source)."""
     import numpy as np
 
-    from jaxrisk.anomaly.data import classifier_task, read_images
+    from jaxrisk.anomaly.data import read_images
     from jaxrisk.data import load_mnist
     from jaxrisk.models import load_classifier
-    from jaxrisk.models.classifiers import pure_apply
 
     model = load_classifier(args.weights, args.arch)
     shape = tuple(model.input_shape)
@@ -92,45 +110,67 @@ def _classifier_activations(args, cache, max_trusted: int):
         trusted = trusted[np.random.default_rng(args.seed).permutation(len(trusted))[:max_trusted]]
     inputs, labels = read_images(args.inputs, shape)
     untrusted = None if args.untrusted is None else read_images(args.untrusted, shape)[0]
-    graphdef, params = pure_apply(model)
-    layers = args.layers or tuple(model.tap_names)
-    return classifier_task(graphdef, params, trusted, inputs, layers=layers, labels=labels, untrusted=untrusted,
-                           cache_dir=cache, source={"model": str(args.weights), "arch": args.arch, "trusted": source,
-                                                    "trusted_rows": len(trusted), "inputs": str(args.inputs),
-                                                    "untrusted": args.untrusted})
+    return model, trusted, inputs, labels, untrusted, {
+        "model": str(args.weights), "arch": args.arch, "trusted": source, "trusted_rows": len(trusted),
+        "inputs": str(args.inputs), "untrusted": args.untrusted}
 
 
-def _lm_activations(args, cache, max_trusted: int):
-    from jaxrisk.anomaly.data import lm_task, read_texts
+def _lm_inputs(args, max_trusted: int):
+    """(model, trusted texts, input texts, labels, untrusted texts or None, source)."""
+    from jaxrisk.anomaly.data import read_texts
     from jaxrisk.models import load_pretrained
 
     lm = load_pretrained(args.model, dtype(args))
-    trusted, _ = read_texts(args.trusted, "trusted")
-    trusted = trusted[:max_trusted]
+    trusted = read_texts(args.trusted, "trusted")[0][:max_trusted]
     inputs, labels = read_texts(args.inputs, "inputs")
     untrusted = None if args.untrusted is None else read_texts(args.untrusted, "untrusted")[0]
+    return lm, trusted, inputs, labels, untrusted, {
+        "model": str(args.model), "trusted": str(args.trusted), "trusted_rows": len(trusted),
+        "inputs": str(args.inputs), "untrusted": args.untrusted, "reduce": args.reduce}
+
+
+def _detect(args, config, cache):
+    """The DetectResult of the command's model, data and detector."""
+    from jaxrisk.anomaly import distill
+    from jaxrisk.anomaly.data import classifier_task, lm_task
+    from jaxrisk.anomaly.run import run
+
+    if args.weights:
+        model, trusted, inputs, labels, untrusted, source = _classifier_inputs(args, args.max_trusted)
+        from jaxrisk.models.classifiers import pure_apply
+
+        graphdef, params = pure_apply(model)
+        if config.detector == "distillation":
+            return distill.run_classifier(graphdef, params, trusted, inputs, config, labels=labels, source=source)
+        acts = classifier_task(graphdef, params, trusted, inputs, layers=args.layers or tuple(model.tap_names),
+                               labels=labels, untrusted=untrusted, cache_dir=cache, source=source)
+        return run(acts, config)
+    lm, trusted, inputs, labels, untrusted, source = _lm_inputs(args, args.max_trusted)
+    if config.detector == "distillation":
+        return distill.run_lm(lm, trusted, inputs, config, labels=labels, reduce=args.reduce, source=source)
     layers = args.layers or tuple(f"blocks.{i}.hook_resid_post" for i in range(lm.cfg.n_layers))
-    return lm_task(lm, trusted, inputs, layers=layers, reduce=args.reduce, labels=labels, untrusted=untrusted,
-                   cache_dir=cache, source={"model": str(args.model), "trusted": str(args.trusted),
-                                            "trusted_rows": len(trusted), "inputs": str(args.inputs),
-                                            "untrusted": args.untrusted, "reduce": args.reduce})
+    acts = lm_task(lm, trusted, inputs, layers=layers, reduce=args.reduce, labels=labels, untrusted=untrusted,
+                   cache_dir=cache, source=source)
+    return run(acts, config)
 
 
 def cmd_detect(args) -> int:
-    from jaxrisk.anomaly.config import DetectConfig
-    from jaxrisk.anomaly.run import run
+    from jaxrisk.anomaly.config import DetectConfig, DistillConfig
     from jaxrisk.search.config import RunConfig
 
     if args.weights is None and Path(args.trusted).is_dir():
         raise InputError(f"--trusted {args.trusted}: is a directory; with --model it must be a JSONL file of "
                          "{text} rows")
     out = prepare_out_dir(args.out)
+    if args.detector == "distillation" and (args.layers or args.untrusted):
+        raise InputError("the distillation detector compares outputs, on no layers and no untrusted set: drop "
+                         "--layers / --untrusted")
     config = DetectConfig(run=RunConfig(seed=args.seed, progress=not args.no_progress), detector=args.detector,
-                          aggregate=args.aggregate, fpr=args.fpr)
+                          aggregate=args.aggregate, fpr=args.fpr,
+                          distill=DistillConfig(direction=args.kl, steps=args.distill_steps,
+                                                hidden=args.student_hidden, layers=args.student_layers))
     cache = None if args.no_cache else (args.cache or default_cache())
-    gather = _classifier_activations if args.weights else _lm_activations
-    acts = gather(args, cache, args.max_trusted)
-    result = run(acts, config)
+    result = _detect(args, config, cache)
     paths = result.write(out)
     report = result.report()
     print(f"{report['detector']} on {', '.join(report['layers'])}: {report['n_flagged']} of {report['n_inputs']} "
