@@ -44,7 +44,6 @@ class DetectConfig:
     probe fit on the other folds (`folds`), never on itself."""
     run: RunConfig = RunConfig()
     detector: str = "mahalanobis"
-    layers: tuple[str, ...] | None = None      # None: the model kind's default layers
     aggregate: str = "mean"
     fpr: float = 0.01
     calibration: float = 0.2
@@ -67,8 +66,6 @@ class DetectConfig:
         require_number("DetectConfig.alpha", self.alpha, 0.0, above=True)
         require_int("DetectConfig.folds", self.folds, 2)
         require_int("DetectConfig.batch", self.batch, 1)
-        if self.layers is not None and not self.layers:
-            raise InputError("DetectConfig.layers: expected at least one layer name, or None for the default")
 
     def replace(self, **changes) -> "DetectConfig":
         return dataclasses.replace(self, **changes)

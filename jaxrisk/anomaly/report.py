@@ -40,7 +40,8 @@ class DetectResult:
                 "calibration_flagged_fraction": float(np.mean(self.calibration_scores > self.threshold)),
                 "metrics": self.metrics, "source": self.source,
                 "settings": {"shrinkage": "ledoit-wolf" if c.shrinkage is None else c.shrinkage, "alpha": c.alpha,
-                             "trim": c.trim, "calibration": c.calibration, "seed": c.run.seed}}
+                             "trim": c.trim, "calibration": c.calibration, "seed": c.run.seed,
+                             **({"distill": dataclasses.asdict(c.distill)} if c.detector == "distillation" else {})}}
 
     def rows(self) -> list[dict]:
         out = []
