@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrisk.anomaly import distill
 from jaxrisk.anomaly.config import DETECTOR_NAMES, DetectConfig
 from jaxrisk.anomaly.data import classifier_task, lm_task
 from jaxrisk.anomaly.run import run
@@ -45,12 +46,14 @@ def summarise(result) -> dict:
             "flagged_anomalous": m["flagged_anomalous_fraction"]}
 
 
-def study(acts, detectors) -> dict:
+def study(acts, detectors, distilled) -> dict:
+    """Every detector on the same activations; `distilled(config)` runs the distillation detector."""
     out = {}
     for detector in detectors:
         t0 = time.perf_counter()
-        out[detector] = dict(summarise(run(acts, DetectConfig(detector=detector))),
-                             seconds=time.perf_counter() - t0)
+        config = DetectConfig(detector=detector)
+        result = distilled(config) if detector == "distillation" else run(acts, config)
+        out[detector] = dict(summarise(result), seconds=time.perf_counter() - t0)
         agg = out[detector]["aggregate"]
         print(f"  {detector:12s} AUROC {agg['auroc']:.4f}  AP {agg['ap']:.4f}  TPR@1% {agg['tpr_at_0.01_fpr']:.3f}  "
               + "  ".join(f"{k} {v['auroc']:.3f}" for k, v in out[detector]["layers"].items()), flush=True)
@@ -78,7 +81,8 @@ def mnist_models(args, out: Path) -> dict:
         graphdef, params = pure_apply(model)
         acts = classifier_task(graphdef, params, trusted, inputs, labels=labels, layers=model.tap_names)
         print(f"{kind}: {json.dumps(info)}", flush=True)
-        results[f"mnist_cnn_{kind}"] = dict(model=info, detectors=study(acts, args.detectors))
+        distilled = lambda c: distill.run_classifier(graphdef, params, trusted, inputs, c, labels=labels)  # noqa: E731
+        results[f"mnist_cnn_{kind}"] = dict(model=info, detectors=study(acts, args.detectors, distilled))
     return results
 
 
@@ -100,7 +104,8 @@ def lm_backdoor(args) -> dict:
     layers = [f"blocks.{i}.hook_resid_post" for i in range(lm.cfg.n_layers)]
     acts = lm_task(planted, trusted, inputs, layers=layers, reduce="last", labels=labels)
     print("lm backdoor:", flush=True)
-    return {"lm_backdoor": dict(detectors=study(acts, args.detectors))}
+    return {"lm_backdoor": dict(detectors=study(
+        acts, args.detectors, lambda c: distill.run_lm(planted, trusted, inputs, c, labels=labels, reduce="last")))}
 
 
 def main() -> None:
