@@ -44,14 +44,15 @@ def _batches(n: int, size: int, seed: int):
 def distil_classifier(graphdef, params, images: np.ndarray, cfg: DistillConfig, *, seed: int = 0):
     """(student graphdef, student params): an MLP fit to the model's outputs on `images` [N, C, H, W]."""
     teacher = jax.jit(lambda x: logits_fn(graphdef, params, x))
-    n_classes = int(teacher(jnp.asarray(images[:1])).shape[-1])
-    student = build("mlp", seed=seed, input_shape=images.shape[1:], hidden=cfg.hidden, num_classes=n_classes)
+    targets = np.concatenate([np.asarray(teacher(jnp.asarray(images[i:i + 1000])))   # the model's logits, once
+                              for i in range(0, len(images), 1000)])
+    student = build("mlp", seed=seed, input_shape=images.shape[1:], hidden=cfg.hidden, num_classes=targets.shape[-1])
     s_graphdef, s_params = pure_apply(student)
     pick = _batches(len(images), cfg.batch, seed)
 
     def next_batch(i):
-        x = jnp.asarray(images[pick(i)])
-        return x, teacher(x)
+        idx = pick(i)
+        return jnp.asarray(images[idx]), jnp.asarray(targets[idx])
 
     def loss(p, batch):
         x, target = batch
