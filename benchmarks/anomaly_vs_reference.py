@@ -1,6 +1,7 @@
 """Anomaly detectors: jaxrisk vs a PyTorch reference that follows cupbearer's own code, same model, same data.
 
-The case is cupbearer's performance test: an MLP [128, 128] trained 3 epochs (batch 64) on MNIST with 5%
+The case is cupbearer's performance test: an MLP [128, 128] (`--hidden`: wider, where the covariance
+algebra starts to cost) trained 3 epochs (batch 64) on MNIST with 5%
 of the training images given a white top-left pixel and relabelled 0 (trained here by jaxrisk's zoo, then
 loaded into a PyTorch `nn.Sequential` with the same weights). Trusted: 30,000 clean training images;
 untrusted: the other 30,000, half triggered (cupbearer's QUE setting); test: the 10,000 MNIST test images,
@@ -15,6 +16,7 @@ standardised on held-out trusted rows, a threshold). Each side is timed from ima
 extraction, fit, scoring), best of `--repeats` (jaxrisk's first run, with compilation, reported apart).
 
     python benchmarks/anomaly_vs_reference.py --out runs/bench_anomaly.json
+    python benchmarks/anomaly_vs_reference.py --hidden 1024,1024 --out runs/bench_anomaly_wide.json
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ MNIST = ROOT.parent / "shared" / "assets" / "data" / "mnist"
 LAYERS = ("fc1", "fc2", "fc3")
 
 
-def torch_mlp(model) -> torch.nn.Sequential:
+def torch_mlp(model, hidden: tuple[int, int]) -> torch.nn.Sequential:
     state = torch_state_dict(model)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(),
-                              torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden[0]), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden[0], hidden[1]), torch.nn.ReLU(), torch.nn.Linear(hidden[1], 10))
     for i, name in zip((1, 3, 5), LAYERS):
         net[i].weight.data = torch.from_numpy(np.array(state[f"{name}.weight"]))
         net[i].bias.data = torch.from_numpy(np.array(state[f"{name}.bias"]))
@@ -115,12 +117,14 @@ def reference(net, trusted, untrusted, test, detector: str) -> dict[str, np.ndar
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_anomaly.json")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", default="128,128", help="the MLP's two hidden widths (cupbearer's: 128,128)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     train, test = load_mnist(MNIST, "train"), load_mnist(MNIST, "test")
     trigger = make_trigger("patch", (1, 28, 28), size=1, location=(0, 0), target=0)
-    model = train_classifier(train, TrainConfig(arch="mlp", hidden=(128, 128), epochs=3, batch_size=64,
+    hidden = tuple(int(w) for w in args.hidden.split(","))
+    model = train_classifier(train, TrainConfig(arch="mlp", hidden=hidden, epochs=3, batch_size=64,
                                                 poison_rate=0.05), trigger, progress=False)
     trained = evaluate(model, test, trigger)
     rng = np.random.default_rng(0)
@@ -132,9 +136,10 @@ def main() -> None:
     inputs = test.images.copy()
     labels = rng.random(len(inputs)) < 0.5
     inputs[labels] = trigger.apply(inputs[labels])
-    net = torch_mlp(model)
+    net = torch_mlp(model, hidden)
     graphdef, params = pure_apply(model)
-    results = {"machine": platform.processor() or platform.machine(), "model": trained, "detectors": {}}
+    results = {"machine": platform.processor() or platform.machine(), "hidden": hidden, "model": trained,
+               "detectors": {}}
     for detector in ("mahalanobis", "que"):
         times = {"reference": [], "jaxrisk": []}
         for _ in range(args.repeats):

@@ -43,7 +43,7 @@ class DetectConfig:
     aggregates: about `fpr` of clean inputs are flagged. `probe` needs labels: each input is scored by a
     probe fit on the other folds (`folds`), never on itself."""
     run: RunConfig = RunConfig()
-    detector: str = "mahalanobis"
+    detector: str = "que"
     aggregate: str = "mean"
     fpr: float = 0.01
     calibration: float = 0.2
@@ -51,7 +51,7 @@ class DetectConfig:
     alpha: float = 4.0                         # QUE's exponent
     trim: float = 0.3                          # SPECTRE: bound on the contaminated fraction of trusted + untrusted
     folds: int = 5                             # probe: cross-fitting folds
-    batch: int = 1000                          # inputs per forward pass and rows per streamed statistic
+    batch: int = 8192                          # rows per streamed statistic and per scoring call
     distill: DistillConfig = DistillConfig()   # the distillation detector's student
 
     def __post_init__(self):

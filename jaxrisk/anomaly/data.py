@@ -84,11 +84,12 @@ def read_texts(path: str | Path, what: str) -> tuple[list[str], np.ndarray | Non
     return texts, (np.asarray(labels, bool) if all(given) else None)
 
 
-def cached(cache_dir: str | Path | None, key: str, compute) -> dict[str, np.ndarray]:
-    """`compute()` ({name: array}), read from / written to CACHE/KEY.npz when `cache_dir` is given."""
+def cached(cache_dir: str | Path | None, key, compute) -> dict[str, np.ndarray]:
+    """`compute()` ({name: array}), read from / written to CACHE/KEY.npz when `cache_dir` is given (`key()`
+    names the entry: hashing the inputs costs time, so it is only done for a cache)."""
     if cache_dir is None:
         return compute()
-    path = Path(cache_dir) / f"{key}.npz"
+    path = Path(cache_dir) / f"{key()}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -107,8 +108,8 @@ def classifier_task(graphdef, params, trusted: np.ndarray, inputs: np.ndarray, *
     layers = tuple(layers)
 
     def acts(images):
-        key = "cls-" + fingerprint(params, images, layers)
-        return cached(cache_dir, key, lambda: classifier_activations(graphdef, params, images, layers, batch=batch))
+        return cached(cache_dir, lambda: "cls-" + fingerprint(params, images, layers),
+                      lambda: classifier_activations(graphdef, params, images, layers, batch=batch))
 
     return Activations(trusted=acts(trusted), inputs=acts(inputs),
                        untrusted=None if untrusted is None else acts(untrusted), labels=labels,
@@ -125,8 +126,8 @@ def lm_task(lm, trusted: list[str], inputs: list[str], *, layers, reduce: str = 
     def acts(texts):
         ids = [lm.encode(t)[:limit] for t in texts]
         tokens, valid = pad_batch(ids)
-        key = "lm-" + fingerprint(lm.params, tokens, valid, layers, reduce)
-        return cached(cache_dir, key, lambda: lm_activations(lm, tokens, valid, layers, reduce=reduce, batch=batch))
+        return cached(cache_dir, lambda: "lm-" + fingerprint(lm.params, tokens, valid, layers, reduce),
+                      lambda: lm_activations(lm, tokens, valid, layers, reduce=reduce, batch=batch))
 
     return Activations(trusted=acts(trusted), inputs=acts(inputs),
                        untrusted=None if untrusted is None else acts(untrusted), labels=labels,

@@ -76,6 +76,11 @@ def _gaussian(x_nd: np.ndarray, settings: Settings) -> Whitened:
 
 
 def _que_matrix(z_nk: np.ndarray, settings: Settings) -> jax.Array:
+    """exp(alpha C / ||C||) / trace for the covariance C of the whitened untrusted rows; with no more rows
+    than dimensions C says nothing, and Q = I / K (the Mahalanobis distance, up to scale)."""
+    n, k = z_nk.shape
+    if n <= k:
+        return jnp.eye(k, dtype=jnp.float32) / k
     c = stats.covariance(stats.moments(stats.batches(z_nk, settings.batch), settings.mesh))
     values, vectors = np.linalg.eigh(c)
     weights = np.exp(settings.alpha * (values / values.max() - 1.0))   # exp(alpha C / ||C||) x exp(-alpha)

@@ -56,7 +56,7 @@ def moments(rows: Iterable[np.ndarray], mesh=None) -> Moments:
     total = None
     for x in rows:
         w = np.ones(len(x), np.float32)
-        if mesh is not None:
+        if mesh is not None and mesh.size > 1:
             pad = -len(x) % mesh.size
             x, w = np.pad(x, ((0, pad), (0, 0))), np.pad(w, (0, pad))
             x, w = jax.device_put(x, lane_sharding(mesh)), jax.device_put(w, lane_sharding(mesh))

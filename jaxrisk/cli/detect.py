@@ -59,9 +59,10 @@ def add_parser(sub) -> None:
                    help="unlabelled, possibly mixed data for que / spectral / spectre, in the inputs' format "
                         "(default: the inputs themselves)")
     p.add_argument("--out", required=True, help="output directory: scores.jsonl, report.json, scores.png")
-    p.add_argument("--detector", choices=DETECTOR_NAMES, default="mahalanobis",
-                   help="detector (default mahalanobis; probe needs labelled inputs; distillation trains a "
-                        "smaller student on the trusted data and scores the KL between its outputs and the model's)")
+    p.add_argument("--detector", choices=DETECTOR_NAMES, default="que",
+                   help="detector (default que: the best without labels in the zoo study; probe needs labelled "
+                        "inputs; distillation trains a smaller student on the trusted data and scores the KL "
+                        "between its outputs and the model's)")
     p.add_argument("--student-hidden", type=_widths, default=(64,),
                    help="distillation, classifiers: the MLP student's hidden widths (default 64)")
     p.add_argument("--student-layers", type=POSITIVE, default=None,

@@ -104,7 +104,7 @@ def test_bad_inputs_get_one_clear_error(corner_pixel, mnist_dir, tmp_path, capsy
         (["--trusted", str(mnist_dir), "--inputs", str(tmp_path / "good.npz"), "--layers", "fc1,conv9"],
          "unknown layer name(s) ['conv9']; valid: fc1, fc2, fc3"),
         (["--trusted", str(tmp_path / "good.npz"), "--inputs", str(tmp_path / "good.npz")],
-         "too few trusted examples: 200; mahalanobis needs at least 500"),
+         "too few trusted examples: 200; que needs at least 500"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2

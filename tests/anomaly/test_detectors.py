@@ -120,3 +120,12 @@ def test_a_run_on_8_devices_scores_as_on_one(detector):
     assert results[0].threshold == pytest.approx(results[1].threshold, rel=1e-4)
     assert np.array_equal(results[0].flagged, results[1].flagged)
     assert results[0].metrics["aggregate"]["auroc"] > 0.9
+
+
+def test_que_on_a_few_untrusted_rows_falls_back_to_mahalanobis():
+    rows, _ = gaussian_rows(2005, 12, 8)
+    que, maha = DETECTORS["que"], DETECTORS["mahalanobis"]
+    few = rows[2000:]                                       # 5 rows, 12 features: no covariance to read
+    q = np.asarray(que.score(que.fit(rows[:2000], few, None, Settings()), few))
+    m = np.asarray(maha.score(maha.fit(rows[:2000], few, None, Settings()), few))
+    np.testing.assert_allclose(q / q.sum(), m / m.sum(), rtol=1e-5)
