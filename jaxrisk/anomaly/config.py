@@ -41,7 +41,8 @@ class DetectConfig:
     `calibration` of the trusted rows held out of the fit, then aggregated (`mean` or `max` over layers).
     An input is flagged when its aggregate exceeds the (1 - `fpr`) quantile of the held-out trusted
     aggregates: about `fpr` of clean inputs are flagged. `probe` needs labels: each input is scored by a
-    probe fit on the other folds (`folds`), never on itself."""
+    probe fit on the other folds (`folds`), never on itself; so are the inputs when they are also the
+    untrusted set (que / spectral / spectre without a separate untrusted set)."""
     run: RunConfig = RunConfig()
     detector: str = "que"
     aggregate: str = "mean"
@@ -50,7 +51,7 @@ class DetectConfig:
     shrinkage: float | None = None             # None: Ledoit-Wolf
     alpha: float = 4.0                         # QUE's exponent
     trim: float = 0.3                          # SPECTRE: bound on the contaminated fraction of trusted + untrusted
-    folds: int = 5                             # probe: cross-fitting folds
+    folds: int = 5                             # cross-fitting folds (probe; inputs as the untrusted set)
     batch: int = 8192                          # rows per streamed statistic and per scoring call
     distill: DistillConfig = DistillConfig()   # the distillation detector's student
 

@@ -80,9 +80,20 @@ def _layer_scores(acts: Activations, layer: str, fit, cal, config: DetectConfig,
             scores[folds == k] = _score(det, state, inputs[folds == k], config.batch)
         state = det.fit(None, inputs, acts.labels, settings)
         return scores, _score(det, state, trusted[cal], config.batch)
-    untrusted = (acts.untrusted or acts.inputs)[layer]
-    state = det.fit(trusted[fit], untrusted, None, settings)
-    return _score(det, state, inputs, config.batch), _score(det, state, trusted[cal], config.batch)
+    if acts.untrusted is not None or not det.uses_untrusted:
+        state = det.fit(trusted[fit], None if acts.untrusted is None else acts.untrusted[layer], None, settings)
+        return _score(det, state, inputs, config.batch), _score(det, state, trusted[cal], config.batch)
+    # the inputs are the untrusted set: cross-fitted, so that no input is scored by statistics of itself
+    # (they would pull its own score up, and the threshold set on held-out trusted rows would not hold);
+    # each held-out trusted row is scored by one fold's fit too, so the two are compared like for like
+    rng = np.random.default_rng(config.run.seed)
+    folds, cal_folds = rng.permutation(len(inputs)) % config.folds, rng.permutation(len(cal)) % config.folds
+    scores, cal_scores = np.empty(len(inputs), np.float32), np.empty(len(cal), np.float32)
+    for k in range(config.folds):
+        state = det.fit(trusted[fit], inputs[folds != k], None, settings)
+        scores[folds == k] = _score(det, state, inputs[folds == k], config.batch)
+        cal_scores[cal_folds == k] = _score(det, state, trusted[cal[cal_folds == k]], config.batch)
+    return scores, cal_scores
 
 
 def detection_metrics(scores: np.ndarray, labels: np.ndarray, fpr: float) -> dict:

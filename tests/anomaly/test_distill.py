@@ -1,4 +1,5 @@
-"""The distillation-discrepancy detector: near zero where the student was distilled, large elsewhere."""
+"""The distillation-discrepancy detector: near zero where the student was distilled, large elsewhere (the
+digits tests train a model: slow tier)."""
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ def digits_backdoor():
     return pure_apply(model), train, test, trigger
 
 
+@pytest.mark.slow
 def test_discrepancy_is_near_zero_on_trusted_data_and_large_outside_it(digits_backdoor):
     (graphdef, params), train, test, trigger = digits_backdoor
     cfg = DistillConfig(steps=1500, hidden=(32,))
@@ -35,6 +37,7 @@ def test_discrepancy_is_near_zero_on_trusted_data_and_large_outside_it(digits_ba
     assert np.median(triggered) > 1.0                      # the model says 3, the student the digit
 
 
+@pytest.mark.slow
 def test_distillation_detector_flags_triggered_inputs(digits_backdoor):
     (graphdef, params), train, test, trigger = digits_backdoor
     others = np.flatnonzero(test.labels != trigger.target)
