@@ -3,13 +3,14 @@ labels) -> state` (a NamedTuple of arrays) and `score(state, x [N, D]) -> [N]` (
 jitted). Statistics come from `stats` (float64 merges); scores are computed in float32 under jit.
 
 - mahalanobis: squared Mahalanobis distance from the trusted mean / shrunk covariance, over D.
-- que: quantum-entropy scoring (Dong, Hopkins and Li 2019, as cupbearer uses it): whiten by the trusted
-  covariance; Q = exp(alpha * C / ||C||) for the covariance C of the whitened untrusted rows; score
-  z^T Q z / tr(Q). Directions in which the untrusted data has excess variance weigh exponentially more.
+- que: quantum-entropy scoring (Dong, Hopkins and Li 2019): whiten by the trusted covariance; Q =
+  exp(alpha * C / ||C||) for the covariance C of the whitened untrusted rows (cupbearer takes C from the raw
+  rows); score z^T Q z / tr(Q). Directions in which the untrusted data has excess variance weigh
+  exponentially more.
 - spectral: spectral signatures (Tran, Li and Madry 2018): the squared projection on the top principal
-  direction of the untrusted rows.
-- spectre: SPECTRE's recipe without trusted data (Hayase et al. 2021): a trimmed robust mean and
-  covariance of the untrusted rows, whitening by it, then QUE.
+  direction of the untrusted rows, in the trusted rows' whitened coordinates (raw without trusted rows).
+- spectre: after SPECTRE (Hayase et al. 2021): a robust mean and covariance trimmed from the trusted and
+  untrusted rows together (`stats.trimmed_moments`), whitening by it, then QUE.
 - probe: the supervised skyline: logistic regression on standardised activations, given anomaly labels.
 """
 

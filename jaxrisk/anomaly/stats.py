@@ -118,7 +118,8 @@ def trimmed_moments(x_nd: np.ndarray, *, fraction: float, rounds: int = 6, alpha
         score = np.sum(np.square(z @ vectors) * weights, axis=1)
         keep = np.argsort(score)[: max(int(round(len(x_nd) * (1.0 - fraction))), z.shape[1] + 2)]
     # reweighting (as after a minimum-covariance-determinant fit): the trimmed fit is too narrow, so take
-    # back every row whose Mahalanobis distance from it is typical of the kept rows' own
+    # back every row within 1.5 x the 97.5% quantile of the kept rows' Mahalanobis distances (a heuristic
+    # margin: the kept rows lack the clean tail, so their own quantile understates the clean spread)
     m = moments(batches(x_nd[keep], batch), mesh)
     dist = np.sum(np.square((x_nd - m.mean) @ whitening(shrunk(covariance(m), shrinkage))), axis=1)
     keep = dist <= np.quantile(dist[keep], 0.975) * 1.5
