@@ -65,7 +65,8 @@ def check_activations(acts: Activations, config: DetectConfig) -> tuple[np.ndarr
 
 
 def _score(det, state, x: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([np.asarray(det.score(state, x[i:i + batch])) for i in range(0, len(x), batch)])
+    return np.concatenate([np.zeros(0, np.float32)] + [np.asarray(det.score(state, x[i:i + batch]))
+                                                       for i in range(0, len(x), batch)])
 
 
 def _layer_scores(acts: Activations, layer: str, fit, cal, config: DetectConfig, settings: Settings):

@@ -129,3 +129,15 @@ def test_que_on_a_few_untrusted_rows_falls_back_to_mahalanobis():
     q = np.asarray(que.score(que.fit(rows[:2000], few, None, Settings()), few))
     m = np.asarray(maha.score(maha.fit(rows[:2000], few, None, Settings()), few))
     np.testing.assert_allclose(q / q.sum(), m / m.sum(), rtol=1e-5)
+
+
+def test_three_inputs_are_scored_with_the_default_detector():
+    """Fewer inputs than cross-fitting folds (and than features): every input still gets a score."""
+    from jaxrisk.anomaly.config import DetectConfig
+    from jaxrisk.anomaly.run import Activations, run
+
+    rows, _ = gaussian_rows(1003, 6, 9)
+    inputs = rows[1000:].copy()
+    inputs[0] += 40.0
+    result = run(Activations(trusted={"a": rows[:1000]}, inputs={"a": inputs}), DetectConfig())
+    assert result.flagged.tolist() == [True, False, False]
