@@ -143,9 +143,8 @@ def lm_discrepancy(lm, student, tokens, valid, cfg: DistillConfig, reduce: str, 
                            for i in range(0, len(tokens), batch)])
 
 
-def run_lm(lm: LanguageModel, trusted: list[str], inputs: list[str], config: DetectConfig,
-           labels=None, reduce: str = "mean",
-           source: dict | None = None) -> DetectResult:
+def run_lm(lm: LanguageModel, trusted: list[str], inputs: list[str], config: DetectConfig, labels=None,
+           reduce: str = "mean", source: dict | None = None) -> DetectResult:
     """Distil on the trusted fit texts, score the inputs and the held-out trusted texts, then the verdict."""
     def encode(texts):
         return pad_batch([lm.encode(t)[:lm.cfg.max_position] for t in texts])
