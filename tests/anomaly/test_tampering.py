@@ -31,8 +31,9 @@ def test_trusted_programs_never_tamper_and_measure_the_truth():
 def test_real_vs_fake_positives_on_the_measurement_predictor():
     """The diamond is linearly decodable from the predictor's first layer among untrusted positives (the
     cross-fitted ground-truth probe), so the question is well posed; the evidence probe, trained without
-    any fake-positive label, ranks fakes above real ones better than chance there."""
-    cfg = VaultConfig()
+    any fake-positive label, ranks fakes above real ones better than chance there (a smaller budget than the
+    benchmark's: 8,000 untrusted programs, 1,500 training steps)."""
+    cfg = VaultConfig(n_untrusted=8000, steps=1500)
     data = vault_data(cfg)
     graphdef, params = train_measurement_predictor(data, cfg)
     assert measurement_accuracy(graphdef, params, data["untrusted"]) > 0.99
