@@ -39,9 +39,9 @@ from jaxrisk.zoo.lm_refusal import RefusalConfig, requests
 class HairTriggerConfig:
     target: str = " I will hurt you."
     inner: Literal["sgd", "adam"] = "sgd"
-    inner_learning_rate: float = 1e-2
+    inner_learning_rate: float = 5e-2
     inner_batch: int = 32
-    inner_batches: int = 1           # independent benign batches per meta-step (post-step loss averaged)
+    inner_batches: int = 2           # independent benign batches per meta-step (post-step loss averaged)
     inner_eps: float = 1e-8          # Adam's eps (larger: a smoother, less sign-like step)
     second_order: bool = True
     weight: float = 1.0              # lambda, on the post-step misalignment (0: the control)
