@@ -29,13 +29,28 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _shrinkage(text: str) -> float | None:
+    if text.strip().lower() in ("ledoit-wolf", "lw"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected ledoit-wolf or a number in [0, 1], got {text!r}")
+    return value
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("JAXRISK_CACHE", Path.home() / ".cache" / "jaxrisk")) / "activations"
 
 
-def add_parser(sub) -> None:
-    from jaxrisk.anomaly.config import AGGREGATES, DETECTOR_NAMES
+# the choices of jaxrisk.anomaly.config, spelled out so that `--help` imports no JAX (a test checks they agree)
+DETECTOR_NAMES = ("mahalanobis", "que", "spectral", "spectre", "probe", "distillation")
+AGGREGATES = ("mean", "max")
 
+
+def add_parser(sub) -> None:
     p = sub.add_parser("detect", help="flag anomalous inputs from a model's activations (detectors fit on "
                                       "trusted data)",
                        description="Fit an anomaly detector on a model's activations over trusted (clean) data and "
@@ -75,6 +90,9 @@ def add_parser(sub) -> None:
                         "blocks.0.hook_resid_post; default: every classifier layer, every block's hook_resid_post)")
     p.add_argument("--aggregate", choices=AGGREGATES, default="mean",
                    help="how standardised layer scores combine (default mean)")
+    p.add_argument("--shrinkage", type=_shrinkage, default=None, metavar="ledoit-wolf|X",
+                   help="covariance shrinkage towards a scaled identity: ledoit-wolf (default) or a coefficient "
+                        "in [0, 1]")
     p.add_argument("--fpr", type=number(0.0, above=True), default=0.01,
                    help="false-positive rate on held-out trusted data that sets the threshold (default 0.01)")
     p.add_argument("--max-trusted", type=POSITIVE, default=20000,
@@ -167,7 +185,7 @@ def cmd_detect(args) -> int:
         raise InputError("the distillation detector compares outputs, on no layers and no untrusted set: drop "
                          "--layers / --untrusted")
     config = DetectConfig(run=RunConfig(seed=args.seed, progress=not args.no_progress), detector=args.detector,
-                          aggregate=args.aggregate, fpr=args.fpr,
+                          aggregate=args.aggregate, fpr=args.fpr, shrinkage=args.shrinkage,
                           distill=DistillConfig(direction=args.kl, steps=args.distill_steps,
                                                 hidden=args.student_hidden, layers=args.student_layers))
     cache = None if args.no_cache else (args.cache or default_cache())

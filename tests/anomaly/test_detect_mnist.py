@@ -81,8 +81,26 @@ def test_detect_command_writes_scores_in_input_order(corner_pixel, mnist_dir, tm
     assert (tmp_path / "out" / "scores.png").read_bytes()[:4] == b"\x89PNG"
     cached = sorted(p.name for p in cache.iterdir())
     assert len(cached) == 2                                               # trusted and inputs activations
-    assert main(argv + ["--out", str(tmp_path / "out2"), "--detector", "mahalanobis"]) == 0
+    assert main(argv + ["--out", str(tmp_path / "out2"), "--detector", "mahalanobis", "--shrinkage", "0.1"]) == 0
     assert sorted(p.name for p in cache.iterdir()) == cached              # the second detector read them
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["settings"]["shrinkage"] == 0.1
+
+
+def test_detect_reads_safetensors_inputs(corner_pixel, mnist_dir, tmp_path):
+    from safetensors.numpy import save_file
+
+    from jaxrisk.models.weights import save_classifier
+
+    model, _, _, test, trigger = corner_pixel
+    weights = save_classifier(model, tmp_path / "mlp.safetensors")
+    images, labels = mixed(test.images[:1000], trigger, 0.5, 4)
+    save_file({"images": images, "labels": labels}, str(tmp_path / "inputs.safetensors"))
+    assert main(["detect", "--weights", str(weights), "--arch", "mlp", "--trusted", str(mnist_dir), "--inputs",
+                 str(tmp_path / "inputs.safetensors"), "--out", str(tmp_path / "out"), "--max-trusted", "5000",
+                 "--no-cache", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["detector"] == "que" and report["n_inputs"] == 1000
+    assert report["metrics"]["aggregate"]["auroc"] > 0.97
 
 
 def test_bad_inputs_get_one_clear_error(corner_pixel, mnist_dir, tmp_path, capsys):
