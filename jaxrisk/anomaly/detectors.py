@@ -93,6 +93,11 @@ def _whiten(state, x_nd):
     return (jnp.asarray(x_nd, jnp.float32) - state.mean) @ state.whiten
 
 
+def _whitened_rows(state, x_nd: np.ndarray, settings: Settings) -> np.ndarray:
+    """All rows of `x_nd` in `state`'s whitened coordinates, computed batch by batch."""
+    return np.concatenate([np.asarray(_whiten(state, x)) for x in stats.batches(x_nd, settings.batch)])
+
+
 def fit_mahalanobis(trusted, untrusted, labels, settings: Settings) -> Whitened:
     return _gaussian(trusted, settings)
 
@@ -104,7 +109,7 @@ def score_mahalanobis(state: Whitened, x_nd) -> jax.Array:
 
 def fit_que(trusted, untrusted, labels, settings: Settings) -> Que:
     g = _gaussian(trusted, settings)
-    z = np.concatenate([np.asarray(_whiten(g, x)) for x in stats.batches(untrusted, settings.batch)])
+    z = _whitened_rows(g, untrusted, settings)
     return Que(g.mean, g.whiten, _que_matrix(z, settings))
 
 
@@ -123,7 +128,7 @@ def fit_spectral(trusted, untrusted, labels, settings: Settings) -> Direction:
         _, vectors = np.linalg.eigh(stats.covariance(m))
         return Direction(jnp.asarray(m.mean, jnp.float32), jnp.asarray(vectors[:, -1], jnp.float32))
     g = _gaussian(trusted, settings)
-    z = np.concatenate([np.asarray(_whiten(g, x)) for x in stats.batches(untrusted, settings.batch)])
+    z = _whitened_rows(g, untrusted, settings)
     whitened = stats.moments(stats.batches(z, settings.batch), settings.mesh)
     _, vectors = np.linalg.eigh(stats.covariance(whitened))
     return Direction(g.mean, g.whiten @ jnp.asarray(vectors[:, -1], jnp.float32))
@@ -145,7 +150,7 @@ def fit_spectre(trusted, untrusted, labels, settings: Settings) -> Que:
     shrinkage = 0.01 if settings.shrinkage is None else settings.shrinkage
     g = Whitened(jnp.asarray(m.mean, jnp.float32),
                  jnp.asarray(stats.whitening(stats.shrunk(stats.covariance(m), shrinkage)), jnp.float32))
-    z = np.concatenate([np.asarray(_whiten(g, x)) for x in stats.batches(untrusted, settings.batch)])
+    z = _whitened_rows(g, untrusted, settings)
     return Que(g.mean, g.whiten, _que_matrix(z, settings))
 
 

@@ -40,6 +40,16 @@ def penalty_list(text: str) -> list[float]:
     return values
 
 
+def comma_list(convert, what: str, example: str):
+    """argparse type: a comma-separated list, each item parsed by `convert` (an argparse type)."""
+    def parse(text: str):
+        values = [convert(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, e.g. {example}; got {text!r}")
+        return values
+    return parse
+
+
 POSITIVE = int_at_least(1)
 SEED = _flag_type(int, lambda v: require_seed("flag", v), "an integer")
 

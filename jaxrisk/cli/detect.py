@@ -7,26 +7,9 @@ import argparse
 import os
 from pathlib import Path
 
-from jaxrisk.cli.common import POSITIVE, add_progress_flag, add_seed_flag, dtype, number
+from jaxrisk.cli.common import POSITIVE, add_progress_flag, add_seed_flag, comma_list, dtype, number
 from jaxrisk.errors import InputError
 from jaxrisk.io import prepare_out_dir
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
-    return names
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        widths = ()
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths, e.g. 64 or 128,64; got {text!r}")
-    return widths
 
 
 def _shrinkage(text: str) -> float | None:
@@ -78,14 +61,14 @@ def add_parser(sub) -> None:
                    help="detector (default que: the best without labels in the zoo study; probe needs labelled "
                         "inputs; distillation trains a smaller student on the trusted data and scores the KL "
                         "between its outputs and the model's)")
-    p.add_argument("--student-hidden", type=_widths, default=(64,),
+    p.add_argument("--student-hidden", type=comma_list(POSITIVE, "widths", "64 or 128,64"), default=(64,),
                    help="distillation, classifiers: the MLP student's hidden widths (default 64)")
     p.add_argument("--student-layers", type=POSITIVE, default=None,
                    help="distillation, language models: blocks the student keeps (default: half)")
     p.add_argument("--distill-steps", type=POSITIVE, default=2000, help="distillation: training steps (default 2000)")
     p.add_argument("--kl", choices=["forward", "reverse"], default="forward",
                    help="distillation: KL(model || student) (forward, default) or KL(student || model)")
-    p.add_argument("--layers", type=_names, default=None,
+    p.add_argument("--layers", type=comma_list(str, "layer names", "fc1,fc2"), default=None,
                    help="comma-separated layer names (classifier layer names, or hook names such as "
                         "blocks.0.hook_resid_post; default: every classifier layer, every block's hook_resid_post)")
     p.add_argument("--aggregate", choices=AGGREGATES, default="mean",
@@ -187,7 +170,7 @@ def cmd_detect(args) -> int:
     config = DetectConfig(run=RunConfig(seed=args.seed, progress=not args.no_progress), detector=args.detector,
                           aggregate=args.aggregate, fpr=args.fpr, shrinkage=args.shrinkage,
                           distill=DistillConfig(direction=args.kl, steps=args.distill_steps,
-                                                hidden=args.student_hidden, layers=args.student_layers))
+                                                hidden=tuple(args.student_hidden), layers=args.student_layers))
     cache = None if args.no_cache else (args.cache or default_cache())
     result = _detect(args, config, cache)
     paths = result.write(out)

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-
-from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, dtype, int_at_least, number, run_config
+from jaxrisk.cli.common import (POSITIVE, add_model_flags, add_run_flags, comma_list, dtype, int_at_least, number,
+                                run_config)
 from jaxrisk.io import prepare_out_dir
-
-
-def _list(convert, what: str, example: str):
-    """argparse type: a comma-separated list, each item parsed by `convert` (an argparse type)."""
-    def parse(text: str):
-        values = [convert(part.strip()) for part in text.split(",") if part.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, e.g. {example}; got {text!r}")
-        return values
-    return parse
 
 
 def add_parser(sub) -> None:
@@ -37,10 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory: report.json, fragility.png")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="audit this optimizer only (default: both)")
-    p.add_argument("--lr", type=_list(number(0.0, above=True), "learning rates", "1e-4,1e-3"), default=None,
+    p.add_argument("--lr", type=comma_list(number(0.0, above=True), "learning rates", "1e-4,1e-3"), default=None,
                    help="comma-separated learning rates, for every audited optimizer (default grid: sgd "
                         "1e-3,1e-2,1e-1; adam 1e-5,1e-4,1e-3)")
-    p.add_argument("--steps", type=_list(POSITIVE, "step counts", "1,2,4"), default=[1, 2, 4],
+    p.add_argument("--steps", type=comma_list(POSITIVE, "step counts", "1,2,4"), default=[1, 2, 4],
                    help="comma-separated numbers of update steps to measure after (default 1,2,4)")
     p.add_argument("--batch", type=POSITIVE, default=32, help="update batch size (default 32)")
     p.add_argument("--draws", type=POSITIVE, default=8, help="random batch draws per learning rate (default 8)")
