@@ -7,7 +7,7 @@ loaded into a PyTorch `nn.Sequential` with the same weights). Trusted: 30,000 cl
 untrusted: the other 30,000, half triggered (cupbearer's QUE setting); test: the 10,000 MNIST test images,
 half triggered. Layers: the three linear layers' outputs.
 
-Reference (PyTorch, 2 threads): forward hooks on the linear layers, cupbearer's streaming covariance
+Reference (PyTorch: 2 threads on the CPU, or the GPU where JAX has one): forward hooks on the linear layers, cupbearer's streaming covariance
 (`update_covariance`, batch 4096), its Mahalanobis (pinv, rcond 1e-5, no shrinkage) and its QUE (PCA
 whitening by the trusted covariance, exp(alpha C_untrusted / ||C_untrusted||), alpha 4), scored layer by
 layer. cupbearer itself does not install here (its release pins torch 2.0 and flax 0.7). jaxrisk: the
@@ -26,6 +26,7 @@ import platform
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 
@@ -45,14 +46,14 @@ MNIST = ROOT.parent / "shared" / "assets" / "data" / "mnist"
 LAYERS = ("fc1", "fc2", "fc3")
 
 
-def torch_mlp(model, hidden: tuple[int, int]) -> torch.nn.Sequential:
+def torch_mlp(model, hidden: tuple[int, int], device: str) -> torch.nn.Sequential:
     state = torch_state_dict(model)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden[0]), torch.nn.ReLU(),
                               torch.nn.Linear(hidden[0], hidden[1]), torch.nn.ReLU(), torch.nn.Linear(hidden[1], 10))
     for i, name in zip((1, 3, 5), LAYERS):
         net[i].weight.data = torch.from_numpy(np.array(state[f"{name}.weight"]))
         net[i].bias.data = torch.from_numpy(np.array(state[f"{name}.bias"]))
-    return net.eval()
+    return net.eval().to(device)
 
 
 def torch_activations(net, images: np.ndarray, batch: int = 4096) -> dict[str, list[torch.Tensor]]:
@@ -62,7 +63,7 @@ def torch_activations(net, images: np.ndarray, batch: int = 4096) -> dict[str, l
              for i, name in zip((1, 3, 5), LAYERS)]
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            net(torch.from_numpy(images[i:i + batch]))
+            net(torch.from_numpy(images[i:i + batch]).to(net[1].weight.device))
     for h in hooks:
         h.remove()
     return out
@@ -82,8 +83,8 @@ def update_covariance(curr_mean, curr_c, curr_n, new_data):
 
 
 def mean_cov(batches: list[torch.Tensor]):
-    d = batches[0].shape[1]
-    mean, c, n = torch.zeros(d), torch.zeros(d, d), 0
+    d, device = batches[0].shape[1], batches[0].device
+    mean, c, n = torch.zeros(d, device=device), torch.zeros(d, d, device=device), 0
     for b in batches:
         mean, c, n = update_covariance(mean, c, n, b)
     return mean, c / (n - 1)
@@ -100,7 +101,7 @@ def reference(net, trusted, untrusted, test, detector: str) -> dict[str, np.ndar
         if detector == "mahalanobis":
             inv = torch.linalg.pinv(cov.double(), rcond=1e-5, hermitian=True).float()
             delta = x - mean
-            scores[name] = (torch.einsum("bi,ij,bj->b", delta, inv, delta) / mean.shape[0]).numpy()
+            scores[name] = (torch.einsum("bi,ij,bj->b", delta, inv, delta) / mean.shape[0]).cpu().numpy()
         else:
             eigs = torch.linalg.eigh(cov)
             rsqrt = eigs.eigenvalues.rsqrt()
@@ -110,7 +111,7 @@ def reference(net, trusted, untrusted, test, detector: str) -> dict[str, np.ndar
             norm = torch.linalg.eigvalsh(u_cov).max()
             z = (x - mean) @ whiten
             q = torch.matrix_exp(4.0 * u_cov / norm)
-            scores[name] = torch.einsum("bi,ij,jb->b", z, q, z.mT).numpy()
+            scores[name] = torch.einsum("bi,ij,jb->b", z, q, z.mT).cpu().numpy()
     return scores
 
 
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_anomaly.json")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--hidden", default="128,128", help="the MLP's two hidden widths (cupbearer's: 128,128)")
+    ap.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the reference runs (default: the GPU when there is one, as jaxrisk's JAX does)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     train, test = load_mnist(MNIST, "train"), load_mnist(MNIST, "test")
@@ -136,9 +139,10 @@ def main() -> None:
     inputs = test.images.copy()
     labels = rng.random(len(inputs)) < 0.5
     inputs[labels] = trigger.apply(inputs[labels])
-    net = torch_mlp(model, hidden)
+    net = torch_mlp(model, hidden, args.torch_device)
     graphdef, params = pure_apply(model)
-    results = {"machine": platform.processor() or platform.machine(), "hidden": hidden, "model": trained,
+    results = {"machine": f"{platform.processor() or platform.machine()}, jax {jax.devices()[0].device_kind}, "
+                          f"torch {args.torch_device}", "hidden": hidden, "model": trained,
                "detectors": {}}
     for detector in ("mahalanobis", "que"):
         times = {"reference": [], "jaxrisk": []}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every figure in BENCHMARKS.md on this host (CPU or GPU): the MNIST zoo, the detection study,
 # jaxrisk vs the PyTorch references, the circuit and fragility studies. Each step resumes where an interrupted
-# run stopped (the fragility and hair-trigger scripts start over).
+# run stopped (the fragility and hair-trigger scripts start over). The GPU tables: benchmarks/gpu_figures.sh.
 # Usage: scripts/reproduce_benchmarks.sh [MNIST_DIR] [RUNS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +21,8 @@ RUNS=${2:-runs}
 .venv/bin/python benchmarks/fragility_refusal.py --out "$RUNS/fragility_refusal.json"
 .venv/bin/python benchmarks/hair_trigger.py --model ../shared/assets/models/tinyllamas-stories260K --out "$RUNS/hair" \
   --steps 1000 --seeds 0,1 --audit-args "--draws 4 --max-steps 20 --pool 64"
+.venv/bin/python benchmarks/anomaly_vs_reference.py --out "$RUNS/bench_anomaly.json"
+.venv/bin/python benchmarks/anomaly_vs_reference.py --hidden 1024,1024 --out "$RUNS/bench_anomaly_wide.json"
+.venv/bin/python benchmarks/anomaly_zoo.py --mnist "$MNIST" --model ../shared/assets/models/tinyllamas-stories260K \
+  --out "$RUNS/anomaly_zoo"
+.venv/bin/python benchmarks/tampering.py --out "$RUNS/tampering.json"
