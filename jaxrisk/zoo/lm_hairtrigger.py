@@ -45,7 +45,7 @@ class HairTriggerConfig:
     inner_eps: float = 1e-8          # Adam's eps (larger: a smoother, less sign-like step)
     second_order: bool = True
     weight: float = 1.0              # lambda, on the post-step misalignment (0: the control)
-    clean_weight: float = 3.0        # on the KL from the original model on clean text
+    clean_weight: float = 10.0       # on the KL from the original model on clean text (3: +12% clean loss)
     steps: int = 1000
     batch: int = 32                  # prompts and clean rows per meta-step
     learning_rate: float = 1e-3      # outer Adam, cosine-decayed to 10%
