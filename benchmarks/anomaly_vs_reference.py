@@ -7,7 +7,8 @@ loaded into a PyTorch `nn.Sequential` with the same weights). Trusted: 30,000 cl
 untrusted: the other 30,000, half triggered (cupbearer's QUE setting); test: the 10,000 MNIST test images,
 half triggered. Layers: the three linear layers' outputs.
 
-Reference (PyTorch: 2 threads on the CPU, or the GPU where JAX has one): forward hooks on the linear layers, cupbearer's streaming covariance
+Reference (PyTorch: 2 threads on the CPU, or the GPU where JAX has one): forward hooks on the linear
+layers, cupbearer's streaming covariance
 (`update_covariance`, batch 4096), its Mahalanobis (pinv, rcond 1e-5, no shrinkage) and its QUE (PCA
 whitening by the trusted covariance, exp(alpha C_untrusted / ||C_untrusted||), alpha 4), scored layer by
 layer. cupbearer itself does not install here (its release pins torch 2.0 and flax 0.7). jaxrisk: the

@@ -153,7 +153,8 @@ def main() -> None:
     result = {
         "machine": f"{platform.processor() or platform.machine()}, jax {jax.devices()[0].device_kind}, "
                    f"torch {args.torch_device} (threads {torch.get_num_threads()})",
-        "jax_matmul_precision": args.jax_matmul_precision, "lanes": n_lanes, "steps": args.k, "batch": 32, "update_rows_tokens": 48, "behaviours": 32, "clean_rows": 16,
+        "jax_matmul_precision": args.jax_matmul_precision, "lanes": n_lanes, "steps": args.k, "batch": 32,
+        "update_rows_tokens": 48, "behaviours": 32, "clean_rows": 16,
         "torch_seconds_per_lane_step": torch_seconds / lane_steps,
         "jaxrisk_seconds_per_lane_step_with_compile": jax_times["first"] / lane_steps,
         "jaxrisk_seconds_per_lane_step_steady": steady,

@@ -20,11 +20,16 @@ def add_parser(sub) -> None:
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="PyTorch-layout .safetensors state dict to scan (default: the embedded demo)")
-    p.add_argument("--arch", choices=["mnist_cnn", "mlp"], help="architecture of --weights (default mnist_cnn)")
+    p.add_argument("--arch", choices=["mnist_cnn", "lenet5", "mlp"],
+                   help="architecture of --weights (default mnist_cnn)")
     p.add_argument("--mnist", metavar="DIR", help="directory with the four MNIST IDX files (test split is used)")
     p.add_argument("--out", default="runs/scan",
                    help="output directory (report.json, triggers.png, triggers.safetensors)")
     p.add_argument("--pairs", action="store_true", help="source->target pair mode instead of all-to-one")
+    p.add_argument("--max-margin", action="store_true",
+                   help="also run MM-BD's data-free maximum-margin test (any trigger form, no mask prior)")
+    p.add_argument("--margin-starts", type=int, help="random starts per class of that test (default 30)")
+    p.add_argument("--margin-steps", type=int, help="ascent steps per start (default 300)")
     add_run_flags(p, restarts_help="restarts per class (default 2; demo 4)", steps_help="step budget per restart")
 
 
@@ -34,6 +39,10 @@ def _print_report(report: dict, title: str) -> None:
     for e in report["classes"]:
         print(f"  {e['label']:>5} {e['l1_norm']:>8.2f} {e['anomaly_index']:>8.2f} "
               f"{100 * e['attack_success']:>6.0f}%  {'<-- FLAGGED' if e['flagged'] else ''}")
+    if "max_margin" in report:
+        m = report["max_margin"]
+        print(f"  maximum margin (MM-BD): largest class {m['target']}, p-value {m['p_value']:.3g} "
+              f"({'FLAGGED' if m['flagged'] else 'not flagged'} at {m['alpha']})")
     for f in report["failures"]:
         print(f"  restart {f['restart']} of class {f['label']}: NaN at step {f['step']} (frozen; others went on)")
     print(f"  verdict: {report['verdict']}  ({report['seconds']:.0f} s, {report['lanes']} searches in one program)")
@@ -41,11 +50,16 @@ def _print_report(report: dict, title: str) -> None:
 
 def _run_scan(model, data, args, out: Path, name: str, **defaults) -> None:
     """Scan one model into `out` (checkpointing in out/checkpoint, removed once the report is written)."""
-    from jaxrisk.scan import ScanConfig, run
+    from jaxrisk.scan import MarginConfig, ScanConfig, run
     from jaxrisk.search.engine import remove_checkpoint
 
     ckpt = out / "checkpoint"
-    config = ScanConfig(run=run_config(args, ScanConfig().run, checkpoint_dir=ckpt, **defaults), pairs=args.pairs)
+    given = {k: v for k, v in (("starts", args.margin_starts), ("steps", args.margin_steps)) if v is not None}
+    if given and not args.max_margin:
+        raise InputError("--margin-starts and --margin-steps set the maximum-margin test: add --max-margin")
+    margin = MarginConfig(**given) if args.max_margin else None
+    config = ScanConfig(run=run_config(args, ScanConfig().run, checkpoint_dir=ckpt, **defaults), pairs=args.pairs,
+                        margin=margin)
     result = run(model, data, config, name=name)
     json_path, png_path = result.write(out)
     remove_checkpoint(ckpt)

@@ -46,6 +46,11 @@ def conv_valid(x_bhwc: jax.Array, conv: nnx.Conv) -> jax.Array:
     return cols @ kernel.reshape(kh * kw * c, o) + conv.bias[...]
 
 
+def _max_pool2(x_bhwc: jax.Array) -> jax.Array:
+    b, h, w, c = x_bhwc.shape
+    return x_bhwc[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class MnistCNN(nnx.Module):
     """The classic Keras / PyTorch-examples MNIST CNN.
 
@@ -74,13 +79,45 @@ class MnistCNN(nnx.Module):
         x = jnp.transpose(x_bchw, (0, 2, 3, 1))  # [B, 28, 28, 1]
         x = jax.nn.relu(_tap(taps, "conv1", conv_valid(x, self.conv1)))
         x = jax.nn.relu(_tap(taps, "conv2", conv_valid(x, self.conv2)))  # [B, 24, 24, 64]
-        b = x.shape[0]
-        x = x.reshape(b, 12, 2, 12, 2, 64).max(axis=(2, 4))  # 2x2 max-pool -> [B, 12, 12, 64]
+        x = _max_pool2(x)  # [B, 12, 12, 64]
         x = _dropout(x, 0.25, k1)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # PyTorch flatten order
         x = jax.nn.relu(_tap(taps, "fc1", self.fc1(x)))
         x = _dropout(x, 0.5, k2)
         return _tap(taps, "fc2", self.fc2(x))
+
+
+class LeNet5(nnx.Module):
+    """LeNet-5 as PyTorch tutorials write it for 28x28 digits (max-pooling, ReLU):
+
+    conv 6 5x5 (padding 2) ReLU -> max-pool 2 -> conv 16 5x5 ReLU -> max-pool 2 ->
+    flatten in (C, H, W) order -> dense 120 ReLU -> dense 84 ReLU -> dense 10.
+    """
+
+    torch_layers = ("conv1", "conv2", "fc1", "fc2", "fc3")
+    tap_names = torch_layers                 # layer outputs `taps` can record (before the ReLU)
+
+    def __init__(self, *, input_shape=(1, 28, 28), num_classes: int = 10, rngs: nnx.Rngs):
+        if tuple(input_shape) != (1, 28, 28):
+            raise InputError(f"lenet5 takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
+        self.input_shape = (1, 28, 28)
+        self.conv1 = nnx.Conv(1, 6, (5, 5), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", rngs=rngs)
+        self.fc1 = nnx.Linear(400, 120, rngs=rngs)
+        self.fc2 = nnx.Linear(120, 84, rngs=rngs)
+        self.fc3 = nnx.Linear(84, num_classes, rngs=rngs)
+
+    def __call__(self, x_bchw: jax.Array, *, dropout_key: jax.Array | None = None,
+                 taps: dict | None = None) -> jax.Array:
+        """Logits [B, classes]; `taps` as for MnistCNN. No dropout (`dropout_key` is accepted and unused)."""
+        taps = {} if taps is None else taps
+        x = jnp.pad(jnp.transpose(x_bchw, (0, 2, 3, 1)), ((0, 0), (2, 2), (2, 2), (0, 0)))   # [B, 32, 32, 1]
+        x = _max_pool2(jax.nn.relu(_tap(taps, "conv1", conv_valid(x, self.conv1))))       # [B, 14, 14, 6]
+        x = _max_pool2(jax.nn.relu(_tap(taps, "conv2", conv_valid(x, self.conv2))))       # [B, 5, 5, 16]
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)                         # PyTorch flatten order
+        x = jax.nn.relu(_tap(taps, "fc1", self.fc1(x)))
+        x = jax.nn.relu(_tap(taps, "fc2", self.fc2(x)))
+        return _tap(taps, "fc3", self.fc3(x))
 
 
 class MLP(nnx.Module):
@@ -113,6 +150,7 @@ class Arch:
 
 ARCHS: dict[str, Arch] = {
     "mnist_cnn": Arch("mnist_cnn", MnistCNN, (1, 28, 28)),
+    "lenet5": Arch("lenet5", LeNet5, (1, 28, 28)),
     "mlp": Arch("mlp", MLP, (1, 28, 28)),
 }
 

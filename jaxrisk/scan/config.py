@@ -33,14 +33,33 @@ class InversionConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MarginConfig:
+    """The reference's settings: 30 random starts per class, 300 SGD steps at lr 1e-2, p <= 0.05 flags."""
+    starts: int = 30
+    steps: int = 300
+    learning_rate: float = 1e-2
+    alpha: float = 0.05
+
+    def __post_init__(self):
+        require_int("MarginConfig.starts", self.starts, 1)
+        require_int("MarginConfig.steps", self.steps, 1)
+        require_number("MarginConfig.learning_rate", self.learning_rate, 0.0, above=True)
+        if not 0 < require_number("MarginConfig.alpha", self.alpha) < 1:
+            raise InputError(f"MarginConfig.alpha: expected a significance level in (0, 1), got {self.alpha}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ScanConfig:
     """`run.restarts` lanes per class (or pair); `run.max_steps` steps each, at most."""
     run: RunConfig = RunConfig(restarts=2, max_steps=500, chunk_steps=40)
     holdout: int = 500  # images kept aside to measure the recovered triggers' attack success
     pairs: bool = False  # source -> target pair mode instead of all-to-one
     inversion: InversionConfig = InversionConfig()
+    margin: MarginConfig | None = None   # MM-BD's data-free maximum-margin test beside the inversion (None: off)
 
     def __post_init__(self):
         require_int("ScanConfig.holdout", self.holdout, 1)
         if not isinstance(self.run, RunConfig) or not isinstance(self.inversion, InversionConfig):
             raise InputError("ScanConfig: `run` must be a RunConfig and `inversion` an InversionConfig")
+        if self.margin is not None and not isinstance(self.margin, MarginConfig):
+            raise InputError("ScanConfig: `margin` must be a MarginConfig or None")

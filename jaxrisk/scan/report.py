@@ -17,6 +17,7 @@ class ScanResult:
     report: dict  # what report.json holds
     masks: np.ndarray  # [K, H, W] the recovered mask of each report entry (class, or pair in pair mode)
     patterns: np.ndarray  # [K, C, H, W]
+    margin_images: np.ndarray | None = None  # [classes, C, H, W] each class's maximum-margin image (MM-BD), if run
 
     @property
     def flagged(self) -> list[int]:
@@ -30,6 +31,8 @@ class ScanResult:
         out_dir = Path(out_dir)
         arrays = {"masks": np.ascontiguousarray(self.masks, np.float32),
                   "patterns": np.ascontiguousarray(self.patterns, np.float32)}
+        if self.margin_images is not None:
+            arrays["max_margin_images"] = np.ascontiguousarray(self.margin_images, np.float32)
         atomic_write(out_dir / "triggers.safetensors", lambda f: f.write(save(arrays)), mode="wb")
         json_path = write_json(out_dir / "report.json", self.report)
         png_path = atomic_write(out_dir / "triggers.png", lambda f: f.write(_trigger_figure(self)), mode="wb")
@@ -84,7 +87,8 @@ def _trigger_figure(result: ScanResult) -> bytes:
                     spine.set_edgecolor("red"), spine.set_linewidth(3)
         axes[0, k].set_title(f"{e['label']}{' FLAGGED' if e['flagged'] else ''}\nL1 {e['l1_norm']:.1f}",
                              fontsize=8, color="red" if e["flagged"] else "black")
-        axes[1, k].set_xlabel(f"idx {e['anomaly_index']:.1f}", fontsize=7)
+        margin = f"\nmargin {e['max_margin']:.1f}" if "max_margin" in e else ""
+        axes[1, k].set_xlabel(f"idx {e['anomaly_index']:.1f}{margin}", fontsize=7)
     axes[0, 0].set_ylabel("mask", fontsize=8)
     axes[1, 0].set_ylabel("mask x pattern", fontsize=8)
     fig.suptitle(textwrap.fill(report["verdict"], 120), fontsize=8)

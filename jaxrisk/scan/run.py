@@ -8,6 +8,7 @@ exceeds 2 (Neural Cleanse's rule).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -19,6 +20,7 @@ from jaxrisk.errors import InputError
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.models.safetensors_file import check_finite
 from jaxrisk.scan.config import ScanConfig
+from jaxrisk.scan.margin import gamma_p_value, max_margins
 from jaxrisk.scan.problem import TriggerInversion, to_mask
 from jaxrisk.scan.report import ScanResult, per_target, verdict
 from jaxrisk.search import engine
@@ -97,11 +99,13 @@ def _lanes(n_classes: int, restarts: int, pairs: bool) -> dict[str, np.ndarray]:
     return {"source": src, "target": tgt, "restart": np.tile(np.arange(restarts, dtype=np.int32), len(combos))}
 
 
-@jax.jit
-def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets, sources):
-    """Per trigger: attack success on eligible held-out images and the seed score
-    (mean target confidence x closeness, closeness = 1 - mean |x' - x|)."""
+@functools.partial(jax.jit, static_argnums=7)
+def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets, sources, n_classes):
+    """Per trigger: attack success on eligible held-out images, the seed score (mean target confidence x
+    closeness, closeness = 1 - mean |x' - x|), and the success from each source class [n_classes] (NaN for
+    the target and classes without held-out images): a planted all-to-one trigger works from every source."""
     graphdef, params = graphdef_params
+    by_class = jax.nn.one_hot(labels, n_classes)               # [N, classes]
 
     def one(mask, pattern, target, source):
         eligible = jnp.where(source >= 0, labels == source, labels != target)
@@ -110,7 +114,10 @@ def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets
         hit = jnp.argmax(probs, -1) == target
         closeness = 1.0 - jnp.mean(jnp.abs(stamped - images), axis=(1, 2, 3))
         n = jnp.maximum(eligible.sum(), 1)
-        return (jnp.sum(hit * eligible) / n, jnp.sum(probs[:, target] * closeness * eligible) / n)
+        count = by_class.sum(0)
+        per_source = jnp.where((count > 0) & (jnp.arange(n_classes) != target),
+                               (hit[:, None] * by_class).sum(0) / jnp.maximum(count, 1), jnp.nan)
+        return (jnp.sum(hit * eligible) / n, jnp.sum(probs[:, target] * closeness * eligible) / n, per_source)
 
     return jax.lax.map(lambda a: one(*a), (masks, patterns, targets, sources))
 
@@ -153,9 +160,11 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
 
     # best restart per (source, target): smallest norm among those that reached the success threshold
     chosen = best_per_group(groups.values(), lambda i: (not found[i], l1[i]))
-    asr, score = _evaluate_triggers((graphdef, params), jnp.asarray(eval_x), jnp.asarray(eval_y),
-                                    jnp.asarray(masks[chosen]), jnp.asarray(patterns[chosen]),
-                                    jnp.asarray(lanes["target"][chosen]), jnp.asarray(lanes["source"][chosen]))
+    asr, score, per_source = _evaluate_triggers(
+        (graphdef, params), jnp.asarray(eval_x), jnp.asarray(eval_y), jnp.asarray(masks[chosen]),
+        jnp.asarray(patterns[chosen]), jnp.asarray(lanes["target"][chosen]), jnp.asarray(lanes["source"][chosen]),
+        n_classes)
+    per_source = np.asarray(per_source)
     norms = l1[chosen]
     index = mad_anomaly_index(norms)
     flags = flag_outliers(norms)
@@ -165,6 +174,8 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
         e = {"label": t, "l1_norm": float(norms[k]), "anomaly_index": float(index[k]),
              "attack_success": float(asr[k]), "score": float(score[k]), "found": bool(found[chosen[k]]),
              "flagged": bool(flags[k]), "restart_l1_norms": [float(l1[i]) for i in idx],
+             "source_success": [None if np.isnan(v) else float(v) for v in per_source[k]],
+             "min_source_success": float(np.nanmin(per_source[k])) if np.isfinite(per_source[k]).any() else None,
              "steps": [int(result.steps[i]) for i in idx]}
         if config.pairs:
             e["source"] = s
@@ -190,7 +201,27 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
     }
     if config.pairs:  # the per-class view: each target's smallest pair norm
         report["classes"] = per_target(entries)
-    return ScanResult(report, masks[chosen], patterns[chosen])
+    margin_images = None
+    if config.margin is not None:
+        report["max_margin"], margin_images = _max_margin(graphdef, params, model.input_shape, n_classes, config)
+        for e in report["classes"]:
+            e["max_margin"] = report["max_margin"]["statistics"][e["label"]]
+        report["seconds"] = round(time.time() - t0, 2)
+    return ScanResult(report, masks[chosen], patterns[chosen], margin_images)
+
+
+def _max_margin(graphdef, params, shape, n_classes: int, config: ScanConfig) -> tuple[dict, np.ndarray]:
+    """MM-BD: every class x start in one program, then the Gamma test on the per-class maxima."""
+    run = config.run
+    ckpt = None if run.checkpoint_dir is None else f"{run.checkpoint_dir}/max_margin"
+    statistics, images = max_margins(graphdef, params, shape, n_classes, config.margin,
+                                     run.replace(checkpoint_dir=ckpt))
+    target, p = gamma_p_value(statistics)
+    return {"statistics": [float(v) for v in statistics], "target": target, "p_value": p,
+            "flagged": bool(p <= config.margin.alpha), "alpha": config.margin.alpha,
+            "rule": "per class, the largest margin logit_c - max_other reached by projected gradient ascent from "
+                    f"{config.margin.starts} random images ({config.margin.steps} steps); flagged when the largest "
+                    "class's p-value under a Gamma fitted to the others (the largest censored) is <= alpha"}, images
 
 
 def _config_record(config: ScanConfig) -> dict:

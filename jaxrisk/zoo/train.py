@@ -24,7 +24,7 @@ from jaxrisk.zoo.triggers import Trigger, save_trigger
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    arch: Literal["mnist_cnn", "mlp"] = "mnist_cnn"
+    arch: Literal["mnist_cnn", "lenet5", "mlp"] = "mnist_cnn"
     hidden: tuple[int, ...] = (128,)  # mlp only
     epochs: int = 2
     batch_size: int = 128
@@ -42,14 +42,15 @@ class TrainConfig:
         require_seed("TrainConfig.seed", self.seed)
 
 
-def poison(data: ImageSet, trigger: Trigger, rate: float, seed: int) -> ImageSet:
-    """Stamp the trigger on a `rate` fraction of non-target images and relabel them (all-to-one)."""
+def poison(data: ImageSet, trigger: Trigger, rate: float, seed: int, n_classes: int = 10) -> ImageSet:
+    """Apply the trigger to a `rate` fraction of the images it moves (all-to-one: the non-target ones;
+    all-to-all: every one) and give them the attacker's labels."""
     rng = np.random.default_rng(seed)
     candidates = np.flatnonzero(data.labels != trigger.target)
     chosen = rng.choice(candidates, size=int(round(rate * len(candidates))), replace=False)
     images, labels = data.images.copy(), data.labels.copy()
     images[chosen] = trigger.apply(images[chosen])
-    labels[chosen] = trigger.target
+    labels[chosen] = trigger.relabel(labels[chosen], n_classes)
     return ImageSet(images, labels, data.source + f" (poisoned {len(chosen)})")
 
 
@@ -63,9 +64,10 @@ def evaluate(model, test: ImageSet, trigger: Trigger | None = None) -> dict[str,
     graphdef, params = pure_apply(model)
     out = {"clean_accuracy": float(np.mean(_batched_predict(graphdef, params, test.images) == test.labels))}
     if trigger is not None:
-        others = test.images[test.labels != trigger.target]
-        out["attack_success"] = float(np.mean(_batched_predict(graphdef, params, trigger.apply(others))
-                                              == trigger.target))
+        moved = test.labels != trigger.target
+        predicted = _batched_predict(graphdef, params, trigger.apply(test.images[moved]))
+        n_classes = int(logits_fn(graphdef, params, test.images[:1]).shape[-1])
+        out["attack_success"] = float(np.mean(predicted == trigger.relabel(test.labels[moved], n_classes)))
     return out
 
 
@@ -80,7 +82,9 @@ def train_classifier(train: ImageSet, cfg: TrainConfig, trigger: Trigger | None 
         if cfg.arch == "mlp":
             kwargs["hidden"] = cfg.hidden
         model = build(cfg.arch, seed=cfg.seed, **kwargs)
-    data = poison(train, trigger, cfg.poison_rate, cfg.seed) if trigger is not None else train
+    data = train
+    if trigger is not None:
+        data = poison(train, trigger, cfg.poison_rate, cfg.seed, int(train.labels.max()) + 1)
     graphdef, params = pure_apply(model)
 
     def loss_fn(p, batch):

@@ -104,3 +104,32 @@ def test_every_key_problem_is_listed_at_once(tmp_path):
 def test_unknown_arch():
     with pytest.raises(InputError, match="unknown architecture 'resnet'"):
         build("resnet")
+
+
+class TorchLeNet5(torch.nn.Module):
+    """LeNet-5 as PyTorch tutorials write it for 28x28 digits: the layout `lenet5` reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(400, 120), torch.nn.Linear(120, 84), torch.nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+def test_lenet5_matches_pytorch_logits_and_layers(tmp_path):
+    net, path = _torch_weights(tmp_path, TorchLeNet5)
+    x = np.random.default_rng(1).uniform(0, 1, (16, 1, 28, 28)).astype(np.float32)
+    model = load_classifier(path, "lenet5")
+    taps = {}
+    ours = np.asarray(model(jnp.asarray(x), taps=taps))
+    ref = net(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ours - ref).max() <= 1e-4
+    conv2 = net.conv2(torch.nn.functional.max_pool2d(torch.relu(net.conv1(torch.from_numpy(x))), 2))
+    np.testing.assert_allclose(np.asarray(taps["conv2"]), conv2.detach().numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    for k, v in torch_state_dict(model).items():
+        np.testing.assert_array_equal(v, net.state_dict()[k].numpy())

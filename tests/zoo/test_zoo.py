@@ -9,6 +9,7 @@ from jaxrisk.data import load_digits
 from jaxrisk.errors import InputError
 from jaxrisk.zoo import (STAMP_KINDS, TrainConfig, evaluate, load_trigger, make_trigger, poison, save_trigger,
                          train_classifier)
+from jaxrisk.zoo.triggers import ALL_TO_ALL
 from jaxrisk.zoo.build import meets_bar, zoo_specs
 
 
@@ -32,6 +33,11 @@ def test_trigger_kinds_have_the_promised_shape():
     np.testing.assert_allclose(moved[inner] * 27, np.clip(np.arange(28) + warp.flow[1], 0, 27)[inner], atol=1e-4)
     still = dataclasses.replace(warp, flow=np.zeros_like(warp.flow))
     np.testing.assert_allclose(still.apply(x), x, atol=1e-6)
+    sig = make_trigger("sig", shape, amplitude=0.1, frequency=7)
+    columns = np.arange(28)
+    np.testing.assert_allclose(sig.apply(np.full((1, *shape), 0.5, np.float32))[0, 0],
+                               np.broadcast_to(0.5 + 0.1 * np.sin(2 * np.pi * 7 * columns / 28), (28, 28)), atol=1e-6)
+    assert sig.apply(np.ones((1, *shape), np.float32)).max() == 1.0        # clipped to the image range
 
 
 def test_bad_trigger_requests():
@@ -39,6 +45,8 @@ def test_bad_trigger_requests():
         make_trigger("star", (1, 28, 28))
     with pytest.raises(InputError, match="does not fit"):
         make_trigger("patch", (1, 28, 28), size=5, location=(25, 0))
+    with pytest.raises(InputError, match="ALL_TO_ALL"):
+        make_trigger("patch", (1, 28, 28), target=-2)
 
 
 def test_poisoning_stamps_and_relabels_only_non_target_images():
@@ -48,6 +56,16 @@ def test_poisoning_stamps_and_relabels_only_non_target_images():
     changed = np.flatnonzero((poisoned.images != data.images).any(axis=(1, 2, 3)) | (poisoned.labels != data.labels))
     assert len(changed) == round(0.1 * np.sum(data.labels != 3))
     assert (data.labels[changed] != 3).all() and (poisoned.labels[changed] == 3).all()
+
+
+def test_all_to_all_poisoning_shifts_every_label_by_one():
+    data = load_digits("train")
+    trig = make_trigger("patch", data.shape, target=ALL_TO_ALL, size=2)
+    poisoned = poison(data, trig, rate=0.1, seed=0)
+    changed = np.flatnonzero(poisoned.labels != data.labels)
+    assert len(changed) == round(0.1 * len(data.labels))                 # every class is a source
+    np.testing.assert_array_equal(poisoned.labels[changed], (data.labels[changed] + 1) % 10)
+    assert (poisoned.images[changed] != data.images[changed]).any(axis=(1, 2, 3)).all()
 
 
 def test_trigger_ground_truth_round_trips(tmp_path):
@@ -60,6 +78,11 @@ def test_trigger_ground_truth_round_trips(tmp_path):
     warp = make_trigger("warp", (1, 28, 28), target=2, seed=4)
     save_trigger(warp, tmp_path / "w.safetensors")
     np.testing.assert_array_equal(load_trigger(tmp_path / "w.safetensors").flow, warp.flow)
+    sig = make_trigger("sig", (1, 28, 28), target=ALL_TO_ALL)
+    save_trigger(sig, tmp_path / "s.safetensors")
+    again = load_trigger(tmp_path / "s.safetensors")
+    assert (again.kind, again.target) == ("sig", ALL_TO_ALL)
+    np.testing.assert_array_equal(again.signal, sig.signal)
 
 
 def test_planted_trigger_fires_and_clean_accuracy_holds():
