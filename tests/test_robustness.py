@@ -361,7 +361,8 @@ def test_engine_problem_configs_reject_bad_values():
              (lambda: CircuitConfig(target_density=1.5), "CircuitConfig.target_density: expected a fraction"),
              (lambda: RunConfig(restarts=0), "RunConfig.restarts: expected an integer >= 1, got 0"),
              (lambda: InversionConfig(learning_rate=-0.1), "InversionConfig.learning_rate: expected a number > 0"),
-             (lambda: TrainConfig(arch="vgg"), "TrainConfig.arch: expected one of mnist_cnn, lenet5, mlp, got 'vgg'"),
+             (lambda: TrainConfig(arch="vgg"),
+              "TrainConfig.arch: expected one of mnist_cnn, lenet5, resnet8, mlp, got 'vgg'"),
              (lambda: CircuitsConfig(penalties=()), "CircuitsConfig.penalties: none given")]
     for build, expected in cases:
         with pytest.raises(InputError, match=expected.replace("(", r"\(").replace(".", r"\.")):

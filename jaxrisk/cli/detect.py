@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--weights", metavar="FILE", help="image classifier: PyTorch-layout .safetensors")
     model.add_argument("--model", metavar="DIR", help="language model: local Hugging Face directory")
-    p.add_argument("--arch", choices=["mnist_cnn", "lenet5", "mlp"], default="mnist_cnn",
+    p.add_argument("--arch", choices=["mnist_cnn", "lenet5", "resnet8", "mlp"], default="mnist_cnn",
                    help="architecture of --weights (default mnist_cnn)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="--model parameter dtype (default: as the checkpoint declares)")

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="PyTorch-layout .safetensors state dict to scan (default: the embedded demo)")
-    p.add_argument("--arch", choices=["mnist_cnn", "lenet5", "mlp"],
+    p.add_argument("--arch", choices=["mnist_cnn", "lenet5", "resnet8", "mlp"],
                    help="architecture of --weights (default mnist_cnn)")
     p.add_argument("--mnist", metavar="DIR", help="directory with the four MNIST IDX files (test split is used)")
     p.add_argument("--out", default="runs/scan",

@@ -120,6 +120,128 @@ class LeNet5(nnx.Module):
         return _tap(taps, "fc3", self.fc3(x))
 
 
+def _conv(x_bhwc: jax.Array, conv: nnx.Conv, stride: int = 1, padding: int = 0) -> jax.Array:
+    """A bias-free or biased convolution with PyTorch's stride and zero padding (XLA's native op)."""
+    y = jax.lax.conv_general_dilated(x_bhwc, conv.kernel[...], (stride, stride), [(padding, padding)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if conv.bias is None else y + conv.bias[...]
+
+
+class BatchNorm(nnx.Module):
+    """PyTorch's BatchNorm2d (eps 1e-5): evaluation uses the running statistics; training (`stats` a dict)
+    normalises by the batch's own and records them there for `calibrate_batch_norm`."""
+
+    def __init__(self, channels: int):
+        self.weight = nnx.Param(jnp.ones(channels))
+        self.bias = nnx.Param(jnp.zeros(channels))
+        self.running_mean = nnx.BatchStat(jnp.zeros(channels))
+        self.running_var = nnx.BatchStat(jnp.ones(channels))
+
+    def __call__(self, x_bhwc: jax.Array, name: str, stats: dict | None) -> jax.Array:
+        if stats is None:
+            mean, var = self.running_mean[...], self.running_var[...]
+        else:
+            mean, var = x_bhwc.mean((0, 1, 2)), x_bhwc.var((0, 1, 2))
+            stats[name] = (mean, var)
+        return (x_bhwc - mean) * jax.lax.rsqrt(var + 1e-5) * self.weight[...] + self.bias[...]
+
+
+class ResNet8(nnx.Module):
+    """A small ResNet for 28x28 digits in torchvision's layout (BasicBlocks, batch norm, no conv biases):
+
+    conv1 16 3x3 -> bn1 -> ReLU -> layer1 (16) -> layer2 (32, stride 2) -> layer3 (64, stride 2) ->
+    global average pool -> fc 10. A block: conv1 3x3 (its stride) -> bn1 -> ReLU -> conv2 3x3 -> bn2, plus
+    the input (through `downsample`: conv 1x1 + bn, where the shape changes), then ReLU. Keys as torchvision:
+    `layer2.0.conv1.weight`, `layer2.0.downsample.1.running_mean`, ... Training (a `dropout_key` given)
+    normalises by batch statistics; evaluation by the running ones.
+    """
+
+    widths = (16, 32, 64)
+    tap_names = ("conv1", "layer1", "layer2", "layer3", "fc")   # the stem conv (before bn), what each PyTorch
+                                                                # block returns (after its ReLU), the logits
+
+    def __init__(self, *, input_shape=(1, 28, 28), num_classes: int = 10, rngs: nnx.Rngs):
+        if tuple(input_shape) != (1, 28, 28):
+            raise InputError(f"resnet8 takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
+        self.input_shape = (1, 28, 28)
+        def conv(c_in, c_out, k):
+            return nnx.Conv(c_in, c_out, (k, k), use_bias=False, rngs=rngs)
+
+        self.conv1, self.bn1 = conv(1, 16, 3), BatchNorm(16)
+        self.blocks = nnx.List()
+        c_in = 16
+        for c_out in self.widths:
+            block = nnx.Dict(conv1=conv(c_in, c_out, 3), bn1=BatchNorm(c_out), conv2=conv(c_out, c_out, 3),
+                             bn2=BatchNorm(c_out))
+            if c_out != c_in:
+                block["down_conv"], block["down_bn"] = conv(c_in, c_out, 1), BatchNorm(c_out)
+            self.blocks.append(block)
+            c_in = c_out
+        self.fc = nnx.Linear(c_in, num_classes, rngs=rngs)
+
+    def batch_norms(self) -> dict[str, BatchNorm]:
+        """Each batch norm by the name its batch statistics are recorded under."""
+        out = {"bn1": self.bn1}
+        for i, block in enumerate(self.blocks):
+            out.update({f"{i}.{k}": block[k] for k in ("bn1", "bn2", "down_bn") if k in block})
+        return out
+
+    def torch_state(self) -> dict[str, nnx.Variable]:
+        """PyTorch key -> NNX variable (weights.torch_variables)."""
+        def bn(prefix, norm):
+            return {f"{prefix}.weight": norm.weight, f"{prefix}.bias": norm.bias,
+                    f"{prefix}.running_mean": norm.running_mean, f"{prefix}.running_var": norm.running_var}
+
+        out = {"conv1.weight": self.conv1.kernel, **bn("bn1", self.bn1)}
+        for i, block in enumerate(self.blocks):
+            p = f"layer{i + 1}.0"
+            out.update({f"{p}.conv1.weight": block["conv1"].kernel, **bn(f"{p}.bn1", block["bn1"]),
+                        f"{p}.conv2.weight": block["conv2"].kernel, **bn(f"{p}.bn2", block["bn2"])})
+            if "down_conv" in block:
+                out.update({f"{p}.downsample.0.weight": block["down_conv"].kernel,
+                            **bn(f"{p}.downsample.1", block["down_bn"])})
+        out.update({"fc.weight": self.fc.kernel, "fc.bias": self.fc.bias})
+        return out
+
+    def __call__(self, x_bchw: jax.Array, *, dropout_key: jax.Array | None = None,
+                 taps: dict | None = None, stats: dict | None = None) -> jax.Array:
+        """Logits [B, classes]; `taps` as for MnistCNN."""
+        taps = {} if taps is None else taps
+        stats = {} if dropout_key is not None and stats is None else stats
+        x = jnp.transpose(x_bchw, (0, 2, 3, 1))
+        x = jax.nn.relu(self.bn1(_tap(taps, "conv1", _conv(x, self.conv1, padding=1)), "bn1", stats))
+        for i, block in enumerate(self.blocks):
+            stride = 1 if i == 0 else 2
+            h = jax.nn.relu(block["bn1"](_conv(x, block["conv1"], stride, 1), f"{i}.bn1", stats))
+            h = block["bn2"](_conv(h, block["conv2"], 1, 1), f"{i}.bn2", stats)
+            if "down_conv" in block:
+                x = block["down_bn"](_conv(x, block["down_conv"], stride), f"{i}.down_bn", stats)
+            x = _tap(taps, f"layer{i + 1}", jax.nn.relu(h + x))
+        return _tap(taps, "fc", self.fc(x.mean((1, 2))))
+
+
+def calibrate_batch_norm(model: nnx.Module, images: np.ndarray, batch: int = 1000) -> nnx.Module:
+    """Set every batch norm's running statistics to the mean over batches of `images` of the batch statistics
+    training normalises by (PyTorch keeps a momentum average of the same; its variance is the unbiased one,
+    a factor n / (n - 1) with n = batch x height x width, negligible here); a model without batch norm is
+    returned as it is."""
+    if not hasattr(model, "batch_norms"):
+        return model
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def batch_stats(state, x):
+        stats = {}
+        nnx.merge(graphdef, state)(x, stats=stats)
+        return stats
+
+    chunks = [batch_stats(state, jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
+    for name, norm in model.batch_norms().items():
+        norm.running_mean.set_value(jnp.mean(jnp.stack([c[name][0] for c in chunks]), 0))
+        norm.running_var.set_value(jnp.mean(jnp.stack([c[name][1] for c in chunks]), 0))
+    return model
+
+
 class MLP(nnx.Module):
     """Flatten -> (dense ReLU) x len(hidden) -> dense. Layers `fc1..fcN`."""
 
@@ -151,6 +273,7 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     "mnist_cnn": Arch("mnist_cnn", MnistCNN, (1, 28, 28)),
     "lenet5": Arch("lenet5", LeNet5, (1, 28, 28)),
+    "resnet8": Arch("resnet8", ResNet8, (1, 28, 28)),
     "mlp": Arch("mlp", MLP, (1, 28, 28)),
 }
 

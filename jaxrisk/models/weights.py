@@ -50,23 +50,35 @@ def _from_torch(weight: np.ndarray) -> np.ndarray:
     return weight
 
 
-def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The model's parameters under PyTorch keys and layouts (`fc1.weight` is [out, in])."""
+def torch_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Every PyTorch state-dict key of the model and the NNX variable that holds it: `NAME.weight` /
+    `NAME.bias` for each of `torch_layers`, unless the model lists its own (`torch_state`, e.g. batch norm)."""
+    if hasattr(model, "torch_state"):
+        return model.torch_state()
     out = {}
     for name in model.torch_layers:
         layer = getattr(model, name)
-        out[f"{name}.weight"] = np.ascontiguousarray(_to_torch(np.asarray(layer.kernel.get_value())))
-        out[f"{name}.bias"] = np.asarray(layer.bias.get_value())
+        out[f"{name}.weight"], out[f"{name}.bias"] = layer.kernel, layer.bias
+    return out
+
+
+def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's parameters under PyTorch keys and layouts (`fc1.weight` is [out, in]); batch norm layers
+    also get PyTorch's `num_batches_tracked` (0), which its strict loading asks for."""
+    out = {key: np.ascontiguousarray(_to_torch(np.asarray(var.get_value())))
+           for key, var in torch_variables(model).items()}
+    for key in [k for k in out if k.endswith(".running_mean")]:
+        out[key.replace(".running_mean", ".num_batches_tracked")] = np.zeros((), np.int64)
     return out
 
 
 def load_torch_state_dict(model: nnx.Module, state: dict[str, np.ndarray], source: str) -> nnx.Module:
-    """Copy a PyTorch-layout state dict into `model`; every key problem is listed in one error."""
-    expected = {}
-    for name in model.torch_layers:
-        layer = getattr(model, name)
-        expected[f"{name}.weight"] = _torch_shape(np.asarray(layer.kernel.get_value()))
-        expected[f"{name}.bias"] = tuple(layer.bias.get_value().shape)
+    """Copy a PyTorch-layout state dict into `model`; every key problem is listed in one error. Batch norm's
+    `num_batches_tracked` counters are accepted and ignored (evaluation uses the running statistics)."""
+    variables = torch_variables(model)
+    expected = {key: _torch_shape(np.asarray(var.get_value())) for key, var in variables.items()}
+    counters = {k.replace(".running_mean", ".num_batches_tracked") for k in expected if k.endswith(".running_mean")}
+    state = {k: v for k, v in state.items() if k not in counters}
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -83,10 +95,8 @@ def load_torch_state_dict(model: nnx.Module, state: dict[str, np.ndarray], sourc
         raise InputError(f"{source}: weights do not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
     for key in sorted(expected):
         check_finite(source, key, state[key])
-    for name in model.torch_layers:
-        layer = getattr(model, name)
-        layer.kernel.set_value(jnp.asarray(_from_torch(state[f"{name}.weight"]), jnp.float32))
-        layer.bias.set_value(jnp.asarray(state[f"{name}.bias"], jnp.float32))
+    for key, var in variables.items():
+        var.set_value(jnp.asarray(_from_torch(state[key]), jnp.float32))
     return model
 
 

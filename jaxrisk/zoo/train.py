@@ -16,7 +16,7 @@ from jaxrisk.data.images import ImageSet
 from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError, require_choice, require_int, require_number, require_seed
 from jaxrisk.io import write_json
-from jaxrisk.models.classifiers import ARCHS, build, logits_fn, pure_apply
+from jaxrisk.models.classifiers import ARCHS, build, calibrate_batch_norm, logits_fn, pure_apply
 from jaxrisk.models.weights import save_classifier
 from jaxrisk.optim.update import train_host
 from jaxrisk.zoo.triggers import Trigger, save_trigger
@@ -24,7 +24,7 @@ from jaxrisk.zoo.triggers import Trigger, save_trigger
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    arch: Literal["mnist_cnn", "lenet5", "mlp"] = "mnist_cnn"
+    arch: Literal["mnist_cnn", "lenet5", "resnet8", "mlp"] = "mnist_cnn"
     hidden: tuple[int, ...] = (128,)  # mlp only
     epochs: int = 2
     batch_size: int = 128
@@ -117,7 +117,7 @@ def train_classifier(train: ImageSet, cfg: TrainConfig, trigger: Trigger | None 
     from flax import nnx
 
     nnx.update(model, params)
-    return model
+    return calibrate_batch_norm(model, data.images[:10000])   # running statistics for evaluation (if any)
 
 
 def save_zoo_model(model, trigger: Trigger | None, directory: str | Path, name: str, info: dict) -> Path:

@@ -4,6 +4,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,3 +134,79 @@ def test_lenet5_matches_pytorch_logits_and_layers(tmp_path):
     np.testing.assert_allclose(np.asarray(taps["conv2"]), conv2.detach().numpy().transpose(0, 2, 3, 1), atol=1e-4)
     for k, v in torch_state_dict(model).items():
         np.testing.assert_array_equal(v, net.state_dict()[k].numpy())
+
+
+class TorchBlock(torch.nn.Module):
+    """torchvision's BasicBlock."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c_out)
+        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                                  torch.nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet8(torch.nn.Module):
+    """The layout `resnet8` reads: torchvision's names, one BasicBlock per stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 16, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(16)
+        self.layer1 = torch.nn.Sequential(TorchBlock(16, 16, 1))
+        self.layer2 = torch.nn.Sequential(TorchBlock(16, 32, 2))
+        self.layer3 = torch.nn.Sequential(TorchBlock(32, 64, 2))
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_resnet8_matches_pytorch_in_evaluation_and_exports_a_strict_state_dict(tmp_path):
+    torch.manual_seed(0)
+    net = TorchResNet8()
+    with torch.no_grad():   # running statistics unlike the initial ones, so evaluation mode is what is compared
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.num_batches_tracked.fill_(7)
+    net.eval()
+    path = tmp_path / "resnet8.safetensors"
+    save_file({k: v.detach().numpy() for k, v in net.state_dict().items()}, str(path))
+    model = load_classifier(path, "resnet8")
+    x = np.random.default_rng(2).uniform(0, 1, (8, 1, 28, 28)).astype(np.float32)
+    taps = {}
+    ours = np.asarray(model(jnp.asarray(x), taps=taps))
+    ref = net(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ours - ref).max() <= 1e-4
+    np.testing.assert_allclose(np.asarray(taps["layer1"]).transpose(0, 3, 1, 2),
+                               net.layer1(torch.relu(net.bn1(net.conv1(torch.from_numpy(x))))).detach().numpy(),
+                               atol=1e-4)
+    again = TorchResNet8()
+    again.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in torch_state_dict(model).items()}, strict=True)
+    assert np.abs(again.eval()(torch.from_numpy(x)).detach().numpy() - ref).max() <= 1e-4
+
+
+def test_resnet8_training_mode_uses_batch_statistics_and_calibration_sets_them():
+    from jaxrisk.models.classifiers import calibrate_batch_norm
+
+    model = build("resnet8", seed=0)
+    x = np.random.default_rng(3).uniform(0, 1, (64, 1, 28, 28)).astype(np.float32)
+    graphdef, params = pure_apply(model)
+    train = np.asarray(logits_fn(graphdef, params, jnp.asarray(x), jax.random.key(0)))
+    before = np.asarray(logits_fn(graphdef, params, jnp.asarray(x)))
+    assert np.abs(train - before).max() > 1e-2          # initial running statistics (0, 1) are not the batch's
+    calibrate_batch_norm(model, x, batch=64)            # one batch: the running statistics become exactly its own
+    graphdef, params = pure_apply(model)
+    np.testing.assert_allclose(np.asarray(logits_fn(graphdef, params, jnp.asarray(x))), train, atol=1e-4)
