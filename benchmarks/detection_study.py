@@ -1,6 +1,7 @@
 """Detection study: scan every model of a zoo and measure how well the scan separates trojaned from clean.
 
-    jaxrisk zoo --mnist ../shared/assets/data/mnist --out runs/zoo          # 8 trojaned + 8 clean
+    jaxrisk zoo --mnist ../shared/assets/data/mnist --out runs/zoo --kinds patch,sparse,checkerboard,blend \
+        --archs mnist_cnn                                                  # 8 trojaned + 8 clean
     python benchmarks/detection_study.py --mnist ../shared/assets/data/mnist --zoo runs/zoo --out runs/detection
 
 Per model it records the scan's verdict, and over the zoo: detection AUROC (the statistic is the largest
@@ -59,7 +60,8 @@ def main() -> None:
             continue
         if not result_path.exists():
             t = time.perf_counter()
-            result = scan(load_classifier(info_path.with_name(info["weights"]), "mnist_cnn"), data,
+            result = scan(load_classifier(info_path.with_name(info["weights"]),
+                                          info["recipe"].get("arch", "mnist_cnn")), data,
                           ScanConfig(run=ScanConfig().run.replace(restarts=args.restarts, progress=False)), name=name)
             result.write(out / name)
             report = result.report

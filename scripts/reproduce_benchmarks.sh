@@ -9,7 +9,8 @@ MNIST=${1:-../shared/assets/data/mnist}
 RUNS=${2:-runs}
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[bench]'
-.venv/bin/jaxrisk zoo --mnist "$MNIST" --out "$RUNS/zoo" --trojaned 8 --clean 8
+.venv/bin/jaxrisk zoo --mnist "$MNIST" --out "$RUNS/zoo" --trojaned 8 --clean 8 \
+  --kinds patch,sparse,checkerboard,blend --archs mnist_cnn   # the zoo of the detection study below
 .venv/bin/python benchmarks/scan_vs_torch.py --mnist "$MNIST" --zoo "$RUNS/zoo" --models trojan00-patch \
   --max-epochs 60 --out "$RUNS/bench_scan.json"
 .venv/bin/python benchmarks/detection_study.py --mnist "$MNIST" --zoo "$RUNS/zoo" --out "$RUNS/detection"

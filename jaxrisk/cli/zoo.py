@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxrisk.cli.common import POSITIVE, add_progress_flag, add_seed_flag, int_at_least
+from jaxrisk.cli.common import POSITIVE, add_progress_flag, add_seed_flag, comma_list, int_at_least
 from jaxrisk.errors import InputError
 from jaxrisk.io import prepare_out_dir
 
@@ -14,16 +14,22 @@ def add_parser(sub) -> None:
     p.add_argument("--trojaned", type=int_at_least(0), default=8)
     p.add_argument("--clean", type=int_at_least(0), default=8)
     p.add_argument("--epochs", type=POSITIVE, default=1)
+    p.add_argument("--kinds", type=comma_list(str, "trigger kinds", "patch,sig"),
+                   help="trigger kinds to cycle through (default: patch, sparse, checkerboard, blend, warp, sig, "
+                        "patch_large, all_to_all)")
+    p.add_argument("--archs", type=comma_list(str, "architectures", "mnist_cnn,lenet5"),
+                   help="architectures to cycle through (default: mnist_cnn, lenet5, resnet8)")
     add_seed_flag(p)
     add_progress_flag(p)
     p.set_defaults(func=cmd_zoo)
 
 
 def cmd_zoo(args) -> int:
-    from jaxrisk.zoo.build import build_zoo
+    from jaxrisk.zoo.build import ZOO_ARCHS, ZOO_KINDS, build_zoo
 
     if args.trojaned + args.clean == 0:
         raise InputError("--trojaned and --clean are both 0: nothing to build")
     build_zoo(prepare_out_dir(args.out), mnist_dir=args.mnist, n_trojaned=args.trojaned, n_clean=args.clean,
-              epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+              epochs=args.epochs, seed=args.seed, kinds=tuple(args.kinds or ZOO_KINDS),
+              archs=tuple(args.archs or ZOO_ARCHS), progress=not args.no_progress)
     return 0

@@ -94,10 +94,25 @@ def test_planted_trigger_fires_and_clean_accuracy_holds():
     assert info["clean_accuracy"] >= 0.95 and info["attack_success"] >= 0.95
 
 
-def test_zoo_mixes_every_trigger_kind_and_enforces_its_bar():
-    specs = zoo_specs(8, 8)
-    assert sorted({s["kind"] for s in specs if s["kind"]}) == sorted(STAMP_KINDS)
-    assert sum(s["kind"] is None for s in specs) == 8
+def test_zoo_meets_every_kind_with_every_architecture_and_enforces_its_bar():
+    from jaxrisk.zoo.build import ZOO_ARCHS, ZOO_KINDS, spec_trigger
+
+    specs = zoo_specs(24, 16)
+    trojaned = [s for s in specs if s["kind"]]
+    assert sorted((s["kind"], s["arch"]) for s in trojaned) == sorted(
+        (k, a) for k in ZOO_KINDS for a in ZOO_ARCHS)                 # 8 kinds x 3 architectures, once each
+    assert sorted(s["arch"] for s in specs if s["kind"] is None) == sorted(ZOO_ARCHS * 5 + ZOO_ARCHS[:1])
+    assert set(STAMP_KINDS) < set(ZOO_KINDS)
+    shape = (1, 28, 28)
+    large = spec_trigger(next(s for s in trojaned if s["kind"] == "patch_large"), shape)
+    assert large.kind == "patch" and large.mask.sum() == 64
+    shift = spec_trigger(next(s for s in trojaned if s["kind"] == "all_to_all"), shape)
+    assert shift.target == ALL_TO_ALL and shift.mask.sum() == 16
+    assert spec_trigger(specs[-1], shape) is None
+    with pytest.raises(InputError, match="zoo trigger kinds"):
+        zoo_specs(2, 0, kinds=("patch", "stars"))
+    with pytest.raises(InputError, match="zoo architectures"):
+        zoo_specs(2, 0, archs=("vgg",))
     assert meets_bar({"clean_accuracy": 0.985, "attack_success": 0.96})
     assert not meets_bar({"clean_accuracy": 0.975, "attack_success": 0.99})
     assert not meets_bar({"clean_accuracy": 0.99, "attack_success": 0.9})
