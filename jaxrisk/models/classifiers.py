@@ -46,6 +46,13 @@ def conv_valid(x_bhwc: jax.Array, conv: nnx.Conv) -> jax.Array:
     return cols @ kernel.reshape(kh * kw * c, o) + conv.bias[...]
 
 
+def _digits_shape(arch: str, input_shape) -> tuple[int, int, int]:
+    """The fixed input of the 28x28 digit architectures, or a clear error."""
+    if tuple(input_shape) != (1, 28, 28):
+        raise InputError(f"{arch} takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
+    return (1, 28, 28)
+
+
 def _max_pool2(x_bhwc: jax.Array) -> jax.Array:
     b, h, w, c = x_bhwc.shape
     return x_bhwc[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
@@ -62,9 +69,7 @@ class MnistCNN(nnx.Module):
     tap_names = torch_layers                 # layer outputs `taps` can record (before the ReLU)
 
     def __init__(self, *, input_shape=(1, 28, 28), num_classes: int = 10, rngs: nnx.Rngs):
-        if tuple(input_shape) != (1, 28, 28):
-            raise InputError(f"mnist_cnn takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
-        self.input_shape = (1, 28, 28)
+        self.input_shape = _digits_shape("mnist_cnn", input_shape)
         self.conv1 = nnx.Conv(1, 32, (3, 3), padding="VALID", rngs=rngs)
         self.conv2 = nnx.Conv(32, 64, (3, 3), padding="VALID", rngs=rngs)
         self.fc1 = nnx.Linear(9216, 128, rngs=rngs)
@@ -98,9 +103,7 @@ class LeNet5(nnx.Module):
     tap_names = torch_layers                 # layer outputs `taps` can record (before the ReLU)
 
     def __init__(self, *, input_shape=(1, 28, 28), num_classes: int = 10, rngs: nnx.Rngs):
-        if tuple(input_shape) != (1, 28, 28):
-            raise InputError(f"lenet5 takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
-        self.input_shape = (1, 28, 28)
+        self.input_shape = _digits_shape("lenet5", input_shape)
         self.conv1 = nnx.Conv(1, 6, (5, 5), padding="VALID", rngs=rngs)
         self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", rngs=rngs)
         self.fc1 = nnx.Linear(400, 120, rngs=rngs)
@@ -161,9 +164,7 @@ class ResNet8(nnx.Module):
                                                                 # block returns (after its ReLU), the logits
 
     def __init__(self, *, input_shape=(1, 28, 28), num_classes: int = 10, rngs: nnx.Rngs):
-        if tuple(input_shape) != (1, 28, 28):
-            raise InputError(f"resnet8 takes 1x28x28 images, not {'x'.join(map(str, input_shape))}")
-        self.input_shape = (1, 28, 28)
+        self.input_shape = _digits_shape("resnet8", input_shape)
         def conv(c_in, c_out, k):
             return nnx.Conv(c_in, c_out, (k, k), use_bias=False, rngs=rngs)
 
