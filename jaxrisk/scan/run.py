@@ -106,6 +106,7 @@ def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets
     the target and classes without held-out images): a planted all-to-one trigger works from every source."""
     graphdef, params = graphdef_params
     by_class = jax.nn.one_hot(labels, n_classes)               # [N, classes]
+    count = by_class.sum(0)
 
     def one(mask, pattern, target, source):
         eligible = jnp.where(source >= 0, labels == source, labels != target)
@@ -114,7 +115,6 @@ def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets
         hit = jnp.argmax(probs, -1) == target
         closeness = 1.0 - jnp.mean(jnp.abs(stamped - images), axis=(1, 2, 3))
         n = jnp.maximum(eligible.sum(), 1)
-        count = by_class.sum(0)
         per_source = jnp.where((count > 0) & (jnp.arange(n_classes) != target),
                                (hit[:, None] * by_class).sum(0) / jnp.maximum(count, 1), jnp.nan)
         return (jnp.sum(hit * eligible) / n, jnp.sum(probs[:, target] * closeness * eligible) / n, per_source)

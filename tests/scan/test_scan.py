@@ -1,5 +1,6 @@
 """The hidden-trigger scan on the embedded digits default: planted triggers are found, clean models pass."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -112,6 +113,27 @@ def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan
     assert resumed.report["resumed_from_step"] == 2 * FAST.run.chunk_steps
     assert resumed.report["classes"] == trojan_scan.report["classes"]
     np.testing.assert_array_equal(resumed.masks, trojan_scan.masks)
+
+
+def test_scan_interrupted_in_its_margin_test_resumes_to_the_same_report(models, test_digits, trojan_scan,
+                                                                        tmp_path, monkeypatch):
+    """Ctrl-C in the second engine run (the maximum-margin test): the inversion is not redone, the margin
+    test resumes from its own checkpoint, and the report is the uninterrupted one's."""
+    from conftest import interrupt_engine_run
+    from jaxrisk.scan import MarginConfig
+
+    margin = MarginConfig(starts=4, steps=80)
+    whole = run(models["trojaned"], test_digits, dataclasses.replace(FAST, margin=margin)).report
+    cut = dataclasses.replace(config(devices=1, checkpoint_dir=tmp_path), margin=margin)
+    restore = interrupt_engine_run(monkeypatch, run=2, at_step=40)
+    with pytest.raises(KeyboardInterrupt):
+        run(models["trojaned"], test_digits, cut)
+    restore()
+    resumed = run(models["trojaned"], test_digits, cut).report
+    assert resumed["resumed_from_step"] >= resumed["steps_run"]     # the inversion had finished: not redone
+    assert resumed["max_margin"] == whole["max_margin"]
+    assert resumed["classes"] == whole["classes"] == [dict(e, max_margin=whole["max_margin"]["statistics"][e["label"]])
+                                                      for e in trojan_scan.report["classes"]]
 
 
 def test_pair_mode_finds_the_planted_target_from_every_source(models, test_digits):
