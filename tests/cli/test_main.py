@@ -20,3 +20,15 @@ def test_detect_flags_offer_the_library_choices():
     from jaxrisk.cli import detect
 
     assert detect.DETECTOR_NAMES == config.DETECTOR_NAMES and detect.AGGREGATES == config.AGGREGATES
+
+
+def test_arch_flags_offer_every_architecture():
+    from jaxrisk.cli import build_parser
+    from jaxrisk.models.classifiers import ARCHS
+
+    import argparse
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("scan", "demo", "detect"):
+        arch = next(a for a in commands[name]._actions if a.dest == "arch")
+        assert sorted(arch.choices) == sorted(ARCHS), name
