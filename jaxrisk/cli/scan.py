@@ -30,6 +30,10 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
                    help="also run MM-BD's data-free maximum-margin test (any trigger form, no mask prior)")
     p.add_argument("--margin-starts", type=int, help="random starts per class of that test (default 30)")
     p.add_argument("--margin-steps", type=int, help="ascent steps per start (default 300)")
+    for name, text in (("smoothness", "total variation of the mask (scattered triggers)"),
+                       ("blocking", "the image with the trigger area blanked must keep its label"),
+                       ("overlaying", "the trigger alone must give the target")):
+        p.add_argument(f"--{name}", type=float, default=0.0, help=f"TABOR's weight on {text} (default 0: off)")
     add_run_flags(p, restarts_help="restarts per class (default 2; demo 4)", steps_help="step budget per restart")
 
 
@@ -50,7 +54,7 @@ def _print_report(report: dict, title: str) -> None:
 
 def _run_scan(model, data, args, out: Path, name: str, **defaults) -> None:
     """Scan one model into `out` (checkpointing in out/checkpoint, removed once the report is written)."""
-    from jaxrisk.scan import MarginConfig, ScanConfig, run
+    from jaxrisk.scan import InversionConfig, MarginConfig, ScanConfig, run
     from jaxrisk.search.engine import remove_checkpoint
 
     ckpt = out / "checkpoint"
@@ -58,8 +62,9 @@ def _run_scan(model, data, args, out: Path, name: str, **defaults) -> None:
     if given and not args.max_margin:
         raise InputError("--margin-starts and --margin-steps set the maximum-margin test: add --max-margin")
     margin = MarginConfig(**given) if args.max_margin else None
+    inversion = InversionConfig(smoothness=args.smoothness, blocking=args.blocking, overlaying=args.overlaying)
     config = ScanConfig(run=run_config(args, ScanConfig().run, checkpoint_dir=ckpt, **defaults), pairs=args.pairs,
-                        margin=margin)
+                        margin=margin, inversion=inversion)
     result = run(model, data, config, name=name)
     json_path, png_path = result.write(out)
     remove_checkpoint(ckpt)

@@ -21,12 +21,20 @@ class InversionConfig:
     cost_down: float = 2.0 ** 1.5
     early_stop_patience: int = 20
     early_stop_threshold: float = 0.99  # "improved" means best norm fell below this fraction of the old best
+    # TABOR's regularisers (Guo et al. 2019), off at 0: total variation of the mask (scattered triggers);
+    # "blocking": the image with the trigger area blanked keeps its true label; "overlaying": the trigger
+    # alone, on a black image, gives the target
+    smoothness: float = 0.0
+    blocking: float = 0.0
+    overlaying: float = 0.0
 
     def __post_init__(self):
         for name in ("batch_size", "steps_per_epoch", "patience", "early_stop_patience"):
             require_int(f"InversionConfig.{name}", getattr(self, name), 1)
         for name in ("learning_rate", "init_cost", "cost_up", "cost_down"):
             require_number(f"InversionConfig.{name}", getattr(self, name), 0.0, above=True)
+        for name in ("smoothness", "blocking", "overlaying"):
+            require_number(f"InversionConfig.{name}", getattr(self, name), 0.0)
         for name in ("success_threshold", "early_stop_threshold"):
             if not 0 < require_number(f"InversionConfig.{name}", getattr(self, name)) <= 1:
                 raise InputError(f"InversionConfig.{name}: expected a fraction in (0, 1], got {getattr(self, name)}")

@@ -9,7 +9,8 @@ starts at 0, switches to `init_cost` after `patience` epochs of attack
 success >= `success_threshold`, then is multiplied up on success streaks and
 divided down on failure streaks. A lane stops early once cost has moved both
 ways and its best mask norm has not improved for `early_stop_patience` epochs.
-An "epoch" is `steps_per_epoch` mini-batches.
+An "epoch" is `steps_per_epoch` mini-batches. TABOR's regularisers (smoothness, blocking, overlaying)
+are optional terms of the same loss (`InversionConfig`).
 """
 
 from __future__ import annotations
@@ -87,11 +88,24 @@ class TriggerInversion:
     def _batch(self, state, key):
         pool = jnp.where(state.source >= 0, self.labels == state.source, self.labels != state.target)
         idx = jax.random.choice(key, self.labels.shape[0], (self.cfg.batch_size,), p=pool / pool.sum())
-        return self.images[idx]
+        return self.images[idx], self.labels[idx]
+
+    def _tabor(self, mask, pattern, x, y, target):
+        """TABOR's regularisers, those with a weight above 0 (static: the others are not computed)."""
+        cfg, extra = self.cfg, 0.0
+        if cfg.smoothness:
+            extra += cfg.smoothness * (jnp.abs(jnp.diff(mask, axis=0)).sum() + jnp.abs(jnp.diff(mask, axis=1)).sum())
+        if cfg.blocking:
+            kept = logits_fn(self.graphdef, self.params, x * (1.0 - mask))
+            extra += cfg.blocking * optax.softmax_cross_entropy_with_integer_labels(kept, y).mean()
+        if cfg.overlaying:
+            alone = logits_fn(self.graphdef, self.params, (mask * pattern)[None])
+            extra += cfg.overlaying * optax.softmax_cross_entropy_with_integer_labels(alone, target[None]).mean()
+        return extra
 
     def step(self, state, key):
         cfg = self.cfg
-        x = self._batch(state, key)
+        x, y = self._batch(state, key)
         target = state.target
 
         def loss_fn(raw):
@@ -100,7 +114,7 @@ class TriggerInversion:
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(x.shape[0], target)).mean()
             l1 = jnp.sum(mask)
             acc = jnp.mean(jnp.argmax(logits, -1) == target)
-            return ce + state.cost * l1, (ce, l1, acc)
+            return ce + state.cost * l1 + self._tabor(mask, pattern, x, y, target), (ce, l1, acc)
 
         (loss, (ce, l1, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.raw)
         updates, opt = self.optimizer().update(grads, state.opt, state.raw)

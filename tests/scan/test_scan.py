@@ -136,6 +136,23 @@ def test_scan_interrupted_in_its_margin_test_resumes_to_the_same_report(models, 
                                                       for e in trojan_scan.report["classes"]]
 
 
+def test_tabor_regularisers_keep_the_planted_trigger_and_smooth_the_masks(models, test_digits, trojan_scan):
+    """TABOR's three terms on: the planted class is still the one flagged and its trigger still fires, and
+    the smoothness term lowers the recovered masks' total variation."""
+    from jaxrisk.scan import InversionConfig
+
+    tabor = dataclasses.replace(FAST, inversion=InversionConfig(smoothness=1e-2, blocking=0.5, overlaying=0.1))
+    result = run(models["trojaned"], test_digits, tabor)
+    assert result.report["flagged"] == [TARGET]
+    assert result.report["classes"][TARGET]["attack_success"] >= 0.9
+    assert result.report["config"]["inversion"]["smoothness"] == 1e-2
+
+    def total_variation(masks):
+        return np.abs(np.diff(masks, axis=1)).sum() + np.abs(np.diff(masks, axis=2)).sum()
+
+    assert total_variation(result.masks) < total_variation(trojan_scan.masks)
+
+
 def test_pair_mode_finds_the_planted_target_from_every_source(models, test_digits):
     report = run(models["trojaned"], test_digits, config(pairs=True, restarts=1, devices=1)).report
     assert len(report["pairs"]) == 90 and len(report["classes"]) == 10
@@ -230,6 +247,12 @@ def test_cli_max_margin_points_at_the_planted_target(models, test_digits, tmp_pa
     assert f"largest class {TARGET}, p-value" in capsys.readouterr().out
     clean = run(models["clean"], test_digits, ScanConfig(run=FAST.run, margin=MarginConfig())).report["max_margin"]
     assert clean["p_value"] > margin["p_value"]
+
+
+def test_cli_negative_tabor_weight_is_a_clear_error(tmp_path, capsys):
+    rc = main(["scan", "--weights", str(cache_dir() / "trojaned.safetensors"), "--arch", "mlp", "--out",
+               str(tmp_path), "--smoothness", "-1"])
+    assert rc == 2 and "InversionConfig.smoothness: expected a number >= 0" in capsys.readouterr().err
 
 
 def test_cli_margin_settings_need_the_margin_test(tmp_path, capsys):
