@@ -131,21 +131,26 @@ def _conv(x_bhwc: jax.Array, conv: nnx.Conv, stride: int = 1, padding: int = 0) 
 
 
 class BatchNorm(nnx.Module):
-    """PyTorch's BatchNorm2d (eps 1e-5): evaluation uses the running statistics; training (`stats` a dict)
-    normalises by the batch's own and records them there for `calibrate_batch_norm`."""
+    """PyTorch's BatchNorm2d (eps 1e-5), named by its state-dict prefix (`layer2.0.bn1`): evaluation uses the
+    running statistics; training (`stats` a dict) normalises by the batch's own and records them there, under
+    that name, for `calibrate_batch_norm`."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, name: str):
+        self.name = name
         self.weight = nnx.Param(jnp.ones(channels))
         self.bias = nnx.Param(jnp.zeros(channels))
         self.running_mean = nnx.BatchStat(jnp.zeros(channels))
         self.running_var = nnx.BatchStat(jnp.ones(channels))
 
-    def __call__(self, x_bhwc: jax.Array, name: str, stats: dict | None) -> jax.Array:
+    def torch_state(self) -> dict[str, nnx.Variable]:
+        return {f"{self.name}.{k}": getattr(self, k) for k in ("weight", "bias", "running_mean", "running_var")}
+
+    def __call__(self, x_bhwc: jax.Array, stats: dict | None) -> jax.Array:
         if stats is None:
             mean, var = self.running_mean[...], self.running_var[...]
         else:
             mean, var = x_bhwc.mean((0, 1, 2)), x_bhwc.var((0, 1, 2))
-            stats[name] = (mean, var)
+            stats[self.name] = (mean, var)
         return (x_bhwc - mean) * jax.lax.rsqrt(var + 1e-5) * self.weight[...] + self.bias[...]
 
 
@@ -165,43 +170,38 @@ class ResNet8(nnx.Module):
 
     def __init__(self, *, input_shape=(1, 28, 28), num_classes: int = 10, rngs: nnx.Rngs):
         self.input_shape = _digits_shape("resnet8", input_shape)
+
         def conv(c_in, c_out, k):
             return nnx.Conv(c_in, c_out, (k, k), use_bias=False, rngs=rngs)
 
-        self.conv1, self.bn1 = conv(1, 16, 3), BatchNorm(16)
+        self.conv1, self.bn1 = conv(1, 16, 3), BatchNorm(16, "bn1")
         self.blocks = nnx.List()
         c_in = 16
-        for c_out in self.widths:
-            block = nnx.Dict(conv1=conv(c_in, c_out, 3), bn1=BatchNorm(c_out), conv2=conv(c_out, c_out, 3),
-                             bn2=BatchNorm(c_out))
+        for i, c_out in enumerate(self.widths):
+            p = f"layer{i + 1}.0"
+            block = nnx.Dict(conv1=conv(c_in, c_out, 3), bn1=BatchNorm(c_out, f"{p}.bn1"),
+                             conv2=conv(c_out, c_out, 3), bn2=BatchNorm(c_out, f"{p}.bn2"))
             if c_out != c_in:
-                block["down_conv"], block["down_bn"] = conv(c_in, c_out, 1), BatchNorm(c_out)
+                block["down_conv"], block["down_bn"] = conv(c_in, c_out, 1), BatchNorm(c_out, f"{p}.downsample.1")
             self.blocks.append(block)
             c_in = c_out
         self.fc = nnx.Linear(c_in, num_classes, rngs=rngs)
 
     def batch_norms(self) -> dict[str, BatchNorm]:
-        """Each batch norm by the name its batch statistics are recorded under."""
-        out = {"bn1": self.bn1}
-        for i, block in enumerate(self.blocks):
-            out.update({f"{i}.{k}": block[k] for k in ("bn1", "bn2", "down_bn") if k in block})
-        return out
+        """Each batch norm by its name (its state-dict prefix, the key of its batch statistics)."""
+        norms = [self.bn1] + [block[k] for block in self.blocks for k in ("bn1", "bn2", "down_bn") if k in block]
+        return {norm.name: norm for norm in norms}
 
     def torch_state(self) -> dict[str, nnx.Variable]:
         """PyTorch key -> NNX variable (weights.torch_variables)."""
-        def bn(prefix, norm):
-            return {f"{prefix}.weight": norm.weight, f"{prefix}.bias": norm.bias,
-                    f"{prefix}.running_mean": norm.running_mean, f"{prefix}.running_var": norm.running_var}
-
-        out = {"conv1.weight": self.conv1.kernel, **bn("bn1", self.bn1)}
+        out = {"conv1.weight": self.conv1.kernel, "fc.weight": self.fc.kernel, "fc.bias": self.fc.bias}
         for i, block in enumerate(self.blocks):
             p = f"layer{i + 1}.0"
-            out.update({f"{p}.conv1.weight": block["conv1"].kernel, **bn(f"{p}.bn1", block["bn1"]),
-                        f"{p}.conv2.weight": block["conv2"].kernel, **bn(f"{p}.bn2", block["bn2"])})
+            out.update({f"{p}.conv1.weight": block["conv1"].kernel, f"{p}.conv2.weight": block["conv2"].kernel})
             if "down_conv" in block:
-                out.update({f"{p}.downsample.0.weight": block["down_conv"].kernel,
-                            **bn(f"{p}.downsample.1", block["down_bn"])})
-        out.update({"fc.weight": self.fc.kernel, "fc.bias": self.fc.bias})
+                out[f"{p}.downsample.0.weight"] = block["down_conv"].kernel
+        for norm in self.batch_norms().values():
+            out.update(norm.torch_state())
         return out
 
     def __call__(self, x_bchw: jax.Array, *, dropout_key: jax.Array | None = None,
@@ -210,13 +210,13 @@ class ResNet8(nnx.Module):
         taps = {} if taps is None else taps
         stats = {} if dropout_key is not None and stats is None else stats
         x = jnp.transpose(x_bchw, (0, 2, 3, 1))
-        x = jax.nn.relu(self.bn1(_tap(taps, "conv1", _conv(x, self.conv1, padding=1)), "bn1", stats))
+        x = jax.nn.relu(self.bn1(_tap(taps, "conv1", _conv(x, self.conv1, padding=1)), stats))
         for i, block in enumerate(self.blocks):
             stride = 1 if i == 0 else 2
-            h = jax.nn.relu(block["bn1"](_conv(x, block["conv1"], stride, 1), f"{i}.bn1", stats))
-            h = block["bn2"](_conv(h, block["conv2"], 1, 1), f"{i}.bn2", stats)
+            h = jax.nn.relu(block["bn1"](_conv(x, block["conv1"], stride, 1), stats))
+            h = block["bn2"](_conv(h, block["conv2"], 1, 1), stats)
             if "down_conv" in block:
-                x = block["down_bn"](_conv(x, block["down_conv"], stride), f"{i}.down_bn", stats)
+                x = block["down_bn"](_conv(x, block["down_conv"], stride), stats)
             x = _tap(taps, f"layer{i + 1}", jax.nn.relu(h + x))
         return _tap(taps, "fc", self.fc(x.mean((1, 2))))
 

@@ -62,13 +62,18 @@ def torch_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     return out
 
 
+def _batch_norm_counters(keys) -> list[str]:
+    """PyTorch's `num_batches_tracked` key beside each batch norm's running mean."""
+    return [k.removesuffix(".running_mean") + ".num_batches_tracked" for k in keys if k.endswith(".running_mean")]
+
+
 def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters under PyTorch keys and layouts (`fc1.weight` is [out, in]); batch norm layers
     also get PyTorch's `num_batches_tracked` (0), which its strict loading asks for."""
     out = {key: np.ascontiguousarray(_to_torch(np.asarray(var.get_value())))
            for key, var in torch_variables(model).items()}
-    for key in [k for k in out if k.endswith(".running_mean")]:
-        out[key.replace(".running_mean", ".num_batches_tracked")] = np.zeros((), np.int64)
+    for key in _batch_norm_counters(list(out)):
+        out[key] = np.zeros((), np.int64)
     return out
 
 
@@ -77,7 +82,7 @@ def load_torch_state_dict(model: nnx.Module, state: dict[str, np.ndarray], sourc
     `num_batches_tracked` counters are accepted and ignored (evaluation uses the running statistics)."""
     variables = torch_variables(model)
     expected = {key: _torch_shape(np.asarray(var.get_value())) for key, var in variables.items()}
-    counters = {k.replace(".running_mean", ".num_batches_tracked") for k in expected if k.endswith(".running_mean")}
+    counters = set(_batch_norm_counters(expected))
     state = {k: v for k, v in state.items() if k not in counters}
     problems = []
     missing = sorted(set(expected) - set(state))
