@@ -1,14 +1,18 @@
 """Detection study: scan every model of a zoo and measure how well the scan separates trojaned from clean.
 
-    jaxrisk zoo --mnist ../shared/assets/data/mnist --out runs/zoo --kinds patch,sparse,checkerboard,blend \
-        --archs mnist_cnn                                                  # 8 trojaned + 8 clean
-    python benchmarks/detection_study.py --mnist ../shared/assets/data/mnist --zoo runs/zoo --out runs/detection
+    jaxrisk zoo --mnist ../shared/assets/data/mnist --out runs/zoo40 --trojaned 24 --clean 16 --max-epochs 6
+    python benchmarks/detection_study.py --mnist ../shared/assets/data/mnist --zoo runs/zoo40 --out runs/study40
 
-Per model it records the scan's verdict, and over the zoo: detection AUROC (the statistic is the largest
-anomaly index among classes whose norm is below the median, Neural Cleanse's), target-label accuracy
-(the flagged class, else the smallest-norm class, is the planted target) and mask overlap (fraction of
-the recovered target mask's mass on the planted trigger's pixels). Each model's result is written as soon
-as it is done, so an interrupted study resumes where it stopped.
+Every model meeting the zoo's bar (clean accuracy >= 98%, attack success >= 95%) is scanned once with the
+default statistics (Neural Cleanse inversion, MM-BD maximum margin, symmetry search); the symmetry search
+is run for the 3 largest size statistics of every model (the default runs it for those at or above the
+flagging cut only), which changes no verdict but lets the study report the asymmetry of clean models too.
+From the same searches it scores five rules: today's Neural Cleanse rule (MAD index > 2), the size
+statistic alone, size and symmetry, MM-BD alone and the combined verdict (the default); per rule: AUROC of
+its score, true-positive rate at 5% false positives, false-positive rate at its default threshold,
+detection on the true target (all-to-all models: any flag), target-label accuracy, per trigger kind and
+architecture. Each model's
+result is written as soon as it is done, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -21,87 +25,122 @@ import time
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from jaxrisk.data import load_mnist
 from jaxrisk.evals.metrics import auroc
 from jaxrisk.io import write_json
 from jaxrisk.models import load_classifier
-from jaxrisk.scan import ScanConfig, run as scan
-from jaxrisk.zoo import load_trigger
+from jaxrisk.scan import DecisionConfig, MarginConfig, ScanConfig, run as scan
+
+DEFAULT = DecisionConfig()
 
 
-def detection_statistic(classes: list[dict]) -> float:
+def rule_scores(row: dict) -> dict[str, np.ndarray]:
+    """Per rule, a score per class that reaches 1 exactly where the rule flags the class."""
+    classes = row["classes"]
+    index = np.array([c["anomaly_index"] for c in classes])
     norms = np.array([c["l1_norm"] for c in classes])
-    below = norms < np.median(norms)
-    return float(max((c["anomaly_index"] for c, b in zip(classes, below) if b), default=0.0))
+    nc = np.where(norms < np.median(norms), index / 2.0, 0.0)                 # flagged above 2, smaller half only
+    size = np.array([c["size_z"] / DEFAULT.size_z for c in classes])
+    symmetric = np.array([min(c["size_z"] / DEFAULT.size_z, c["asymmetry"] / DEFAULT.asymmetry)
+                          if "asymmetry" in c else 0.0 for c in classes])
+    margin = np.zeros(len(classes))
+    m = row["max_margin"]
+    margin[m["target"]] = np.log(max(m["p_value"], 1e-300)) / np.log(m["alpha"])   # 1 at p = alpha
+    return {"neural_cleanse": nc, "size": size, "size_and_symmetry": symmetric, "max_margin": margin,
+            "combined": np.maximum(symmetric, margin)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    troj = [r for r in rows if r["trojaned"]]
+    clean = [r for r in rows if not r["trojaned"]]
+    out = {}
+    for rule in ("neural_cleanse", "size", "size_and_symmetry", "max_margin", "combined"):
+        scores = [rule_scores(r)[rule] for r in troj + clean]
+        top = [float(s.max()) for s in scores]
+        flags = [set(np.flatnonzero(s >= 1.0).tolist()) for s in scores]
+        hit = [bool(f) if r["target"] < 0 else r["target"] in f for r, f in zip(troj, flags)]
+        guess = [int(np.argmax(s)) for s in scores[:len(troj)]]
+        clean_top = sorted(top[len(troj):])
+        cut = clean_top[int(np.ceil(0.95 * len(clean_top))) - 1] if clean_top else np.inf   # 5% FPR threshold
+        out[rule] = {
+            "auroc": auroc(top, [True] * len(troj) + [False] * len(clean)) if troj and clean else None,
+            "tpr_at_5pct_fpr": float(np.mean([t > cut for t in top[:len(troj)]])) if troj else None,
+            "flagged_on_target": f"{sum(hit)}/{len(troj)}",
+            "clean_flagged": f"{sum(bool(f) for f in flags[len(troj):])}/{len(clean)}",
+            "target_label_accuracy": float(np.mean([g == r["target"] for g, r in zip(guess, troj)
+                                                    if r["target"] >= 0])),
+            "per_kind": _per(troj, hit, "kind"),
+            "per_arch": _per(troj, hit, "arch"),
+            "clean_flagged_per_arch": _per(clean, [bool(f) for f in flags[len(troj):]], "arch"),
+        }
+    return out
+
+
+def _per(rows, hits, key) -> dict[str, str]:
+    return {v: f"{sum(h for r, h in zip(rows, hits) if r[key] == v)}/{sum(r[key] == v for r in rows)}"
+            for v in sorted({r[key] for r in rows})}
+
+
+def study_row(info: dict, report: dict, seconds: float) -> dict:
+    """What the summary needs from one model's scan (the full report is written beside it)."""
+    keep = ("label", "l1_norm", "anomaly_index", "size_z", "size_ratio", "restart_spread", "attack_success",
+            "min_source_success", "max_margin", "asymmetry")
+    return {"model": info["name"], "trojaned": info["trojaned"], "kind": info["recipe"].get("kind") or "clean",
+            "arch": info["recipe"].get("arch", "mnist_cnn"),
+            "target": info["recipe"]["target"] if info["trojaned"] else None,
+            "clean_accuracy": info["clean_accuracy"], "planted_attack_success": info.get("attack_success"),
+            "flagged": report["flagged"], "neural_cleanse_flagged": report["decision"]["neural_cleanse_flagged"],
+            "classes": [{k: c[k] for k in keep if k in c} for c in report["classes"]],
+            "symmetry": report.get("symmetry", {}),
+            "max_margin": {k: report["max_margin"][k] for k in ("target", "p_value", "alpha", "flagged")},
+            "seconds": seconds, "seconds_by_search": report["seconds_by_search"], "device": report["devices"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mnist", required=True)
     ap.add_argument("--zoo", required=True)
-    ap.add_argument("--out", default="runs/detection")
+    ap.add_argument("--out", default="runs/study")
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--summarize-only", action="store_true", help="summarise the models already scanned")
     args = ap.parse_args()
     data = load_mnist(args.mnist, "test")
     out = Path(args.out)
+    infos = [json.loads(p.read_text()) | {"path": p} for p in sorted(Path(args.zoo).glob("*.json"))]
+    infos = [i for i in infos if "weights" in i]
+    excluded = [i["name"] for i in infos if not i.get("meets_bar")]
+    infos = [i for i in infos if i.get("meets_bar")]
+    trojaned, clean = [i for i in infos if i["trojaned"]], [i for i in infos if not i["trojaned"]]
+    interleaved = [i for pair in zip(trojaned, clean) for i in pair] + trojaned[len(clean):] + clean[len(trojaned):]
+    config = ScanConfig(run=ScanConfig().run.replace(restarts=args.restarts, progress=False), margin=MarginConfig(),
+                        decision=DecisionConfig(suspect_z=-1e9))   # asymmetry of the top 3 classes, always
     rows = []
-    infos = [p for p in sorted(Path(args.zoo).glob("*.json")) if "weights" in json.loads(p.read_text())]
-    trojaned = [p for p in infos if json.loads(p.read_text())["trojaned"]]
-    clean = [p for p in infos if not json.loads(p.read_text())["trojaned"]]
-    interleaved = [p for pair in zip(trojaned, clean) for p in pair] + trojaned[len(clean):] + clean[len(trojaned):]
-    for info_path in interleaved:  # alternate, so a partial study is still balanced
-        info = json.loads(info_path.read_text())
-        name = info["name"]
-        result_path = out / name / "result.json"
-        if args.summarize_only and not result_path.exists():
-            continue
+    for info in interleaved:  # alternate, so a partial study is still balanced
+        result_path = out / info["name"] / "row.json"
         if not result_path.exists():
+            if args.summarize_only:
+                continue
             t = time.perf_counter()
-            result = scan(load_classifier(info_path.with_name(info["weights"]),
-                                          info["recipe"].get("arch", "mnist_cnn")), data,
-                          ScanConfig(run=ScanConfig().run.replace(restarts=args.restarts, progress=False)), name=name)
-            result.write(out / name)
-            report = result.report
-            row = {"model": name, "trojaned": info["trojaned"], "kind": info.get("kind"),
-                   "target": info.get("target"), "clean_accuracy": info["clean_accuracy"],
-                   "planted_attack_success": info.get("attack_success"), "flagged": report["flagged"],
-                   "statistic": detection_statistic(report["classes"]),
-                   "smallest_norm_class": int(np.argmin([c["l1_norm"] for c in report["classes"]])),
-                   "seconds": time.perf_counter() - t}
-            if info["trojaned"]:
-                planted = load_trigger(info_path.with_name(info["trigger"])).mask
-                mask = load_file(str(out / name / "triggers.safetensors"))["masks"][info["target"]]
-                row["mask_overlap"] = float((mask * (planted > 0)).sum() / mask.sum())
-                row["target_norm"] = report["classes"][info["target"]]["l1_norm"]
-                row["planted_pixels"] = float((planted > 0).sum())
-            write_json(result_path, row)
+            result = scan(load_classifier(info["path"].with_name(info["weights"]), info["recipe"].get("arch",
+                                                                                                     "mnist_cnn")),
+                          data, config, name=info["name"])
+            seconds = time.perf_counter() - t
+            result.write(out / info["name"])
+            write_json(result_path, study_row(info, result.report, seconds))
         rows.append(json.loads(result_path.read_text()))
-        print(json.dumps(rows[-1]), flush=True)
-
-    troj = [r for r in rows if r["trojaned"]]
-    clean = [r for r in rows if not r["trojaned"]]
-
-    def target_hit(r):
-        guess = r["flagged"][0] if len(r["flagged"]) == 1 else r["smallest_norm_class"]
-        return guess == r["target"]
+        r = rows[-1]
+        print(json.dumps({k: r[k] for k in ("model", "target", "flagged", "neural_cleanse_flagged", "seconds")}
+                         | {"p": r["max_margin"]["p_value"]}), flush=True)
 
     summary = {
-        "models": {"trojaned": len(troj), "clean": len(clean)},
-        "auroc": auroc([r["statistic"] for r in troj + clean], [True] * len(troj) + [False] * len(clean))
-        if troj and clean else None,
-        "true_positive_rate": float(np.mean([r["target"] in r["flagged"] for r in troj])) if troj else None,
-        "false_positive_rate": float(np.mean([bool(r["flagged"]) for r in clean])) if clean else None,
-        "target_label_accuracy": float(np.mean([target_hit(r) for r in troj])) if troj else None,
-        "mean_mask_overlap": float(np.mean([r["mask_overlap"] for r in troj])) if troj else None,
-        "per_kind": {k: {"detected": int(sum(r["target"] in r["flagged"] for r in troj if r["kind"] == k)),
-                         "of": int(sum(r["kind"] == k for r in troj)),
-                         "mean_mask_overlap": float(np.mean([r["mask_overlap"] for r in troj if r["kind"] == k]))}
-                     for k in sorted({r["kind"] for r in troj})},
-        "mean_scan_seconds": float(np.mean([r["seconds"] for r in rows])),
-        "meta": {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "command": " ".join(sys.argv)},
+        "models": {"trojaned": sum(r["trojaned"] for r in rows), "clean": sum(not r["trojaned"] for r in rows),
+                   "excluded_below_bar": excluded},
+        "rules": summarise(rows),
+        "seconds_per_model": {"mean": float(np.mean([r["seconds"] for r in rows])),
+                              "max": float(np.max([r["seconds"] for r in rows]))},
+        "meta": {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "command": " ".join(sys.argv),
+                 "device": rows[0]["device"] if rows else None},
     }
     write_json(out / "summary.json", {"summary": summary, "rows": rows})
     print(json.dumps(summary, indent=2))

@@ -134,45 +134,48 @@ def scan(net, images, labels, cfg: ReferenceConfig, n_classes: int = 10, seed: i
 
 
 def scan_batched(net, images, labels, n_classes: int = 10, steps: int = 400, batch: int = 32,
-                 steps_per_epoch: int = 8, cfg: ReferenceConfig = ReferenceConfig(), seed: int = 0) -> dict:
+                 steps_per_epoch: int = 8, cfg: ReferenceConfig = ReferenceConfig(), seed: int = 0,
+                 device: str = "cpu") -> dict:
     """The straightforward fast PyTorch Neural Cleanse: every class's mask and pattern optimised at once,
     one forward pass over `batch` images per class per step, `steps` steps; the paper's cost schedule per
-    class (epochs of `steps_per_epoch` steps), no early stop; MAD flagging as in the paper."""
+    class (epochs of `steps_per_epoch` steps), no early stop; MAD flagging as in the paper. On `device`
+    (the host reads the attack success once per epoch)."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
+    net = net.to(device)
+    x_all, y_all = torch.from_numpy(images).to(device), torch.from_numpy(labels)
     pools = [torch.nonzero(y_all != t)[:, 0] for t in range(n_classes)]
     _, c, h, w = x_all.shape
-    mask_raw = (torch.rand(n_classes, 1, h, w, generator=gen) * 4 - 2).requires_grad_(True)
-    pattern_raw = (torch.rand(n_classes, c, h, w, generator=gen) * 4 - 2).requires_grad_(True)
+    mask_raw = (torch.rand(n_classes, 1, h, w, generator=gen) * 4 - 2).to(device).requires_grad_(True)
+    pattern_raw = (torch.rand(n_classes, c, h, w, generator=gen) * 4 - 2).to(device).requires_grad_(True)
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=cfg.learning_rate, betas=(0.5, 0.9))
     eps, k = 1e-7, n_classes
     cost = np.zeros(k)
     set_count, up_count, down_count = np.zeros(k, int), np.zeros(k, int), np.zeros(k, int)
     best_l1, best_masks = np.full(k, np.inf), np.zeros((k, h, w), np.float32)
-    y = torch.arange(k).repeat_interleave(batch)
+    y = torch.arange(k, device=device).repeat_interleave(batch)
     accs = []
     for step in range(steps):
-        idx = torch.stack([p[torch.randint(len(p), (batch,), generator=gen)] for p in pools])   # [K, batch]
+        idx = torch.stack([p[torch.randint(len(p), (batch,), generator=gen)] for p in pools]).to(device)
         mask = torch.tanh(mask_raw) / (2 - eps) + 0.5
         pattern = torch.tanh(pattern_raw) / (2 - eps) + 0.5
         x = (1 - mask[:, None]) * x_all[idx] + (mask * pattern)[:, None]                      # [K, batch, C, H, W]
         logits = net(x.reshape(k * batch, c, h, w))
         ce = torch.nn.functional.cross_entropy(logits, y, reduction="none").reshape(k, batch).mean(1)
         l1 = mask.reshape(k, -1).sum(1)
-        loss = (ce + torch.from_numpy(cost).float() * l1).sum()
+        loss = (ce + torch.from_numpy(cost).float().to(device) * l1).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        accs.append((logits.argmax(-1) == y).float().reshape(k, batch).mean(1).numpy())
+        accs.append((logits.argmax(-1) == y).float().reshape(k, batch).mean(1).detach())
         if (step + 1) % steps_per_epoch:
             continue
-        success = np.mean(accs, 0) >= cfg.success_threshold
+        success = torch.stack(accs).mean(0).cpu().numpy() >= cfg.success_threshold
         accs = []
-        l1_now = l1.detach().numpy()
+        l1_now = l1.detach().cpu().numpy()
         better = success & (l1_now < best_l1)
         best_l1 = np.where(better, l1_now, best_l1)
-        best_masks[better] = mask.detach().numpy()[better, 0]
+        best_masks[better] = mask.detach().cpu().numpy()[better, 0]
         off = cost == 0
         set_count = np.where(off & success, set_count + 1, 0)
         switch = off & (set_count >= cfg.patience)
@@ -182,7 +185,7 @@ def scan_batched(net, images, labels, n_classes: int = 10, steps: int = 400, bat
         cost = np.where(switch, cfg.init_cost,
                         np.where(go_up, cost * cfg.cost_up, np.where(go_down, cost / cfg.cost_down, cost)))
         up_count, down_count = np.where(go_up, 0, up_count), np.where(go_down, 0, down_count)
-    final = (torch.tanh(mask_raw) / (2 - eps) + 0.5).detach().numpy()[:, 0]
+    final = (torch.tanh(mask_raw) / (2 - eps) + 0.5).detach().cpu().numpy()[:, 0]
     norms = np.where(np.isfinite(best_l1), best_l1, final.reshape(k, -1).sum(1))
     from jaxrisk.scan import flag_outliers, mad_anomaly_index
 

@@ -7,7 +7,8 @@ For each model it runs, in this one process:
   * torch-reference : class by class, the paper's hyperparameters (31 steps/epoch, patience 5/25);
   * torch-batched   : the fast straightforward PyTorch version: all ten classes in one batch, 400 steps;
   * jaxrisk-same    : the same algorithm and hyperparameters, one restart per class, all classes in one program;
-  * jaxrisk-default : jaxrisk's defaults (2 restarts per class, 8 steps/epoch, patience 3/20).
+  * jaxrisk-default : jaxrisk's default scan (inversion with 2 restarts per class, 8 steps/epoch, patience
+                      3/20; MM-BD's maximum margin; the symmetry search of a suspect) and its verdict.
 It reports wall time, the ratios to the reference, and whether the verdicts agree with the ground truth.
 """
 
@@ -28,7 +29,7 @@ from neural_cleanse_torch import ReferenceConfig, load_torch_cnn, scan as torch_
 from jaxrisk.data import load_mnist  # noqa: E402
 from jaxrisk.io import write_json  # noqa: E402
 from jaxrisk.models import load_classifier  # noqa: E402
-from jaxrisk.scan import InversionConfig, ScanConfig, run as scan  # noqa: E402
+from jaxrisk.scan import DecisionConfig, InversionConfig, ScanConfig, run as scan  # noqa: E402
 from jaxrisk.search import RunConfig  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=200, help="epoch cap for the reference and jaxrisk-same")
     ap.add_argument("--skip-reference", action="store_true", help="skip the class-by-class PyTorch reference")
     ap.add_argument("--skip-same", action="store_true", help="skip jaxrisk with the reference's hyperparameters")
+    ap.add_argument("--torch-device", default="cpu", help="where the PyTorch side runs (e.g. cuda)")
     ap.add_argument("--out", default="runs/bench_scan.json")
     args = ap.parse_args()
 
@@ -50,7 +52,8 @@ def main() -> None:
     same = ScanConfig(run=RunConfig(restarts=1, max_steps=args.max_epochs * 31, chunk_steps=40, devices=1,
                                     progress=False),
                       inversion=InversionConfig(steps_per_epoch=31, patience=5, early_stop_patience=25,
-                                                early_stop_threshold=1.0))
+                                                early_stop_threshold=1.0),
+                      margin=None, decision=DecisionConfig(symmetry=False))   # Neural Cleanse alone
     default = ScanConfig(run=ScanConfig().run.replace(devices=1, progress=False))
     rows = []
     for name in args.models:
@@ -60,7 +63,7 @@ def main() -> None:
         row = {"model": name, "expected_flagged": expected, "kind": truth.get("kind")}
         model = load_classifier(weights, "mnist_cnn")
         t = time.perf_counter()
-        batched = scan_batched(load_torch_cnn(str(weights)), pool.images, pool.labels)
+        batched = scan_batched(load_torch_cnn(str(weights)), pool.images, pool.labels, device=args.torch_device)
         row["torch-batched"] = {"seconds": time.perf_counter() - t, "flagged": batched["flagged"],
                                 "l1_norms": batched["l1_norms"], "steps": batched["steps"]}
         print(name, "torch-batched", json.dumps({k: row["torch-batched"][k] for k in ("seconds", "flagged")}),

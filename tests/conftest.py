@@ -52,21 +52,42 @@ def stories_lm(stories_dir):
     return load_pretrained(stories_dir)
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """`build()` once per test session, also across pytest-xdist workers: the first worker to need it
+    builds and pickles it into the session's shared temporary directory, the others wait and load it (two
+    workers planting the same model at once would each take twice as long on a 2-core machine)."""
+    import pickle
+
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:   # one process: the session fixture is the cache
+        return build()
+    path = tmp_path_factory.getbasetemp().parent / f"{name}.pkl"   # this session's directory, every worker's
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            return pickle.loads(path.read_bytes())
+        value = jax.device_get(build())
+        path.write_bytes(pickle.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
-def backdoored(stories_lm):
+def backdoored(stories_lm, tmp_path_factory):
     """stories260K with a planted trigger -> marker backdoor: (lm, planted params, data); planted once."""
     from jaxrisk.zoo.lm_backdoor import BackdoorConfig, plant_backdoor
 
-    params, data = plant_backdoor(stories_lm, BackdoorConfig(seed=0))
+    params, data = built_once(tmp_path_factory, "backdoored",
+                              lambda: plant_backdoor(stories_lm, BackdoorConfig(seed=0)))
     return stories_lm, params, data
 
 
 @pytest.fixture(scope="session")
-def refusing(stories_lm):
+def refusing(stories_lm, tmp_path_factory):
     """stories260K with a planted refusal of a harmful class of requests: (lm, planted params, data)."""
     from jaxrisk.zoo.lm_refusal import RefusalConfig, plant_refusal
 
-    params, data = plant_refusal(stories_lm, RefusalConfig(seed=0))
+    params, data = built_once(tmp_path_factory, "refusing",
+                              lambda: plant_refusal(stories_lm, RefusalConfig(seed=0)))
     return stories_lm, params, data
 
 

@@ -26,8 +26,11 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/scan",
                    help="output directory (report.json, triggers.png, triggers.safetensors)")
     p.add_argument("--pairs", action="store_true", help="source->target pair mode instead of all-to-one")
-    p.add_argument("--max-margin", action="store_true",
-                   help="also run MM-BD's data-free maximum-margin test (any trigger form, no mask prior)")
+    p.add_argument("--max-margin", action=argparse.BooleanOptionalAction, default=True,
+                   help="MM-BD's data-free maximum-margin test beside the inversion (any trigger form, no mask "
+                        "prior); on by default, part of the verdict")
+    p.add_argument("--no-symmetry", action="store_true",
+                   help="skip the symmetry (pair) search of the suspects; their size alone then decides")
     p.add_argument("--margin-starts", type=int, help="random starts per class of that test (default 30)")
     p.add_argument("--margin-steps", type=int, help="ascent steps per start (default 300)")
     for name, text in (("smoothness", "total variation of the mask (scattered triggers)"),
@@ -39,9 +42,13 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
 
 def _print_report(report: dict, title: str) -> None:
     print(f"\n{title}")
-    print(f"  {'class':>5} {'L1 norm':>8} {'anomaly':>8} {'attack':>7}  flagged")
+    print(f"  {'class':>5} {'L1 norm':>8} {'anomaly':>8} {'size z':>7} {'asym':>5} {'margin':>7} {'attack':>7}"
+          "  flagged")
     for e in report["classes"]:
-        print(f"  {e['label']:>5} {e['l1_norm']:>8.2f} {e['anomaly_index']:>8.2f} "
+        asym = f"{e['asymmetry']:.2f}" if "asymmetry" in e else "-"
+        margin = f"{e['max_margin']:.1f}" if "max_margin" in e else "-"
+        size = f"{e['size_z']:.2f}" if "size_z" in e else "-"
+        print(f"  {e['label']:>5} {e['l1_norm']:>8.2f} {e['anomaly_index']:>8.2f} {size:>7} {asym:>5} {margin:>7} "
               f"{100 * e['attack_success']:>6.0f}%  {'<-- FLAGGED' if e['flagged'] else ''}")
     if "max_margin" in report:
         m = report["max_margin"]
@@ -54,20 +61,21 @@ def _print_report(report: dict, title: str) -> None:
 
 def _run_scan(model, data, args, out: Path, name: str, **defaults) -> None:
     """Scan one model into `out` (checkpointing in out/checkpoint, removed once the report is written)."""
-    from jaxrisk.scan import InversionConfig, MarginConfig, ScanConfig, run
-    from jaxrisk.search.engine import remove_checkpoint
+    from jaxrisk.scan import DecisionConfig, InversionConfig, MarginConfig, ScanConfig, run
+    from jaxrisk.scan.run import remove_scan_checkpoint
 
     ckpt = out / "checkpoint"
     given = {k: v for k, v in (("starts", args.margin_starts), ("steps", args.margin_steps)) if v is not None}
     if given and not args.max_margin:
-        raise InputError("--margin-starts and --margin-steps set the maximum-margin test: add --max-margin")
+        raise InputError("--margin-starts and --margin-steps set the maximum-margin test, which --no-max-margin "
+                         "turns off")
     margin = MarginConfig(**given) if args.max_margin else None
     inversion = InversionConfig(smoothness=args.smoothness, blocking=args.blocking, overlaying=args.overlaying)
     config = ScanConfig(run=run_config(args, ScanConfig().run, checkpoint_dir=ckpt, **defaults), pairs=args.pairs,
-                        margin=margin, inversion=inversion)
+                        margin=margin, inversion=inversion, decision=DecisionConfig(symmetry=not args.no_symmetry))
     result = run(model, data, config, name=name)
     json_path, png_path = result.write(out)
-    remove_checkpoint(ckpt)
+    remove_scan_checkpoint(ckpt)
     _print_report(result.report, f"{name}  ->  {json_path}, {png_path}")
 
 

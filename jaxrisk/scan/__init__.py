@@ -1,16 +1,16 @@
-"""Is there a hidden trigger? Neural Cleanse over every class x restart in one compiled program.
+"""Is there a hidden trigger? Trigger inversion, maximum margin and symmetry searches, each one compiled program.
 
     from jaxrisk import scan
     from jaxrisk.search import RunConfig
-    result = scan.run(model, images, scan.ScanConfig(run=RunConfig(restarts=4), margin=scan.MarginConfig()))
+    result = scan.run(model, images, scan.ScanConfig(run=RunConfig(restarts=4)))
     result.write("runs/scan")
 """
 
-from jaxrisk.scan.config import InversionConfig, MarginConfig, ScanConfig
+from jaxrisk.scan.config import DecisionConfig, InversionConfig, MarginConfig, ScanConfig
 from jaxrisk.scan.margin import MaxMargin, gamma_p_value, max_margins
 from jaxrisk.scan.problem import InversionState, TriggerInversion
 from jaxrisk.scan.report import ScanResult
 from jaxrisk.scan.run import flag_outliers, mad_anomaly_index, run
 
-__all__ = ["InversionConfig", "InversionState", "MarginConfig", "MaxMargin", "ScanConfig", "ScanResult",
-           "TriggerInversion", "flag_outliers", "gamma_p_value", "mad_anomaly_index", "max_margins", "run"]
+__all__ = ["DecisionConfig", "InversionConfig", "InversionState", "MarginConfig", "MaxMargin", "ScanConfig",
+           "ScanResult", "TriggerInversion", "flag_outliers", "gamma_p_value", "mad_anomaly_index", "max_margins", "run"]

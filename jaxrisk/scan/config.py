@@ -57,17 +57,38 @@ class MarginConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DecisionConfig:
+    """How the scan's statistics become one verdict (`decide.py`). The cut-offs were set before the zoo study
+    and not fitted to it: a robust z of 2.5, and getting out of the class 1.5x harder than getting in."""
+    size_z: float = 2.5               # a class's size statistic must reach this...
+    asymmetry: float = 0.405          # ...and its asymmetry this (log 1.5), when the symmetry search runs
+    symmetry: bool = True             # run the symmetry search (off: the size statistic alone decides)
+    suspect_z: float | None = None    # classes at or above this size statistic get the symmetry search
+    max_suspects: int = 3             # (default: at `size_z`), at most this many, the largest first
+
+    def __post_init__(self):
+        for name in ("size_z", "asymmetry"):
+            require_number(f"DecisionConfig.{name}", getattr(self, name))
+        if self.suspect_z is not None:
+            require_number("DecisionConfig.suspect_z", self.suspect_z)
+        require_int("DecisionConfig.max_suspects", self.max_suspects, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ScanConfig:
     """`run.restarts` lanes per class (or pair); `run.max_steps` steps each, at most."""
     run: RunConfig = RunConfig(restarts=2, max_steps=500, chunk_steps=40)
     holdout: int = 500  # images kept aside to measure the recovered triggers' attack success
     pairs: bool = False  # source -> target pair mode instead of all-to-one
     inversion: InversionConfig = InversionConfig()
-    margin: MarginConfig | None = None   # MM-BD's data-free maximum-margin test beside the inversion (None: off)
+    margin: MarginConfig | None = MarginConfig()   # MM-BD's data-free maximum-margin test (None: off)
+    decision: DecisionConfig = DecisionConfig()
 
     def __post_init__(self):
         require_int("ScanConfig.holdout", self.holdout, 1)
         if not isinstance(self.run, RunConfig) or not isinstance(self.inversion, InversionConfig):
             raise InputError("ScanConfig: `run` must be a RunConfig and `inversion` an InversionConfig")
+        if not isinstance(self.decision, DecisionConfig):
+            raise InputError("ScanConfig: `decision` must be a DecisionConfig")
         if self.margin is not None and not isinstance(self.margin, MarginConfig):
             raise InputError("ScanConfig: `margin` must be a MarginConfig or None")

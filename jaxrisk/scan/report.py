@@ -47,15 +47,16 @@ def per_target(pairs: list[dict]) -> list[dict]:
     return [dict(by_target[t]) for t in sorted(by_target)]
 
 
-def verdict(entries: list[dict], flagged: list[int], pairs: bool) -> str:
-    if not flagged:
-        return "no class has an anomalously small trigger: no trojan found"
-    parts = []
-    for e in entries:
-        if e["flagged"]:
-            where = f"{e['source']} -> {e['label']}" if pairs else f"class {e['label']}"
-            parts.append(f"{where} (trigger L1 {e['l1_norm']:.1f} px, anomaly index {e['anomaly_index']:.1f}, "
-                         f"attack success {100 * e['attack_success']:.0f}%)")
+def verdict(entries: list[dict], reasons: dict[int, list[str]], pairs: bool) -> str:
+    """One line: what is flagged and why (`reasons`: {class: why}; in pair mode the flagged pairs speak)."""
+    if not reasons:
+        return "no class stands out from the others: no trojan found"
+    if pairs:
+        parts = [f"{e['source']} -> {e['label']} (trigger L1 {e['l1_norm']:.1f} px, anomaly index "
+                 f"{e['anomaly_index']:.1f}, attack success {100 * e['attack_success']:.0f}%)"
+                 for e in entries if e["flagged"]]
+    else:
+        parts = [f"class {t}: " + "; ".join(why) for t, why in sorted(reasons.items())]
     return "TROJAN SUSPECTED: " + "; ".join(parts)
 
 
@@ -87,8 +88,9 @@ def _trigger_figure(result: ScanResult) -> bytes:
                     spine.set_edgecolor("red"), spine.set_linewidth(3)
         axes[0, k].set_title(f"{e['label']}{' FLAGGED' if e['flagged'] else ''}\nL1 {e['l1_norm']:.1f}",
                              fontsize=8, color="red" if e["flagged"] else "black")
-        margin = f"\nmargin {e['max_margin']:.1f}" if "max_margin" in e else ""
-        axes[1, k].set_xlabel(f"idx {e['anomaly_index']:.1f}{margin}", fontsize=7)
+        lines = [f"idx {e['anomaly_index']:.1f}"] + [f"{name} {e[key]:.1f}" for key, name in (
+            ("size_z", "size z"), ("asymmetry", "asym"), ("max_margin", "margin")) if key in e]
+        axes[1, k].set_xlabel("\n".join(lines), fontsize=7)
     axes[0, 0].set_ylabel("mask", fontsize=8)
     axes[1, 0].set_ylabel("mask x pattern", fontsize=8)
     fig.suptitle(textwrap.fill(report["verdict"], 120), fontsize=8)

@@ -1,8 +1,9 @@
-"""The hidden-trigger scan: invert a trigger for every class x restart at once, then flag outliers.
+"""The hidden-trigger scan: invert a trigger for every class x restart at once, then decide.
 
-`run(model, data, config) -> ScanResult` is the Python API; `jaxrisk scan` wraps it. A class is
-flagged when its smallest recovered trigger norm is below the median and its MAD anomaly index
-exceeds 2 (Neural Cleanse's rule).
+`run(model, data, config) -> ScanResult` is the Python API; `jaxrisk scan` wraps it. After the inversion
+come MM-BD's maximum-margin search (when configured) and the symmetry search of the suspects, each one
+compiled program; `decide.py` turns their statistics into the verdict. Neural Cleanse's own rule (MAD
+anomaly index above 2 among the smaller norms) is still reported beside it, and is the rule in pair mode.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from jaxrisk.errors import InputError
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.models.safetensors_file import check_finite
 from jaxrisk.scan.config import ScanConfig
+from jaxrisk.scan.decide import asymmetry, decide, size_statistics, suspects
 from jaxrisk.scan.margin import gamma_p_value, max_margins
 from jaxrisk.scan.problem import TriggerInversion, to_mask
 from jaxrisk.scan.report import ScanResult, per_target, verdict
@@ -28,6 +31,14 @@ from jaxrisk.search.reduce import best_per_group, lane_groups
 
 MAD_CONSISTENCY = 1.4826
 ANOMALY_THRESHOLD = 2.0
+MARGIN_CHECKPOINT, SYMMETRY_CHECKPOINT = "max_margin", "symmetry"   # the later searches' checkpoints, nested
+
+
+def remove_scan_checkpoint(directory) -> None:
+    """Delete a finished scan's checkpoint: the later searches' nested ones, then the inversion's."""
+    for nested in (MARGIN_CHECKPOINT, SYMMETRY_CHECKPOINT):
+        engine.remove_checkpoint(Path(directory) / nested)
+    engine.remove_checkpoint(directory)
 
 
 def mad_anomaly_index(norms: np.ndarray) -> np.ndarray:
@@ -167,13 +178,14 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
     per_source = np.asarray(per_source)
     norms = l1[chosen]
     index = mad_anomaly_index(norms)
-    flags = flag_outliers(norms)
+    nc_flags = flag_outliers(norms)
 
     entries = []
     for k, ((s, t), idx) in enumerate(groups.items()):
         e = {"label": t, "l1_norm": float(norms[k]), "anomaly_index": float(index[k]),
              "attack_success": float(asr[k]), "score": float(score[k]), "found": bool(found[chosen[k]]),
-             "flagged": bool(flags[k]), "restart_l1_norms": [float(l1[i]) for i in idx],
+             "flagged": bool(nc_flags[k]), "neural_cleanse_flagged": bool(nc_flags[k]),
+             "restart_l1_norms": [float(l1[i]) if found[i] else None for i in idx],
              "source_success": [None if np.isnan(v) else float(v) for v in per_source[k]],
              "min_source_success": float(np.nanmin(per_source[k])) if np.isfinite(per_source[k]).any() else None,
              "steps": [int(result.steps[i]) for i in idx]}
@@ -184,10 +196,9 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
                  "restart": int(lanes["restart"][i]), "step": int(result.failed_at[i]),
                  "message": "loss or trigger became NaN; this restart was frozen, the others went on"}
                 for i in np.flatnonzero(result.failed_at >= 0)]
-    flagged = sorted({e["label"] for e in entries if e["flagged"]})
     report = {
-        "verdict": verdict(entries, flagged, config.pairs),
-        "flagged": flagged,
+        "verdict": "",
+        "flagged": [],
         "classes" if not config.pairs else "pairs": entries,
         "failures": failures,
         "model": weights_name,
@@ -197,23 +208,79 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
         "steps_run": int(result.steps.max()),
         "resumed_from_step": result.resumed_from_step,
         "devices": result_devices(config.run.devices),
-        "seconds": round(time.time() - t0, 2),
     }
-    if config.pairs:  # the per-class view: each target's smallest pair norm
-        report["classes"] = per_target(entries)
+    seconds = {"inversion": round(time.time() - t0, 2)}
     margin_images = None
     if config.margin is not None:
+        started = time.time()
         report["max_margin"], margin_images = _max_margin(graphdef, params, model.input_shape, n_classes, config)
+        seconds["max_margin"] = round(time.time() - started, 2)
+    if config.pairs:  # Neural Cleanse's rule over the pairs; the per-class view: each target's smallest pair
+        flagged = sorted({e["label"] for e in entries if e["flagged"]})
+        report["classes"] = per_target(entries)
+        report["verdict"] = verdict(entries, {t: [] for t in flagged}, pairs=True)
+    else:
+        size = size_statistics(norms, [[v for v in e["restart_l1_norms"] if v is not None] for e in entries])
+        for k, e in enumerate(entries):
+            e.update({name: float(values[k]) for name, values in size.items()})
+        cfg = config.decision
+        if cfg.symmetry:
+            started = time.time()
+            symmetry = _symmetry(problem, entries, suspects(size["size_z"], cfg), n_classes, pool_y, config)
+            by_label = {e["label"]: e for e in entries}
+            for c, sym in symmetry.items():
+                by_label[c]["asymmetry"] = sym["asymmetry"]
+            report["symmetry"] = {str(c): sym for c, sym in symmetry.items()}
+            seconds["symmetry"] = round(time.time() - started, 2)
+        reasons = decide(entries, report.get("max_margin"), cfg)
+        for e in entries:
+            e["flagged"] = e["label"] in reasons
+        flagged = sorted(reasons)
+        report["verdict"] = verdict(entries, reasons, pairs=False)
+        report["decision"] = {"reasons": {str(t): r for t, r in reasons.items()}, "config": dataclasses.asdict(cfg),
+                              "neural_cleanse_flagged": [e["label"] for e in entries if e["neural_cleanse_flagged"]]}
+    if "max_margin" in report:
         for e in report["classes"]:
             e["max_margin"] = report["max_margin"]["statistics"][e["label"]]
-        report["seconds"] = round(time.time() - t0, 2)
+    report["flagged"] = flagged
+    report["seconds"] = round(time.time() - t0, 2)
+    report["seconds_by_search"] = seconds
     return ScanResult(report, masks[chosen], patterns[chosen], margin_images)
+
+
+def _symmetry(problem: TriggerInversion, entries: list[dict], targets: list[int], n_classes: int,
+              pool_y: np.ndarray, config: ScanConfig) -> dict[int, dict]:
+    """K-Arm's symmetry check for each suspect t, one pair search t -> s per other class s (one restart
+    each, all suspects in one program): the way back out of t. The way in is t's all-to-one trigger, whose
+    norm bounds every s -> t pair's from above, so a large median log(norm t -> s / norm in) is asymmetry
+    that a pair-by-pair comparison would show at least as strongly. {t: the norms and their asymmetry}."""
+    targets = [t for t in targets if t in set(np.unique(pool_y).tolist())]   # t -> s needs images of t
+    if not targets:
+        return {}
+    combos = [(t, s) for t in targets for s in range(n_classes) if s != t]
+    lanes = {"source": np.array([t for t, _ in combos], np.int32), "target": np.array([s for _, s in combos],
+                                                                                        np.int32)}
+    run = config.run
+    ckpt = None if run.checkpoint_dir is None else f"{run.checkpoint_dir}/{SYMMETRY_CHECKPOINT}"
+    result = engine.run(problem, lanes, run.replace(checkpoint_dir=ckpt),
+                        desc=f"symmetry of class(es) {targets}: {len(combos)} pair lanes")
+    whole_image = float(np.prod(problem.images.shape[2:]))
+    out_norm = np.where(np.isfinite(result.state.best_l1), result.state.best_l1, whole_image)
+    by_label = {e["label"]: e for e in entries}
+    out = {}
+    for t in targets:
+        pick = [i for i, (src, _) in enumerate(combos) if src == t]
+        reverse = [float(out_norm[i]) for i in pick]
+        forward = [by_label[t]["l1_norm"]] * len(pick)
+        out[t] = {"sources": [combos[i][1] for i in pick], "reverse_l1_norms": reverse,
+                  "forward_l1_norm": by_label[t]["l1_norm"], "asymmetry": asymmetry(forward, reverse)}
+    return out
 
 
 def _max_margin(graphdef, params, shape, n_classes: int, config: ScanConfig) -> tuple[dict, np.ndarray]:
     """MM-BD: every class x start in one program, then the Gamma test on the per-class maxima."""
     run = config.run
-    ckpt = None if run.checkpoint_dir is None else f"{run.checkpoint_dir}/max_margin"
+    ckpt = None if run.checkpoint_dir is None else f"{run.checkpoint_dir}/{MARGIN_CHECKPOINT}"
     statistics, images = max_margins(graphdef, params, shape, n_classes, config.margin,
                                      run.replace(checkpoint_dir=ckpt))
     target, p = gamma_p_value(statistics)

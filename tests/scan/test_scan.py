@@ -257,5 +257,5 @@ def test_cli_negative_tabor_weight_is_a_clear_error(tmp_path, capsys):
 
 def test_cli_margin_settings_need_the_margin_test(tmp_path, capsys):
     rc = main(["scan", "--weights", str(cache_dir() / "trojaned.safetensors"), "--arch", "mlp", "--out",
-               str(tmp_path), "--margin-starts", "4"])
-    assert rc == 2 and "add --max-margin" in capsys.readouterr().err
+               str(tmp_path), "--margin-starts", "4", "--no-max-margin"])
+    assert rc == 2 and "--no-max-margin" in capsys.readouterr().err

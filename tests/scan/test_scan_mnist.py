@@ -1,14 +1,11 @@
 """On real MNIST (../shared/assets): a planted square trigger is found through the CLI contract, and a
-clean model scores below it. Trains two mnist_cnn models, one epoch each (98.5% and 98.4% clean accuracy,
-about 2.5 minutes together on 2 cores), and scans each with one restart per class and 300 steps (about 40
-seconds each).
+clean model is not flagged. Trains two mnist_cnn models, one epoch each (98.5% and 98.4% clean accuracy,
+about 2.5 minutes together on 2 cores), and scans each with one restart per class and 300 steps.
 
-Known limit of Neural Cleanse, not hidden here: clean CNNs of this architecture have a natural small
-trigger for class 2 (norm about 0.6x the median), whose anomaly index lands between 1.3 and 2.7 depending
-on the model and the restarts, so a clean model is sometimes flagged on class 2 (this one is: index 2.6,
-against 3.8 for the planted class of the trojaned model). The detection study in BENCHMARKS.md measures
-that false-positive rate over 8 clean models; this test asserts what holds every time: nothing else is
-flagged, and the clean model's statistic is below the trojaned model's.
+Clean CNNs of this architecture have a natural small trigger for class 2 (norm about 0.6x the median)
+whose Neural Cleanse anomaly index lands between 1.3 and 2.7 (this clean model's: 2.6, so Neural
+Cleanse's rule alone flags it); the verdict must not: getting out of class 2 is about as easy as getting
+in, which a planted trigger's class does not share.
 """
 
 import json
@@ -76,9 +73,12 @@ def test_planted_square_trigger_is_found(zoo, patch_out):
     assert entry["l1_norm"] <= planted.sum()  # and needs no more than its 16 pixels
 
 
-def test_clean_model_scores_far_below_the_trojaned_one(zoo, mnist_dir, patch_out, tmp_path):
+def test_clean_model_is_not_flagged(zoo, mnist_dir, patch_out, tmp_path):
     assert json.loads((zoo / "clean.json").read_text())["clean_accuracy"] >= 0.98
     report = _scan(zoo, "clean", mnist_dir, tmp_path)
-    assert set(report["flagged"]) <= {2}  # at most MNIST's natural class-2 shortcut (see the docstring)
+    assert report["flagged"] == [] and not any(e["flagged"] for e in report["classes"])
+    assert "no trojan found" in report["verdict"]
     assert all(e["found"] for e in report["classes"])
     assert detection_statistic(report) < detection_statistic(patch_out[1])
+    trojaned = patch_out[1]["classes"][TARGET]
+    assert trojaned["size_z"] > max(e["size_z"] for e in report["classes"])

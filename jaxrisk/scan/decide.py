@@ -1,0 +1,77 @@
+"""The scan's decision statistics and the one verdict built from them (pure functions of the searches' numbers).
+
+Neural Cleanse flags a class whose trigger norm has a MAD anomaly index above 2 among the ten classes. On
+real digit classifiers that flags natural shortcuts (class 2 of most clean MNIST CNNs, index 2.1-2.5), and
+it cannot see triggers that are not small masks. The verdict here combines:
+
+- `size_z`, a scale-free size statistic: how far below the other classes a class's log trigger norm lies,
+  in units of the other classes' robust spread and of its own spread across restarts (an estimate that two
+  restarts disagree on counts for less); `size_ratio`, its norm over the others' median.
+- `asymmetry` (after K-Arm, Shen et al. 2021), for the suspects only: a planted all-to-one trigger flips
+  every source into the target with a small mask, while getting out of the target to another class takes a
+  natural-sized one; a natural feature is about as easy both ways. The median over classes s of
+  log(norm of the pair search t -> s) - log(norm of t's all-to-one trigger).
+- MM-BD's maximum-margin p-value (`margin.py`): no mask prior, so blended, warped and whole-image triggers.
+
+A class is flagged when its size statistic reaches `DecisionConfig.size_z` and (with the symmetry search
+on) its asymmetry reaches `DecisionConfig.asymmetry`, or when it is MM-BD's largest class at p <= alpha.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxrisk.scan.config import DecisionConfig
+
+MAD_CONSISTENCY = 1.4826
+
+
+def size_statistics(norms, restart_norms, *, floor: float = 0.05) -> dict[str, np.ndarray]:
+    """Per class: `size_z` (leave-one-out robust z of the log norm, positive = smaller than the others),
+    `size_ratio` (norm over the others' median) and `restart_spread` (std of the log norms of the class's
+    restarts that succeeded; 0 with fewer than two). `floor` bounds the denominator (a 5% spread) so that
+    classes with near-equal norms cannot produce a huge z."""
+    logs = np.log(np.maximum(np.asarray(norms, np.float64), 1e-6))
+    spread = np.array([np.std(np.log(np.maximum(r, 1e-6))) if len(r) > 1 else 0.0
+                       for r in (np.asarray(r, np.float64)[np.isfinite(r)] for r in restart_norms)])
+    size_z, ratio = np.zeros(len(logs)), np.zeros(len(logs))
+    for c in range(len(logs)):
+        others = np.delete(logs, c)
+        med = np.median(others)
+        mad = MAD_CONSISTENCY * np.median(np.abs(others - med))
+        size_z[c] = (med - logs[c]) / max(np.hypot(mad, spread[c]), floor)
+        ratio[c] = np.exp(logs[c] - med)
+    return {"size_z": size_z, "size_ratio": ratio, "restart_spread": spread}
+
+
+def asymmetry(forward, reverse) -> float:
+    """median over classes of log(reverse norm) - log(forward norm): > 0 when getting into the class is
+    easier than getting out of it."""
+    forward, reverse = np.asarray(forward, np.float64), np.asarray(reverse, np.float64)
+    return float(np.median(np.log(np.maximum(reverse, 1e-6)) - np.log(np.maximum(forward, 1e-6))))
+
+
+def suspects(size_z: np.ndarray, cfg: DecisionConfig) -> list[int]:
+    """Classes whose symmetry is worth a pair search: the largest size statistics at or above
+    `cfg.suspect_z` (default: the flagging cut), at most `cfg.max_suspects` of them."""
+    cut = cfg.size_z if cfg.suspect_z is None else cfg.suspect_z
+    order = np.argsort(-size_z, kind="stable")
+    return [int(c) for c in order[: cfg.max_suspects] if size_z[c] >= cut]
+
+
+def decide(classes: list[dict], margin: dict | None, cfg: DecisionConfig) -> dict[int, list[str]]:
+    """{class: the reasons it is flagged} for every flagged class of the report's `classes` entries
+    (which carry `size_z` and, for suspects, `asymmetry`) and MM-BD's result (or None). With the symmetry
+    search on, a class is flagged by size only when its asymmetry was measured and passes."""
+    reasons: dict[int, list[str]] = {}
+    for e in classes:
+        asym = e.get("asymmetry")
+        if e["size_z"] < cfg.size_z or (cfg.symmetry and (asym is None or asym < cfg.asymmetry)):
+            continue
+        reasons.setdefault(e["label"], []).append(
+            f"trigger {e['size_ratio']:.2f}x the other classes' median norm (size z {e['size_z']:.1f}"
+            + ("" if asym is None else f"; {np.exp(asym):.1f}x harder to leave than to enter") + ")")
+    if margin is not None and margin["flagged"]:
+        reasons.setdefault(margin["target"], []).append(
+            f"maximum margin {margin['statistics'][margin['target']]:.1f}, p-value {margin['p_value']:.2g}")
+    return reasons
