@@ -58,10 +58,12 @@ class MarginConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecisionConfig:
-    """How the scan's statistics become one verdict (`decide.py`). The cut-offs were set before the zoo study
-    and not fitted to it: a robust z of 2.5, and getting out of the class 1.5x harder than getting in."""
+    """How the scan's statistics become one verdict (`decide.py`). The size cut (a robust z of 2.5) was set
+    before the zoo study; the asymmetry cut (getting out of the class 2x harder than getting in) was raised
+    from the first choice, 1.5x, on the study's calibration half, where the natural class 2 of clean MNIST
+    CNNs measured 1.6-1.7x, and then held fixed for its evaluation half (BENCHMARKS.md)."""
     size_z: float = 2.5               # a class's size statistic must reach this...
-    asymmetry: float = 0.405          # ...and its asymmetry this (log 1.5), when the symmetry search runs
+    asymmetry: float = 0.693          # ...and its asymmetry this (log 2), when the symmetry search runs
     symmetry: bool = True             # run the symmetry search (off: the size statistic alone decides)
     suspect_z: float | None = None    # classes at or above this size statistic get the symmetry search
     max_suspects: int = 3             # (default: at `size_z`), at most this many, the largest first

@@ -54,9 +54,10 @@ def entries(size_z, asym=None):
 
 
 def test_verdict_combines_size_symmetry_and_maximum_margin():
-    cfg = DecisionConfig()   # size z 2.5, asymmetry log 1.5
+    cfg = DecisionConfig()   # size z 2.5, asymmetry log 2
     assert decide(entries([0.1, 4.0, 1.0], asym=1.2), None, cfg).keys() == {1}
     assert decide(entries([0.1, 4.0, 1.0], asym=0.1), None, cfg) == {}        # as easy both ways: natural
+    assert decide(entries([0.1, 4.0, 1.0], asym=0.5), None, cfg) == {}        # clean MNIST class 2: 1.6x
     assert decide(entries([0.1, 4.0, 1.0]), None, cfg) == {}                  # symmetry not measured
     assert decide(entries([0.1, 4.0, 1.0]), None, DecisionConfig(symmetry=False)).keys() == {1}
     assert decide(entries([0.1, 2.4, 1.0], asym=1.2), None, cfg) == {}
