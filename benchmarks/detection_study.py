@@ -7,8 +7,9 @@ Every model meeting the zoo's bar (clean accuracy >= 98%, attack success >= 95%)
 default statistics (Neural Cleanse inversion, MM-BD maximum margin, symmetry search); the symmetry search
 is run for the 3 largest size statistics of every model (the default runs it for those at or above the
 flagging cut only), which changes no verdict but lets the study report the asymmetry of clean models too.
-From the same searches it scores five rules: today's Neural Cleanse rule (MAD index > 2), the size
-statistic alone, size and symmetry, MM-BD alone and the combined verdict (the default); per rule: AUROC of
+From the same searches it scores six rules: today's Neural Cleanse rule (MAD index > 2), the size
+statistic alone, size and symmetry, MM-BD alone, the combined verdict (the default) and a candidate
+(the combined verdict with a size-ratio cut of 0.25, chosen after the study: unvalidated); per rule: AUROC of
 its score, true-positive rate at 5% false positives, false-positive rate at its default threshold,
 detection on the true target (all-to-all models: any flag), target-label accuracy, per trigger kind and
 architecture. Each model's
@@ -33,6 +34,7 @@ from jaxrisk.models import load_classifier
 from jaxrisk.scan import DecisionConfig, MarginConfig, ScanConfig, run as scan
 
 DEFAULT = DecisionConfig()
+RATIO_CUT = 0.25   # a candidate extra cut on the size ratio, chosen after the whole study: not yet validated
 
 
 def rule_scores(row: dict) -> dict[str, np.ndarray]:
@@ -44,18 +46,21 @@ def rule_scores(row: dict) -> dict[str, np.ndarray]:
     size = np.array([c["size_z"] / DEFAULT.size_z for c in classes])
     symmetric = np.array([min(c["size_z"] / DEFAULT.size_z, c["asymmetry"] / DEFAULT.asymmetry)
                           if "asymmetry" in c else 0.0 for c in classes])
+    ratio = np.array([RATIO_CUT / c["size_ratio"] for c in classes])          # 1 at the cut
     margin = np.zeros(len(classes))
     m = row["max_margin"]
     margin[m["target"]] = np.log(max(m["p_value"], 1e-300)) / np.log(m["alpha"])   # 1 at p = alpha
     return {"neural_cleanse": nc, "size": size, "size_and_symmetry": symmetric, "max_margin": margin,
-            "combined": np.maximum(symmetric, margin)}
+            "combined": np.maximum(symmetric, margin),
+            f"combined_ratio_{RATIO_CUT}": np.maximum(np.minimum(symmetric, ratio), margin)}
 
 
 def summarise(rows: list[dict]) -> dict:
     troj = [r for r in rows if r["trojaned"]]
     clean = [r for r in rows if not r["trojaned"]]
     out = {}
-    for rule in ("neural_cleanse", "size", "size_and_symmetry", "max_margin", "combined"):
+    for rule in ("neural_cleanse", "size", "size_and_symmetry", "max_margin", "combined",
+                 f"combined_ratio_{RATIO_CUT}"):
         scores = [rule_scores(r)[rule] for r in troj + clean]
         top = [float(s.max()) for s in scores]
         flags = [set(np.flatnonzero(s >= 1.0).tolist()) for s in scores]

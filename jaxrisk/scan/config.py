@@ -63,7 +63,8 @@ class DecisionConfig:
     from the first choice, 1.5x, on the study's calibration half, where the natural class 2 of clean MNIST
     CNNs measured 1.6-1.7x, and then held fixed for its evaluation half (BENCHMARKS.md)."""
     size_z: float = 2.5               # a class's size statistic must reach this...
-    asymmetry: float = 0.693          # ...and its asymmetry this (log 2), when the symmetry search runs
+    asymmetry: float = 0.693          # ...and its asymmetry this (log 2), when the symmetry search runs...
+    size_ratio: float = 1.0           # ...and its norm be at most this fraction of the others' median (1: no cut)
     symmetry: bool = True             # run the symmetry search (off: the size statistic alone decides)
     suspect_z: float | None = None    # classes at or above this size statistic get the symmetry search
     max_suspects: int = 3             # (default: at `size_z`), at most this many, the largest first
@@ -71,6 +72,7 @@ class DecisionConfig:
     def __post_init__(self):
         for name in ("size_z", "asymmetry"):
             require_number(f"DecisionConfig.{name}", getattr(self, name))
+        require_number("DecisionConfig.size_ratio", self.size_ratio, 0.0, above=True)
         if self.suspect_z is not None:
             require_number("DecisionConfig.suspect_z", self.suspect_z)
         require_int("DecisionConfig.max_suspects", self.max_suspects, 1)

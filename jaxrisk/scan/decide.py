@@ -13,8 +13,9 @@ it cannot see triggers that are not small masks. The verdict here combines:
   log(norm of the pair search t -> s) - log(norm of t's all-to-one trigger).
 - MM-BD's maximum-margin p-value (`margin.py`): no mask prior, so blended, warped and whole-image triggers.
 
-A class is flagged when its size statistic reaches `DecisionConfig.size_z` and (with the symmetry search
-on) its asymmetry reaches `DecisionConfig.asymmetry`, or when it is MM-BD's largest class at p <= alpha.
+A class is flagged when its size statistic reaches `DecisionConfig.size_z` (and its size ratio is at most
+`DecisionConfig.size_ratio`, no cut by default) and, with the symmetry search on, its asymmetry reaches
+`DecisionConfig.asymmetry`; or when it is MM-BD's largest class at p <= alpha.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def decide(classes: list[dict], margin: dict | None, cfg: DecisionConfig) -> dic
     reasons: dict[int, list[str]] = {}
     for e in classes:
         asym = e.get("asymmetry")
-        if e["size_z"] < cfg.size_z or (cfg.symmetry and (asym is None or asym < cfg.asymmetry)):
+        if e["size_z"] < cfg.size_z or e["size_ratio"] > cfg.size_ratio or (
+                cfg.symmetry and (asym is None or asym < cfg.asymmetry)):
             continue
         reasons.setdefault(e["label"], []).append(
             f"trigger {e['size_ratio']:.2f}x the other classes' median norm (size z {e['size_z']:.1f}"

@@ -61,6 +61,8 @@ def test_verdict_combines_size_symmetry_and_maximum_margin():
     assert decide(entries([0.1, 4.0, 1.0]), None, cfg) == {}                  # symmetry not measured
     assert decide(entries([0.1, 4.0, 1.0]), None, DecisionConfig(symmetry=False)).keys() == {1}
     assert decide(entries([0.1, 2.4, 1.0], asym=1.2), None, cfg) == {}
+    assert decide(entries([0.1, 4.0, 1.0], asym=1.2), None, DecisionConfig(size_ratio=0.6)).keys() == {1}
+    assert decide(entries([0.1, 4.0, 1.0], asym=1.2), None, DecisionConfig(size_ratio=0.3)) == {}   # ratio 0.5
     margin = {"flagged": True, "target": 2, "p_value": 1e-4, "statistics": [1.0, 1.2, 9.0]}
     assert decide(entries([0.1, 2.0, 1.0]), margin, cfg).keys() == {2}
     assert decide(entries([0.1, 2.0, 1.0]), dict(margin, flagged=False), cfg) == {}
