@@ -13,7 +13,10 @@ RUNS=${2:-runs}
   --kinds patch,sparse,checkerboard,blend --archs mnist_cnn   # the zoo of the detection study below
 .venv/bin/python benchmarks/scan_vs_torch.py --mnist "$MNIST" --zoo "$RUNS/zoo" --models trojan00-patch \
   --max-epochs 60 --out "$RUNS/bench_scan.json"
-.venv/bin/python benchmarks/detection_study.py --mnist "$MNIST" --zoo "$RUNS/zoo" --out "$RUNS/detection"
+.venv/bin/jaxrisk zoo --mnist "$MNIST" --out "$RUNS/zoo40" --trojaned 27 --clean 16 --max-epochs 6   # issue 15's zoo
+.venv/bin/python benchmarks/scan_vs_torch.py --mnist "$MNIST" --zoo "$RUNS/zoo40" --skip-reference --skip-same \
+  --models trojan00-patch-mnist_cnn clean00-mnist_cnn --out "$RUNS/bench_scan_verdict_cpu.json"
+.venv/bin/python benchmarks/detection_study.py --mnist "$MNIST" --zoo "$RUNS/zoo40" --out "$RUNS/study40"
 .venv/bin/python benchmarks/lm_vs_torch.py --out "$RUNS/bench_lm.json"
 .venv/bin/python benchmarks/gcg_vs_nanogcg.py --out "$RUNS/bench_gcg.json"   # needs .venv-nanogcg (see the script)
 .venv/bin/python benchmarks/circuits_vs_attribution.py --out "$RUNS/bench_circuits.json"
