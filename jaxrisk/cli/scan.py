@@ -1,4 +1,4 @@
-"""`jaxrisk scan` and `jaxrisk demo`: hidden triggers in an image classifier (Neural Cleanse)."""
+"""`jaxrisk scan` and `jaxrisk demo`: hidden triggers in an image classifier (inversion, margin, symmetry)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from jaxrisk.io import prepare_out_dir
 
 
 def add_parser(sub) -> None:
-    for name, func, text in (("scan", cmd_scan, "scan an image classifier for hidden triggers (Neural Cleanse)"),
+    for name, func, text in (("scan", cmd_scan, "scan an image classifier for hidden triggers (Neural Cleanse "
+                                                     "inversion, MM-BD maximum margin, symmetry; one verdict)"),
                              ("demo", cmd_demo, "scan the embedded default: a trojaned and a clean digits model")):
         p = sub.add_parser(name, help=text)
         _add_scan_args(p)

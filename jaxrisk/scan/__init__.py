@@ -13,4 +13,5 @@ from jaxrisk.scan.report import ScanResult
 from jaxrisk.scan.run import flag_outliers, mad_anomaly_index, run
 
 __all__ = ["DecisionConfig", "InversionConfig", "InversionState", "MarginConfig", "MaxMargin", "ScanConfig",
-           "ScanResult", "TriggerInversion", "flag_outliers", "gamma_p_value", "mad_anomaly_index", "max_margins", "run"]
+           "ScanResult", "TriggerInversion", "flag_outliers", "gamma_p_value", "mad_anomaly_index", "max_margins",
+           "run"]

@@ -251,9 +251,9 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
 def _symmetry(problem: TriggerInversion, entries: list[dict], targets: list[int], n_classes: int,
               pool_y: np.ndarray, config: ScanConfig) -> dict[int, dict]:
     """K-Arm's symmetry check for each suspect t, one pair search t -> s per other class s (one restart
-    each, all suspects in one program): the way back out of t. The way in is t's all-to-one trigger, whose
-    norm bounds every s -> t pair's from above, so a large median log(norm t -> s / norm in) is asymmetry
-    that a pair-by-pair comparison would show at least as strongly. {t: the norms and their asymmetry}."""
+    each, all suspects in one program): the way back out of t. The way in is t's all-to-one trigger (it
+    flips every class into t, so each s -> t pair needs no more), which saves the forward pair searches.
+    {t: the reverse norms, the forward norm and their asymmetry}."""
     targets = [t for t in targets if t in set(np.unique(pool_y).tolist())]   # t -> s needs images of t
     if not targets:
         return {}
@@ -272,7 +272,7 @@ def _symmetry(problem: TriggerInversion, entries: list[dict], targets: list[int]
         pick = [i for i, (src, _) in enumerate(combos) if src == t]
         reverse = [float(out_norm[i]) for i in pick]
         forward = [by_label[t]["l1_norm"]] * len(pick)
-        out[t] = {"sources": [combos[i][1] for i in pick], "reverse_l1_norms": reverse,
+        out[t] = {"to_classes": [combos[i][1] for i in pick], "reverse_l1_norms": reverse,
                   "forward_l1_norm": by_label[t]["l1_norm"], "asymmetry": asymmetry(forward, reverse)}
     return out
 

@@ -136,6 +136,23 @@ def test_scan_interrupted_in_its_margin_test_resumes_to_the_same_report(models, 
                                                       for e in trojan_scan.report["classes"]]
 
 
+def test_scan_interrupted_in_its_symmetry_search_resumes_to_the_same_report(models, test_digits, trojan_scan,
+                                                                             tmp_path, monkeypatch):
+    """Ctrl-C in the third engine run (the symmetry search of the planted class): the inversion and the
+    margin test are not redone, and the verdict is the uninterrupted one's."""
+    from conftest import interrupt_engine_run
+
+    restore = interrupt_engine_run(monkeypatch, run=3, at_step=40)
+    with pytest.raises(KeyboardInterrupt):
+        run(models["trojaned"], test_digits, config(devices=1, checkpoint_dir=tmp_path))
+    restore()
+    resumed = run(models["trojaned"], test_digits, config(devices=1, checkpoint_dir=tmp_path)).report
+    whole = trojan_scan.report
+    assert list(whole["symmetry"]) == [str(TARGET)] and resumed["symmetry"] == whole["symmetry"]
+    assert resumed["classes"] == whole["classes"] and resumed["verdict"] == whole["verdict"]
+    assert resumed["max_margin"] == whole["max_margin"]
+
+
 def test_tabor_regularisers_keep_the_planted_trigger_and_smooth_the_masks(models, test_digits, trojan_scan):
     """TABOR's three terms on: the planted class is still the one flagged and its trigger still fires, and
     the smoothness term lowers the recovered masks' total variation."""
