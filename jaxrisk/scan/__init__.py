@@ -10,7 +10,8 @@ from jaxrisk.scan.config import DecisionConfig, InversionConfig, MarginConfig, S
 from jaxrisk.scan.margin import MaxMargin, gamma_p_value, max_margins
 from jaxrisk.scan.problem import InversionState, TriggerInversion
 from jaxrisk.scan.report import ScanResult
-from jaxrisk.scan.run import flag_outliers, mad_anomaly_index, run
+from jaxrisk.scan.decide import flag_outliers, mad_anomaly_index
+from jaxrisk.scan.run import run
 
 __all__ = ["DecisionConfig", "InversionConfig", "InversionState", "MarginConfig", "MaxMargin", "ScanConfig",
            "ScanResult", "TriggerInversion", "flag_outliers", "gamma_p_value", "mad_anomaly_index", "max_margins",

@@ -25,6 +25,21 @@ import numpy as np
 from jaxrisk.scan.config import DecisionConfig
 
 MAD_CONSISTENCY = 1.4826
+ANOMALY_THRESHOLD = 2.0
+
+
+def mad_anomaly_index(norms: np.ndarray) -> np.ndarray:
+    """|x - median| / (1.4826 * median(|x - median|)): a robust z-score."""
+    norms = np.asarray(norms, np.float64)
+    med = np.median(norms)
+    mad = MAD_CONSISTENCY * np.median(np.abs(norms - med))
+    return np.abs(norms - med) / max(mad, 1e-12)
+
+
+def flag_outliers(norms: np.ndarray) -> np.ndarray:
+    """Neural Cleanse's rule: anomalously SMALL norms only."""
+    norms = np.asarray(norms)
+    return (norms < np.median(norms)) & (mad_anomaly_index(norms) > ANOMALY_THRESHOLD)
 
 
 def size_statistics(norms, restart_norms, *, floor: float = 0.05) -> dict[str, np.ndarray]:

@@ -22,15 +22,13 @@ from jaxrisk.errors import InputError
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.models.safetensors_file import check_finite
 from jaxrisk.scan.config import ScanConfig
-from jaxrisk.scan.decide import asymmetry, decide, size_statistics, suspects
+from jaxrisk.scan.decide import asymmetry, decide, flag_outliers, mad_anomaly_index, size_statistics, suspects
 from jaxrisk.scan.margin import gamma_p_value, max_margins
 from jaxrisk.scan.problem import TriggerInversion, to_mask
 from jaxrisk.scan.report import ScanResult, per_target, verdict
 from jaxrisk.search import engine
 from jaxrisk.search.reduce import best_per_group, lane_groups
 
-MAD_CONSISTENCY = 1.4826
-ANOMALY_THRESHOLD = 2.0
 MARGIN_CHECKPOINT, SYMMETRY_CHECKPOINT = "max_margin", "symmetry"   # the later searches' checkpoints, nested
 
 
@@ -39,20 +37,6 @@ def remove_scan_checkpoint(directory) -> None:
     for nested in (MARGIN_CHECKPOINT, SYMMETRY_CHECKPOINT):
         engine.remove_checkpoint(Path(directory) / nested)
     engine.remove_checkpoint(directory)
-
-
-def mad_anomaly_index(norms: np.ndarray) -> np.ndarray:
-    """|x - median| / (1.4826 * median(|x - median|)): a robust z-score."""
-    norms = np.asarray(norms, np.float64)
-    med = np.median(norms)
-    mad = MAD_CONSISTENCY * np.median(np.abs(norms - med))
-    return np.abs(norms - med) / max(mad, 1e-12)
-
-
-def flag_outliers(norms: np.ndarray) -> np.ndarray:
-    """Neural Cleanse's rule: anomalously SMALL norms only."""
-    norms = np.asarray(norms)
-    return (norms < np.median(norms)) & (mad_anomaly_index(norms) > ANOMALY_THRESHOLD)
 
 
 def _check_images(model, data: ImageSet, weights_name: str) -> None:
@@ -254,7 +238,8 @@ def _symmetry(problem: TriggerInversion, entries: list[dict], targets: list[int]
     each, all suspects in one program): the way back out of t. The way in is t's all-to-one trigger (it
     flips every class into t, so each s -> t pair needs no more), which saves the forward pair searches.
     {t: the reverse norms, the forward norm and their asymmetry}."""
-    targets = [t for t in targets if t in set(np.unique(pool_y).tolist())]   # t -> s needs images of t
+    present = set(np.unique(pool_y).tolist())
+    targets = [t for t in targets if t in present]   # t -> s needs images of t
     if not targets:
         return {}
     combos = [(t, s) for t in targets for s in range(n_classes) if s != t]
