@@ -1,24 +1,26 @@
 """Detection study: scan every model of a zoo and measure how well the scan separates trojaned from clean.
 
-    jaxrisk zoo --mnist ../shared/assets/data/mnist --out runs/zoo40 --trojaned 24 --clean 16 --max-epochs 6
+    jaxrisk zoo --mnist ../shared/assets/data/mnist --out runs/zoo40 --trojaned 27 --clean 16 --max-epochs 6
     python benchmarks/detection_study.py --mnist ../shared/assets/data/mnist --zoo runs/zoo40 --out runs/study40
 
 Every model meeting the zoo's bar (clean accuracy >= 98%, attack success >= 95%) is scanned once with the
 default statistics (Neural Cleanse inversion, MM-BD maximum margin, symmetry search); the symmetry search
 is run for the 3 largest size statistics of every model (the default runs it for those at or above the
 flagging cut only), which changes no verdict but lets the study report the asymmetry of clean models too.
-From the same searches it scores six rules: today's Neural Cleanse rule (MAD index > 2), the size
-statistic alone, size and symmetry, MM-BD alone, the combined verdict (the default) and a candidate
-(the combined verdict with a size-ratio cut of 0.25, chosen after the study: unvalidated); per rule: AUROC of
-its score, true-positive rate at 5% false positives, false-positive rate at its default threshold,
-detection on the true target (all-to-all models: any flag), target-label accuracy, per trigger kind and
-architecture. Each model's
-result is written as soon as it is done, so an interrupted study resumes where it stopped.
+From the same searches it scores seven rules: Neural Cleanse's rule (MAD index > 2), the size statistic
+alone, size and symmetry, MM-BD alone, the combined verdict (the default), a candidate (the combined
+verdict with a size-ratio cut of 0.25, chosen after the study: unvalidated) and the clean-reference verdict
+(`jaxrisk scan --reference`: each model against the other clean models of its architecture in the zoo,
+leave one out, or MM-BD); per rule: AUROC of its score, true-positive rate at 5% false positives,
+false-positive rate at its default threshold, detection on the true target (all-to-all models: any flag),
+target-label accuracy, per trigger kind and architecture. Each model's result is written as soon as it is
+done, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -32,6 +34,7 @@ from jaxrisk.evals.metrics import auroc
 from jaxrisk.io import write_json
 from jaxrisk.models import load_classifier
 from jaxrisk.scan import DecisionConfig, MarginConfig, ScanConfig, run as scan
+from jaxrisk.scan.decide import reference_z
 
 DEFAULT = DecisionConfig()
 RATIO_CUT = 0.25   # a candidate extra cut on the size ratio, chosen after the whole study: not yet validated
@@ -50,17 +53,40 @@ def rule_scores(row: dict) -> dict[str, np.ndarray]:
     margin = np.zeros(len(classes))
     m = row["max_margin"]
     margin[m["target"]] = np.log(max(m["p_value"], 1e-300)) / np.log(m["alpha"])   # 1 at p = alpha
-    return {"neural_cleanse": nc, "size": size, "size_and_symmetry": symmetric, "max_margin": margin,
-            "combined": np.maximum(symmetric, margin),
-            f"combined_ratio_{RATIO_CUT}": np.maximum(np.minimum(symmetric, ratio), margin)}
+    scores = {"neural_cleanse": nc, "size": size, "size_and_symmetry": symmetric, "max_margin": margin,
+              "combined": np.maximum(symmetric, margin),
+              f"combined_ratio_{RATIO_CUT}": np.maximum(np.minimum(symmetric, ratio), margin)}
+    if "reference_z" in classes[0]:
+        scores["clean_reference"] = np.maximum(np.array([c["reference_z"] for c in classes]) / DEFAULT.reference_z,
+                                               margin)
+    return scores
+
+
+def with_reference(rows: list[dict]) -> list[dict]:
+    """Each row with `classes[].reference_z` against the other clean models of its architecture (leave one
+    out: a clean model is never its own reference), as `jaxrisk scan --reference` would compute it."""
+    out = []
+    for r in rows:
+        refs = [[c["l1_norm"] for c in q["classes"]] for q in rows
+                if not q["trojaned"] and q["arch"] == r["arch"] and q["model"] != r["model"]]
+        r = json.loads(json.dumps(r))
+        if len(refs) >= 2:
+            z = reference_z([c["l1_norm"] for c in r["classes"]], refs)["reference_z"]
+            for c, value in zip(r["classes"], z):
+                c["reference_z"] = float(value)
+        out.append(r)
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
+    rows = with_reference(rows)
     troj = [r for r in rows if r["trojaned"]]
     clean = [r for r in rows if not r["trojaned"]]
     out = {}
-    for rule in ("neural_cleanse", "size", "size_and_symmetry", "max_margin", "combined",
-                 f"combined_ratio_{RATIO_CUT}"):
+    rules = ["neural_cleanse", "size", "size_and_symmetry", "max_margin", "combined", f"combined_ratio_{RATIO_CUT}"]
+    if all("reference_z" in r["classes"][0] for r in rows):
+        rules.append("clean_reference")
+    for rule in rules:
         scores = [rule_scores(r)[rule] for r in troj + clean]
         top = [float(s.max()) for s in scores]
         flags = [set(np.flatnonzero(s >= 1.0).tolist()) for s in scores]
@@ -102,13 +128,35 @@ def study_row(info: dict, report: dict, seconds: float) -> dict:
             "seconds": seconds, "seconds_by_search": report["seconds_by_search"], "device": report["devices"]}
 
 
+def markdown_rows(rows: list[dict]) -> str:
+    """The per-model table of BENCHMARKS.md: verdict flags, Neural Cleanse's flags, the largest size
+    statistic's class (z / ratio / asymmetry) and MM-BD's largest class with its p-value."""
+    lines = ["| model | planted target | verdict flags | Neural Cleanse flags | class of largest size z: z / ratio "
+             "/ asymmetry | MM-BD p (class) |", "| --- | --- | --- | --- | --- | ---: |"]
+    for r in sorted(rows, key=lambda r: (not r["trojaned"], r["model"])):
+        top = max(r["classes"], key=lambda c: c["size_z"])
+        asym = f"{top['asymmetry']:.2f}" if "asymmetry" in top else "-"
+        target = "-" if not r["trojaned"] else "all-to-all" if r["target"] < 0 else r["target"]
+        flags = np.flatnonzero(rule_scores(r)["combined"] >= 1.0).tolist()
+        m = r["max_margin"]
+        lines.append(f"| {r['model']} | {target} | {flags} | {r['neural_cleanse_flagged']} | {top['label']}: "
+                     f"{top['size_z']:.1f} / {top['size_ratio']:.2f} / {asym} | {m['p_value']:.2g} ({m['target']}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mnist", required=True)
     ap.add_argument("--zoo", required=True)
     ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--restarts", type=int, default=2)
+    default = ScanConfig()
+    ap.add_argument("--restarts", type=int, default=default.run.restarts, help="inversion lanes per class")
+    ap.add_argument("--max-steps", type=int, default=default.run.max_steps, help="steps per inversion lane")
+    ap.add_argument("--batch-size", type=int, default=default.inversion.batch_size, help="images per inversion step")
+    ap.add_argument("--margin-starts", type=int, default=default.margin.starts, help="MM-BD random starts per class")
+    ap.add_argument("--margin-steps", type=int, default=default.margin.steps, help="MM-BD ascent steps")
     ap.add_argument("--summarize-only", action="store_true", help="summarise the models already scanned")
+    ap.add_argument("--markdown", action="store_true", help="also print the per-model table as markdown")
     args = ap.parse_args()
     data = load_mnist(args.mnist, "test")
     out = Path(args.out)
@@ -118,7 +166,9 @@ def main() -> None:
     infos = [i for i in infos if i.get("meets_bar")]
     trojaned, clean = [i for i in infos if i["trojaned"]], [i for i in infos if not i["trojaned"]]
     interleaved = [i for pair in zip(trojaned, clean) for i in pair] + trojaned[len(clean):] + clean[len(trojaned):]
-    config = ScanConfig(run=ScanConfig().run.replace(restarts=args.restarts, progress=False), margin=MarginConfig(),
+    config = ScanConfig(run=default.run.replace(restarts=args.restarts, max_steps=args.max_steps, progress=False),
+                        inversion=dataclasses.replace(default.inversion, batch_size=args.batch_size),
+                        margin=MarginConfig(starts=args.margin_starts, steps=args.margin_steps),
                         decision=DecisionConfig(suspect_z=-1e9))   # asymmetry of the top 3 classes, always
     rows = []
     for info in interleaved:  # alternate, so a partial study is still balanced
@@ -145,10 +195,14 @@ def main() -> None:
         "seconds_per_model": {"mean": float(np.mean([r["seconds"] for r in rows])),
                               "max": float(np.max([r["seconds"] for r in rows]))},
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "command": " ".join(sys.argv),
+                 "budget": {k: getattr(args, k) for k in ("restarts", "max_steps", "batch_size", "margin_starts",
+                                                          "margin_steps")},
                  "device": rows[0]["device"] if rows else None},
     }
     write_json(out / "summary.json", {"summary": summary, "rows": rows})
     print(json.dumps(summary, indent=2))
+    if args.markdown:
+        print(markdown_rows(rows))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jaxrisk.cli.common import add_run_flags, run_config
+from jaxrisk.cli.common import POSITIVE, add_run_flags, run_config
 from jaxrisk.errors import InputError
 from jaxrisk.io import prepare_out_dir
 
@@ -32,24 +32,31 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
                         "prior); on by default, part of the verdict")
     p.add_argument("--no-symmetry", action="store_true",
                    help="skip the symmetry (pair) search of the suspects; their size alone then decides")
-    p.add_argument("--margin-starts", type=int, help="random starts per class of that test (default 30)")
+    p.add_argument("--margin-starts", type=int, help="random starts per class of that test (default 10)")
     p.add_argument("--margin-steps", type=int, help="ascent steps per start (default 300)")
     for name, text in (("smoothness", "total variation of the mask (scattered triggers)"),
                        ("blocking", "the image with the trigger area blanked must keep its label"),
                        ("overlaying", "the trigger alone must give the target")):
         p.add_argument(f"--{name}", type=float, default=0.0, help=f"TABOR's weight on {text} (default 0: off)")
-    add_run_flags(p, restarts_help="restarts per class (default 2; demo 4)", steps_help="step budget per restart")
+    p.add_argument("--reference", nargs="+", metavar="REPORT",
+                   help="report.json of scans of 2 or more clean models of the same architecture, trained on the "
+                        "same data and scanned with the same settings: a class is then flagged when its trigger "
+                        "is far smaller than theirs for that class (replaces the size and symmetry statistics)")
+    p.add_argument("--batch-size", type=POSITIVE, help="images per inversion step (default 16)")
+    add_run_flags(p, restarts_help="restarts per class (default 1; demo 4)",
+                  steps_help="step budget per restart (default 300)")
 
 
 def _print_report(report: dict, title: str) -> None:
     print(f"\n{title}")
-    print(f"  {'class':>5} {'L1 norm':>8} {'anomaly':>8} {'size z':>7} {'asym':>5} {'margin':>7} {'attack':>7}"
+    key, head = ("reference_z", "ref z") if "reference" in report else ("asymmetry", "asym")
+    print(f"  {'class':>5} {'L1 norm':>8} {'anomaly':>8} {'size z':>7} {head:>5} {'margin':>7} {'attack':>7}"
           "  flagged")
     for e in report["classes"]:
-        asym = f"{e['asymmetry']:.2f}" if "asymmetry" in e else "-"
+        second = f"{e[key]:.2f}" if key in e else "-"
         margin = f"{e['max_margin']:.1f}" if "max_margin" in e else "-"
         size = f"{e['size_z']:.2f}" if "size_z" in e else "-"
-        print(f"  {e['label']:>5} {e['l1_norm']:>8.2f} {e['anomaly_index']:>8.2f} {size:>7} {asym:>5} {margin:>7} "
+        print(f"  {e['label']:>5} {e['l1_norm']:>8.2f} {e['anomaly_index']:>8.2f} {size:>7} {second:>5} {margin:>7} "
               f"{100 * e['attack_success']:>6.0f}%  {'<-- FLAGGED' if e['flagged'] else ''}")
     if "max_margin" in report:
         m = report["max_margin"]
@@ -62,7 +69,7 @@ def _print_report(report: dict, title: str) -> None:
 
 def _run_scan(model, data, args, out: Path, name: str, **defaults) -> None:
     """Scan one model into `out` (checkpointing in out/checkpoint, removed once the report is written)."""
-    from jaxrisk.scan import DecisionConfig, InversionConfig, MarginConfig, ScanConfig, run
+    from jaxrisk.scan import DecisionConfig, InversionConfig, MarginConfig, ScanConfig, load_reference, run
     from jaxrisk.scan.run import remove_scan_checkpoint
 
     ckpt = out / "checkpoint"
@@ -71,10 +78,12 @@ def _run_scan(model, data, args, out: Path, name: str, **defaults) -> None:
         raise InputError("--margin-starts and --margin-steps set the maximum-margin test, which --no-max-margin "
                          "turns off")
     margin = MarginConfig(**given) if args.max_margin else None
-    inversion = InversionConfig(smoothness=args.smoothness, blocking=args.blocking, overlaying=args.overlaying)
+    inversion = InversionConfig(smoothness=args.smoothness, blocking=args.blocking, overlaying=args.overlaying,
+                                **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     config = ScanConfig(run=run_config(args, ScanConfig().run, checkpoint_dir=ckpt, **defaults), pairs=args.pairs,
                         margin=margin, inversion=inversion, decision=DecisionConfig(symmetry=not args.no_symmetry))
-    result = run(model, data, config, name=name)
+    reference = load_reference(args.reference, config) if args.reference else None
+    result = run(model, data, config, name=name, reference=reference)
     json_path, png_path = result.write(out)
     remove_scan_checkpoint(ckpt)
     _print_report(result.report, f"{name}  ->  {json_path}, {png_path}")
@@ -110,7 +119,7 @@ def cmd_demo(args) -> int:
     from jaxrisk.data import load_digits
     from jaxrisk.demo import demo_models
 
-    if args.weights or args.mnist or args.arch:
+    if args.weights or args.mnist or args.arch or args.reference:
         raise InputError("jaxrisk demo scans its own embedded models; to scan yours use jaxrisk scan --weights FILE")
     out = prepare_out_dir(args.out)
     models = demo_models(progress=not args.no_progress)

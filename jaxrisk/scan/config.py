@@ -10,8 +10,9 @@ from jaxrisk.search.config import RunConfig
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InversionConfig:
-    """Hyperparameters of the inversion loop (defaults: the paper's, on shorter epochs)."""
-    batch_size: int = 32
+    """Hyperparameters of the inversion loop (defaults: the paper's, on shorter epochs and half its batch:
+    16 images per step kept the detection study's verdicts at half the cost, BENCHMARKS.md)."""
+    batch_size: int = 16
     steps_per_epoch: int = 8
     learning_rate: float = 0.1
     init_cost: float = 1e-3
@@ -42,11 +43,14 @@ class InversionConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MarginConfig:
-    """The reference's settings: 30 random starts per class, 300 SGD steps at lr 1e-2, p <= 0.05 flags."""
-    starts: int = 30
+    """The reference's 300 steps at lr 1e-2, with 10 random starts per class (it uses 30) and p <= 0.01
+    flags (it uses 0.05): in the detection study 10 starts gave the same p-values within their spread at a
+    third of the cost; at 0.05 MM-BD flagged 1 of its 16 clean models, and 2 of a fresh zoo's 10, where
+    0.01 flagged none and the combined verdict lost no trojaned model (BENCHMARKS.md)."""
+    starts: int = 10
     steps: int = 300
     learning_rate: float = 1e-2
-    alpha: float = 0.05
+    alpha: float = 0.01
 
     def __post_init__(self):
         require_int("MarginConfig.starts", self.starts, 1)
@@ -61,16 +65,19 @@ class DecisionConfig:
     """How the scan's statistics become one verdict (`decide.py`). The size cut (a robust z of 2.5) was set
     before the zoo study; the asymmetry cut (getting out of the class 2x harder than getting in) was raised
     from the first choice, 1.5x, on the study's calibration half, where the natural class 2 of clean MNIST
-    CNNs measured 1.6-1.7x, and then held fixed for its evaluation half (BENCHMARKS.md)."""
+    CNNs measured 1.6-1.7x, and then held fixed for its evaluation half (BENCHMARKS.md). The reference cut
+    (3, on a statistic whose unit is the spread of clean models of the architecture) was set after the
+    study and is checked only on a 21-model fresh zoo."""
     size_z: float = 2.5               # a class's size statistic must reach this...
     asymmetry: float = 0.693          # ...and its asymmetry this (log 2), when the symmetry search runs...
     size_ratio: float = 1.0           # ...and its norm be at most this fraction of the others' median (1: no cut)
     symmetry: bool = True             # run the symmetry search (off: the size statistic alone decides)
     suspect_z: float | None = None    # classes at or above this size statistic get the symmetry search
     max_suspects: int = 3             # (default: at `size_z`), at most this many, the largest first
+    reference_z: float = 3.0          # with clean reference scans: the cut on `reference_z` (decide.py)
 
     def __post_init__(self):
-        for name in ("size_z", "asymmetry"):
+        for name in ("size_z", "asymmetry", "reference_z"):
             require_number(f"DecisionConfig.{name}", getattr(self, name))
         require_number("DecisionConfig.size_ratio", self.size_ratio, 0.0, above=True)
         if self.suspect_z is not None:
@@ -80,8 +87,9 @@ class DecisionConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScanConfig:
-    """`run.restarts` lanes per class (or pair); `run.max_steps` steps each, at most."""
-    run: RunConfig = RunConfig(restarts=2, max_steps=500, chunk_steps=40)
+    """`run.restarts` lanes per class (or pair); `run.max_steps` steps each, at most. The defaults (1 restart,
+    300 steps) gave the detection study the verdicts of 2 restarts x 500 steps at a third of the cost."""
+    run: RunConfig = RunConfig(restarts=1, max_steps=300, chunk_steps=50)
     holdout: int = 500  # images kept aside to measure the recovered triggers' attack success
     pairs: bool = False  # source -> target pair mode instead of all-to-one
     inversion: InversionConfig = InversionConfig()

@@ -89,7 +89,8 @@ def _trigger_figure(result: ScanResult) -> bytes:
         axes[0, k].set_title(f"{e['label']}{' FLAGGED' if e['flagged'] else ''}\nL1 {e['l1_norm']:.1f}",
                              fontsize=8, color="red" if e["flagged"] else "black")
         lines = [f"idx {e['anomaly_index']:.1f}"] + [f"{name} {e[key]:.1f}" for key, name in (
-            ("size_z", "size z"), ("asymmetry", "asym"), ("max_margin", "margin")) if key in e]
+            ("size_z", "size z"), ("asymmetry", "asym"), ("reference_z", "ref z"), ("max_margin", "margin"))
+            if key in e]
         axes[1, k].set_xlabel("\n".join(lines), fontsize=7)
     axes[0, 0].set_ylabel("mask", fontsize=8)
     axes[1, 0].set_ylabel("mask x pattern", fontsize=8)

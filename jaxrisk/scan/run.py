@@ -22,9 +22,11 @@ from jaxrisk.errors import InputError
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.models.safetensors_file import check_finite
 from jaxrisk.scan.config import ScanConfig
-from jaxrisk.scan.decide import asymmetry, decide, flag_outliers, mad_anomaly_index, size_statistics, suspects
+from jaxrisk.scan.decide import (asymmetry, decide, flag_outliers, mad_anomaly_index, reference_z, size_statistics,
+                                 suspects)
 from jaxrisk.scan.margin import gamma_p_value, max_margins
 from jaxrisk.scan.problem import TriggerInversion, to_mask
+from jaxrisk.scan.reference import Reference
 from jaxrisk.scan.report import ScanResult, per_target, verdict
 from jaxrisk.search import engine
 from jaxrisk.search.reduce import best_per_group, lane_groups
@@ -118,9 +120,11 @@ def _evaluate_triggers(graphdef_params, images, labels, masks, patterns, targets
 
 
 def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str = "<model>",
-        on_chunk=None) -> ScanResult:
+        on_chunk=None, reference: Reference | None = None) -> ScanResult:
     """Scan `model` (an NNX classifier) with clean images `data` for hidden triggers; `name` (the weights
-    file) is what error messages and the report call the model."""
+    file) is what error messages and the report call the model. `reference` (`load_reference`): scans of
+    clean models of the same architecture, whose per-class norms then decide instead of the size and
+    symmetry statistics (the symmetry search is skipped)."""
     weights_name = name
     _check_images(model, data, weights_name)
     t0 = time.time()
@@ -139,6 +143,9 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
     eval_x, eval_y = data.images[-holdout:], data.labels[-holdout:]
 
     _check_labels(data, pool_y, n_classes, config)
+    if reference is not None and reference.norms.shape[1] != n_classes:
+        raise InputError(f"{weights_name}: the model has {n_classes} classes but the reference reports have "
+                         f"{reference.norms.shape[1]} ({reference.sources[0]})")
     problem = TriggerInversion(params=params, images=jnp.asarray(pool_x), labels=jnp.asarray(pool_y),
                                graphdef=graphdef, cfg=config.inversion)
     lanes = _lanes(n_classes, config.run.restarts, config.pairs)
@@ -207,8 +214,13 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
         size = size_statistics(norms, [[v for v in e["restart_l1_norms"] if v is not None] for e in entries])
         for k, e in enumerate(entries):
             e.update({name: float(values[k]) for name, values in size.items()})
+        if reference is not None:
+            against = reference_z(norms, reference.norms)
+            for k, e in enumerate(entries):
+                e.update({name: float(values[k]) for name, values in against.items()})
+            report["reference"] = {"models": reference.sources, "n": len(reference.sources)}
         cfg = config.decision
-        if cfg.symmetry:
+        if cfg.symmetry and reference is None:
             started = time.time()
             symmetry = _symmetry(problem, entries, suspects(size["size_z"], cfg), n_classes, pool_y, config)
             by_label = {e["label"]: e for e in entries}

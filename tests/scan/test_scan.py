@@ -17,7 +17,7 @@ from jaxrisk.zoo import load_trigger
 
 
 def config(pairs: bool = False, **run) -> ScanConfig:
-    """The default scan (2 restarts, 500 steps, chunks of 40) with these run settings, no progress bar."""
+    """The default scan (1 restart, 300 steps, chunks of 50) with these run settings, no progress bar."""
     return ScanConfig(pairs=pairs, run=ScanConfig().run.replace(progress=False, **run))
 
 
