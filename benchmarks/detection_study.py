@@ -11,10 +11,10 @@ From the same searches it scores seven rules: Neural Cleanse's rule (MAD index >
 alone, size and symmetry, MM-BD alone, the combined verdict (the default), a candidate (the combined
 verdict with a size-ratio cut of 0.25, chosen after the study: unvalidated) and the clean-reference verdict
 (`jaxrisk scan --reference`: each model against the other clean models of its architecture in the zoo,
-leave one out, or MM-BD); per rule: AUROC of its score, true-positive rate at 5% false positives,
-false-positive rate at its default threshold, detection on the true target (all-to-all models: any flag),
-target-label accuracy, per trigger kind and architecture. Each model's result is written as soon as it is
-done, so an interrupted study resumes where it stopped.
+leave one out; reference p-value <= 0.01, or MM-BD); per rule: AUROC of its score, true-positive rate at
+5% false positives, false-positive rate at its default threshold, detection on the true target
+(all-to-all models: any flag), target-label accuracy, per trigger kind and architecture. Each model's
+result is written as soon as it is done, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from jaxrisk.evals.metrics import auroc
 from jaxrisk.io import write_json
 from jaxrisk.models import load_classifier
 from jaxrisk.scan import DecisionConfig, MarginConfig, ScanConfig, run as scan
-from jaxrisk.scan.decide import reference_z
+from jaxrisk.scan.decide import reference_statistics
 
 DEFAULT = DecisionConfig()
 RATIO_CUT = 0.25   # a candidate extra cut on the size ratio, chosen after the whole study: not yet validated
@@ -56,24 +56,25 @@ def rule_scores(row: dict) -> dict[str, np.ndarray]:
     scores = {"neural_cleanse": nc, "size": size, "size_and_symmetry": symmetric, "max_margin": margin,
               "combined": np.maximum(symmetric, margin),
               f"combined_ratio_{RATIO_CUT}": np.maximum(np.minimum(symmetric, ratio), margin)}
-    if "reference_z" in classes[0]:
-        scores["clean_reference"] = np.maximum(np.array([c["reference_z"] for c in classes]) / DEFAULT.reference_z,
-                                               margin)
+    if "reference_p" in classes[0]:   # 1 at p = alpha
+        p = np.maximum([c["reference_p"] for c in classes], 1e-300)
+        scores["clean_reference"] = np.maximum(np.log(p) / np.log(DEFAULT.reference_alpha), margin)
     return scores
 
 
 def with_reference(rows: list[dict]) -> list[dict]:
-    """Each row with `classes[].reference_z` against the other clean models of its architecture (leave one
-    out: a clean model is never its own reference), as `jaxrisk scan --reference` would compute it."""
+    """Each row with `classes[].reference_z / reference_p` against the other clean models of its
+    architecture (leave one out: a clean model is never its own reference), as `jaxrisk scan --reference`
+    would compute them."""
     out = []
     for r in rows:
         refs = [[c["l1_norm"] for c in q["classes"]] for q in rows
                 if not q["trojaned"] and q["arch"] == r["arch"] and q["model"] != r["model"]]
         r = json.loads(json.dumps(r))
         if len(refs) >= 2:
-            z = reference_z([c["l1_norm"] for c in r["classes"]], refs)["reference_z"]
-            for c, value in zip(r["classes"], z):
-                c["reference_z"] = float(value)
+            against = reference_statistics([c["l1_norm"] for c in r["classes"]], refs)
+            for k, c in enumerate(r["classes"]):
+                c.update({name: float(values[k]) for name, values in against.items()})
         out.append(r)
     return out
 
@@ -84,7 +85,7 @@ def summarise(rows: list[dict]) -> dict:
     clean = [r for r in rows if not r["trojaned"]]
     out = {}
     rules = ["neural_cleanse", "size", "size_and_symmetry", "max_margin", "combined", f"combined_ratio_{RATIO_CUT}"]
-    if all("reference_z" in r["classes"][0] for r in rows):
+    if all("reference_p" in r["classes"][0] for r in rows):
         rules.append("clean_reference")
     for rule in rules:
         scores = [rule_scores(r)[rule] for r in troj + clean]
@@ -130,17 +131,21 @@ def study_row(info: dict, report: dict, seconds: float) -> dict:
 
 def markdown_rows(rows: list[dict]) -> str:
     """The per-model table of BENCHMARKS.md: verdict flags, Neural Cleanse's flags, the largest size
-    statistic's class (z / ratio / asymmetry) and MM-BD's largest class with its p-value."""
+    statistic's class (z / ratio / asymmetry), MM-BD's largest class with its p-value and the
+    clean-reference verdict's flags."""
     lines = ["| model | planted target | verdict flags | Neural Cleanse flags | class of largest size z: z / ratio "
-             "/ asymmetry | MM-BD p (class) |", "| --- | --- | --- | --- | --- | ---: |"]
-    for r in sorted(rows, key=lambda r: (not r["trojaned"], r["model"])):
+             "/ asymmetry | MM-BD p (class) | clean-reference flags |", "| --- | --- | --- | --- | --- | ---: | --- |"]
+    for r in sorted(with_reference(rows), key=lambda r: (not r["trojaned"], r["model"])):
         top = max(r["classes"], key=lambda c: c["size_z"])
         asym = f"{top['asymmetry']:.2f}" if "asymmetry" in top else "-"
         target = "-" if not r["trojaned"] else "all-to-all" if r["target"] < 0 else r["target"]
-        flags = np.flatnonzero(rule_scores(r)["combined"] >= 1.0).tolist()
+        scores = rule_scores(r)
+        flags = np.flatnonzero(scores["combined"] >= 1.0).tolist()
+        against = np.flatnonzero(scores["clean_reference"] >= 1.0).tolist() if "clean_reference" in scores else "-"
         m = r["max_margin"]
         lines.append(f"| {r['model']} | {target} | {flags} | {r['neural_cleanse_flagged']} | {top['label']}: "
-                     f"{top['size_z']:.1f} / {top['size_ratio']:.2f} / {asym} | {m['p_value']:.2g} ({m['target']}) |")
+                     f"{top['size_z']:.1f} / {top['size_ratio']:.2f} / {asym} | {m['p_value']:.2g} ({m['target']}) "
+                     f"| {against} |")
     return "\n".join(lines)
 
 

@@ -65,20 +65,23 @@ class DecisionConfig:
     """How the scan's statistics become one verdict (`decide.py`). The size cut (a robust z of 2.5) was set
     before the zoo study; the asymmetry cut (getting out of the class 2x harder than getting in) was raised
     from the first choice, 1.5x, on the study's calibration half, where the natural class 2 of clean MNIST
-    CNNs measured 1.6-1.7x, and then held fixed for its evaluation half (BENCHMARKS.md). The reference cut
-    (3, on a statistic whose unit is the spread of clean models of the architecture) was set after the
-    study and is checked only on a 21-model fresh zoo."""
+    CNNs measured 1.6-1.7x, and then held fixed for its evaluation half (BENCHMARKS.md). The clean-reference
+    test (a Student-t p-value, Bonferroni over the classes, at 0.01 like MM-BD) was designed after the
+    study and checked on two fresh zoos."""
     size_z: float = 2.5               # a class's size statistic must reach this...
     asymmetry: float = 0.693          # ...and its asymmetry this (log 2), when the symmetry search runs...
     size_ratio: float = 1.0           # ...and its norm be at most this fraction of the others' median (1: no cut)
     symmetry: bool = True             # run the symmetry search (off: the size statistic alone decides)
     suspect_z: float | None = None    # classes at or above this size statistic get the symmetry search
     max_suspects: int = 3             # (default: at `size_z`), at most this many, the largest first
-    reference_z: float = 3.0          # with clean reference scans: the cut on `reference_z` (decide.py)
+    reference_alpha: float = 0.01     # with clean reference scans: flag at `reference_p` <= this (decide.py)
 
     def __post_init__(self):
-        for name in ("size_z", "asymmetry", "reference_z"):
+        for name in ("size_z", "asymmetry"):
             require_number(f"DecisionConfig.{name}", getattr(self, name))
+        if not 0 < require_number("DecisionConfig.reference_alpha", self.reference_alpha) < 1:
+            raise InputError(f"DecisionConfig.reference_alpha: expected a significance level in (0, 1), got "
+                             f"{self.reference_alpha}")
         require_number("DecisionConfig.size_ratio", self.size_ratio, 0.0, above=True)
         if self.suspect_z is not None:
             require_number("DecisionConfig.suspect_z", self.suspect_z)

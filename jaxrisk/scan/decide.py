@@ -17,14 +17,15 @@ A class is flagged when its size statistic reaches `DecisionConfig.size_z` (and 
 `DecisionConfig.size_ratio`, no cut by default) and, with the symmetry search on, its asymmetry reaches
 `DecisionConfig.asymmetry`; or when it is MM-BD's largest class at p <= alpha.
 
-With scans of clean models of the same architecture as a reference, `reference_z` replaces the size and
-symmetry statistics: a natural shortcut (class 2 of MNIST CNNs, class 8 of small ResNets) is small in every
-clean model of the architecture too, a planted trigger only in the trojaned one.
+With scans of clean models of the same architecture as a reference, `reference_statistics` replace the
+size and symmetry statistics: a natural shortcut (class 2 of MNIST CNNs, class 8 of small ResNets) is
+small in every clean model of the architecture too, a planted trigger only in the trojaned one.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from jax.scipy.special import betainc
 
 from jaxrisk.scan.config import DecisionConfig
 
@@ -64,19 +65,32 @@ def size_statistics(norms, restart_norms, *, floor: float = 0.05) -> dict[str, n
     return {"size_z": size_z, "size_ratio": ratio, "restart_spread": spread}
 
 
-def reference_z(norms, reference_norms, *, floor: float = 0.05) -> dict[str, np.ndarray]:
+def reference_statistics(norms, reference_norms, *, floor: float = 0.05) -> dict[str, np.ndarray]:
     """Per class, against clean reference models' scans [n >= 2, classes]: `reference_z`, how far below the
     references' log trigger norm for the same class this model's lies (each model's log norms taken
     relative to its own median, so a model that is harder to flip overall is no suspect), in units of the
     references' pooled spread around their class means x sqrt(1 + 1/n) (the spread a new clean model
-    would show); positive = smaller. `reference_ratio`: the norm over the references' (geometric) mean."""
+    would show); positive = smaller. `reference_p`: its one-sided Student-t p-value (n x classes - classes
+    degrees of freedom: few references give wide tails), times the number of classes (Bonferroni: the
+    chance that any class of a clean model lies this far out). `reference_ratio`: the norm over the
+    references' (geometric) mean."""
     x = np.log(np.maximum(np.asarray(norms, np.float64), 1e-6))
     refs = np.log(np.maximum(np.asarray(reference_norms, np.float64), 1e-6))
     n, k = refs.shape
     x, refs = x - np.median(x), refs - np.median(refs, axis=1, keepdims=True)
     mean = refs.mean(0)
-    spread = np.sqrt(((refs - mean) ** 2).sum() / (n * k - k)) * np.sqrt(1 + 1 / n)
-    return {"reference_z": (mean - x) / max(spread, floor), "reference_ratio": np.exp(x - mean)}
+    dof = n * k - k
+    spread = np.sqrt(((refs - mean) ** 2).sum() / dof) * np.sqrt(1 + 1 / n)
+    z = (mean - x) / max(spread, floor)
+    return {"reference_z": z, "reference_p": np.minimum(1.0, k * student_t_tail(z, dof)),
+            "reference_ratio": np.exp(x - mean)}
+
+
+def student_t_tail(t, dof: int) -> np.ndarray:
+    """P(T > t) for Student's t with `dof` degrees of freedom (the regularised incomplete beta function)."""
+    t = np.asarray(t, np.float64)
+    half = 0.5 * np.asarray(betainc(dof / 2.0, 0.5, dof / (dof + t ** 2)), np.float64)
+    return np.where(t > 0, half, 1.0 - half)
 
 
 def asymmetry(forward, reverse) -> float:
@@ -96,16 +110,16 @@ def suspects(size_z: np.ndarray, cfg: DecisionConfig) -> list[int]:
 
 def decide(classes: list[dict], margin: dict | None, cfg: DecisionConfig) -> dict[int, list[str]]:
     """{class: the reasons it is flagged} for every flagged class of the report's `classes` entries
-    (which carry `size_z` and, for suspects, `asymmetry`; or `reference_z` when clean reference scans were
-    given) and MM-BD's result (or None). With the symmetry search on, a class is flagged by size only when
-    its asymmetry was measured and passes."""
+    (which carry `size_z` and, for suspects, `asymmetry`; or the reference statistics when clean reference
+    scans were given) and MM-BD's result (or None). With the symmetry search on, a class is flagged by
+    size only when its asymmetry was measured and passes."""
     reasons: dict[int, list[str]] = {}
     for e in classes:
-        if "reference_z" in e:   # clean models of the architecture are the null: size and symmetry step aside
-            if e["reference_z"] >= cfg.reference_z:
+        if "reference_p" in e:   # clean models of the architecture are the null: size and symmetry step aside
+            if e["reference_p"] <= cfg.reference_alpha:
                 reasons.setdefault(e["label"], []).append(
                     f"trigger {e['reference_ratio']:.2f}x the clean reference models' norm for this class "
-                    f"(reference z {e['reference_z']:.1f})")
+                    f"(reference z {e['reference_z']:.1f}, p-value {e['reference_p']:.2g})")
             continue
         asym = e.get("asymmetry")
         if e["size_z"] < cfg.size_z or e["size_ratio"] > cfg.size_ratio or (

@@ -1,6 +1,6 @@
 """Clean reference models for the scan's verdict: `report.json`s of `jaxrisk scan` on clean models of the
 same architecture, trained on the same data and scanned with the same inversion settings. Their per-class
-trigger norms are the null a natural shortcut belongs to (`decide.reference_z`)."""
+trigger norms are the null a natural shortcut belongs to (`decide.reference_statistics`)."""
 
 from __future__ import annotations
 

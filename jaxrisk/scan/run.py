@@ -22,8 +22,8 @@ from jaxrisk.errors import InputError
 from jaxrisk.models.classifiers import logits_fn, pure_apply
 from jaxrisk.models.safetensors_file import check_finite
 from jaxrisk.scan.config import ScanConfig
-from jaxrisk.scan.decide import (asymmetry, decide, flag_outliers, mad_anomaly_index, reference_z, size_statistics,
-                                 suspects)
+from jaxrisk.scan.decide import (asymmetry, decide, flag_outliers, mad_anomaly_index, reference_statistics,
+                                 size_statistics, suspects)
 from jaxrisk.scan.margin import gamma_p_value, max_margins
 from jaxrisk.scan.problem import TriggerInversion, to_mask
 from jaxrisk.scan.reference import Reference
@@ -215,7 +215,7 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
         for k, e in enumerate(entries):
             e.update({name: float(values[k]) for name, values in size.items()})
         if reference is not None:
-            against = reference_z(norms, reference.norms)
+            against = reference_statistics(norms, reference.norms)
             for k, e in enumerate(entries):
                 e.update({name: float(values[k]) for name, values in against.items()})
             report["reference"] = {"models": reference.sources, "n": len(reference.sources)}

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from jaxrisk.scan.config import DecisionConfig
-from jaxrisk.scan.decide import asymmetry, decide, reference_z, size_statistics, suspects
+from jaxrisk.scan.decide import (asymmetry, decide, reference_statistics, size_statistics, student_t_tail,
+                                 suspects)
 
 NATURAL = np.array([60.0, 48.0, 35.0, 55.0, 62.0, 50.0, 58.0, 45.0, 52.0, 57.0])   # class 2 the smallest
 
@@ -80,31 +81,42 @@ def clean_references(n: int = 5, seed: int = 0, jitter: float = 0.1) -> np.ndarr
 def test_reference_statistic_clears_the_natural_class_and_finds_the_planted_one():
     refs = clean_references()
     clean = NATURAL * 3.0                                      # another clean model, on a different scale
-    z = reference_z(clean, refs)["reference_z"]
-    assert abs(z[2]) < 2 and (np.abs(z) < 3).all()             # its small class 2 is what clean models show
+    against = reference_statistics(clean, refs)
+    assert abs(against["reference_z"][2]) < 2 and (against["reference_p"] > 0.05).all()   # class 2: natural
     assert size_statistics(clean, [[n] for n in clean])["size_z"][2] > 2.5   # which the size statistic flags
     planted = clean.copy()
     planted[5] = clean[5] / 4                                  # a planted trigger 4x smaller than class 5's natural
-    against = reference_z(planted, refs)
+    against = reference_statistics(planted, refs)
     assert int(np.argmax(against["reference_z"])) == 5 and against["reference_z"][5] > 6
+    assert against["reference_p"][5] < 1e-3 and (np.delete(against["reference_p"], 5) > 0.05).all()
     assert against["reference_ratio"][5] == pytest.approx(0.25, rel=0.2)
-    assert (np.delete(against["reference_z"], 5) < 3).all()
 
 
 def test_reference_statistic_is_in_units_of_the_references_spread():
-    """The same planted trigger counts for less against references that disagree more among themselves."""
+    """The same planted trigger counts for less against references that disagree more among themselves,
+    and the same z for less against fewer references (Student's t: wider tails with fewer degrees of freedom)."""
     planted = NATURAL.copy()
     planted[5] /= 3
-    narrow = reference_z(planted, clean_references(jitter=0.1))["reference_z"][5]
-    wide = reference_z(planted, clean_references(jitter=0.3))["reference_z"][5]
-    assert narrow > 3 and 0 < wide < narrow / 2
+    narrow = reference_statistics(planted, clean_references(jitter=0.1))
+    wide = reference_statistics(planted, clean_references(jitter=0.3))
+    assert narrow["reference_z"][5] > 3 and 0 < wide["reference_z"][5] < narrow["reference_z"][5] / 2
+    assert wide["reference_p"][5] > narrow["reference_p"][5]
+    assert student_t_tail(3.0, 10) > student_t_tail(3.0, 40) > student_t_tail(3.0, 10_000)
+
+
+def test_student_t_tail_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    t = np.array([-2.0, 0.0, 0.5, 3.0, 6.0])
+    for dof in (3, 10, 45):
+        np.testing.assert_allclose(student_t_tail(t, dof), stats.t.sf(t, dof), rtol=1e-4, atol=1e-7)
 
 
 def test_verdict_with_a_reference_ignores_size_and_symmetry():
     cfg = DecisionConfig()
     natural = {"label": 2, "size_z": 4.0, "size_ratio": 0.6, "asymmetry": 1.0, "reference_z": 0.4,
-               "reference_ratio": 0.95}
-    planted = {"label": 5, "size_z": 1.0, "size_ratio": 0.8, "reference_z": 7.0, "reference_ratio": 0.3}
+               "reference_p": 1.0, "reference_ratio": 0.95}
+    planted = {"label": 5, "size_z": 1.0, "size_ratio": 0.8, "reference_z": 7.0, "reference_p": 1e-5,
+               "reference_ratio": 0.3}
     reasons = decide([natural, planted], None, cfg)
     assert list(reasons) == [5] and "reference z 7.0" in reasons[5][0]
     margin = {"flagged": True, "target": 2, "p_value": 1e-4, "statistics": [0, 0, 80.0]}

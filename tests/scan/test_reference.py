@@ -40,7 +40,7 @@ def test_planted_trigger_is_flagged_against_clean_references(references, tmp_pat
     assert report["flagged"] == [TARGET]
     assert report["reference"]["n"] == 3
     target = report["classes"][TARGET]
-    assert target["reference_z"] >= 3 and target["reference_ratio"] < 0.5
+    assert target["reference_p"] <= 0.01 and target["reference_ratio"] < 0.5
     assert "clean reference models" in report["verdict"]
     assert "symmetry" not in report   # the reference replaces the symmetry search
 
@@ -48,7 +48,7 @@ def test_planted_trigger_is_flagged_against_clean_references(references, tmp_pat
 def test_clean_model_is_not_flagged_against_clean_references(references, tmp_path):
     report = _scan(cache_dir() / "clean.safetensors", tmp_path, "--reference", *map(str, references))
     assert report["flagged"] == [] and "no trojan found" in report["verdict"]
-    assert max(e["reference_z"] for e in report["classes"]) < 3
+    assert min(e["reference_p"] for e in report["classes"]) > 0.01
 
 
 def test_bad_references_are_one_line_errors(references, tmp_path, capsys):
