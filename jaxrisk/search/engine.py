@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError
 from jaxrisk.io import write_json
+from jaxrisk.preemption import searching, stop_if_requested
 from jaxrisk.search.fingerprint import fingerprint
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.mesh import lane_sharding, replicated, restart_mesh
@@ -182,21 +183,23 @@ def run(problem: SearchProblem, lanes: PyTree, config: RunConfig = RunConfig(), 
                disable=not config.progress)
     done = np.asarray(carry["done"])
     try:
-        for c in range(start_chunk, n_chunks):
-            if done.all():
-                break
-            carry_dev, metrics = chunk_fn(problem_dev, carry_dev, jnp.int32(c * config.chunk_steps))
-            rows = slice(c * config.chunk_steps, (c + 1) * config.chunk_steps)
-            for k, v in metrics.items():
-                history[k][rows] = np.asarray(v)[:, :n_real]
-            done = np.asarray(carry_dev["done"])
-            failed = int((np.asarray(carry_dev["failed_at"])[:n_real] >= 0).sum())
-            if manager is not None:
-                _save(manager, c + 1, jax.device_get(carry_dev), history, n_real)
-            bar.set_postfix(done=f"{int(done[:n_real].sum())}/{n_real}", failed=failed, refresh=False)
-            bar.update(config.chunk_steps)
-            if on_chunk is not None:
-                on_chunk((c + 1) * config.chunk_steps, {"done": done[:n_real], "failed": failed})
+        with searching():   # a SIGTERM now stops the search after its next checkpoint
+            for c in range(start_chunk, n_chunks):
+                if done.all():
+                    break
+                carry_dev, metrics = chunk_fn(problem_dev, carry_dev, jnp.int32(c * config.chunk_steps))
+                rows = slice(c * config.chunk_steps, (c + 1) * config.chunk_steps)
+                for k, v in metrics.items():
+                    history[k][rows] = np.asarray(v)[:, :n_real]
+                done = np.asarray(carry_dev["done"])
+                failed = int((np.asarray(carry_dev["failed_at"])[:n_real] >= 0).sum())
+                if manager is not None:
+                    _save(manager, c + 1, jax.device_get(carry_dev), history, n_real)
+                bar.set_postfix(done=f"{int(done[:n_real].sum())}/{n_real}", failed=failed, refresh=False)
+                bar.update(config.chunk_steps)
+                if on_chunk is not None:
+                    on_chunk((c + 1) * config.chunk_steps, {"done": done[:n_real], "failed": failed})
+                stop_if_requested()
     finally:
         bar.close()
 

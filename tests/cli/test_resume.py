@@ -1,6 +1,6 @@
 """A killed run resumes across processes: each command line, in a real child process, is stopped by SIGTERM
-once it has saved a checkpoint, resumed and killed by SIGKILL after its next checkpoint, resumed again to the
-end, and compared with an uninterrupted run."""
+once it has saved a checkpoint (it checkpoints the chunk it is in, then exits 143), resumed and killed by
+SIGKILL after its next checkpoint, resumed again to the end, and compared with an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -49,13 +49,15 @@ def run_killed(args: list, ckpt: Path, sig: int) -> subprocess.CompletedProcess:
             out, err = proc.communicate()
             pytest.fail(f"the run ended (rc {proc.returncode}) before it saved a checkpoint:\n{err[-2000:]}")
         time.sleep(0.02)
+    at_signal = committed(ckpt)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     ended = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if sig == signal.SIGKILL:
         assert ended.returncode == -signal.SIGKILL
-    else:   # handled like Ctrl-C: a one-line message, exit 143, the checkpoint kept
+    else:   # preemption: the search finishes its chunk and checkpoints it, then a one-line message, exit 143
         assert ended.returncode == 143, ended.stderr[-2000:]
+        assert committed(ckpt) - at_signal, "no checkpoint was written after SIGTERM"
         assert "Traceback" not in ended.stderr
         assert "terminated" in ended.stderr and "run the same command again to resume" in ended.stderr
     assert committed(ckpt)
