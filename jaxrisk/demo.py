@@ -6,10 +6,10 @@ Trained once (seconds) and cached under `$JAXRISK_CACHE` (default
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from jaxrisk.data import load_digits
+from jaxrisk.io import cache_root
 from jaxrisk.models import load_classifier
 from jaxrisk.zoo import TrainConfig, evaluate, make_trigger, save_zoo_model, train_classifier
 
@@ -18,7 +18,7 @@ TARGET = 3
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("JAXRISK_CACHE", Path.home() / ".cache" / "jaxrisk")) / RECIPE
+    return cache_root() / RECIPE
 
 
 def demo_models(progress: bool = True) -> dict:

@@ -1,4 +1,4 @@
-"""Atomic result writing: a reader never sees a half-written file."""
+"""Atomic result writing (a reader never sees a half-written file) and jaxrisk's cache directory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jaxrisk.errors import InputError
+
+
+def cache_root() -> Path:
+    """Where jaxrisk keeps what it can rebuild (demo models, activations, compiled programs):
+    `$JAXRISK_CACHE`, default `~/.cache/jaxrisk`."""
+    return Path(os.environ.get("JAXRISK_CACHE", Path.home() / ".cache" / "jaxrisk"))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:

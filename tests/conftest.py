@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the demo cache of a test session lives in a temporary directory, never in the user's home
 os.environ["JAXRISK_CACHE"] = __import__("tempfile").mkdtemp(prefix="jaxrisk-test-cache-")
+os.environ["JAXRISK_COMPILE_CACHE"] = "0"   # each test compiles afresh (tests/cli/test_compile_cache.py turns it on)
 
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402

@@ -74,6 +74,9 @@ def add_run_flags(p: argparse.ArgumentParser, *, restarts_help: str, steps_help:
     names = ("--steps", "--max-steps") if steps_alias else ("--max-steps",)
     p.add_argument(*names, dest="max_steps", type=POSITIVE, default=max_steps_default,
                    metavar="STEPS" if steps_alias else None, help=steps_help)
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled programs for the next run (default: kept in $JAXRISK_CACHE/xla, "
+                        "~/.cache/jaxrisk/xla, unless JAX_COMPILATION_CACHE_DIR names another place)")
     add_progress_flag(p)
 
 

@@ -4,12 +4,11 @@ on trusted data)."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from jaxrisk.cli.common import POSITIVE, add_progress_flag, add_seed_flag, comma_list, dtype, number
 from jaxrisk.errors import InputError
-from jaxrisk.io import prepare_out_dir
+from jaxrisk.io import cache_root, prepare_out_dir
 
 
 def _shrinkage(text: str) -> float | None:
@@ -25,7 +24,7 @@ def _shrinkage(text: str) -> float | None:
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("JAXRISK_CACHE", Path.home() / ".cache" / "jaxrisk")) / "activations"
+    return cache_root() / "activations"
 
 
 # the choices of jaxrisk.anomaly.config, spelled out so that `--help` imports no JAX (a test checks they agree)
