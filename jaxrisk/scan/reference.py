@@ -22,6 +22,7 @@ COMPARABLE = ("restarts", "max_steps", "inversion")
 class Reference:
     norms: np.ndarray    # [n, classes] each clean reference model's per-class trigger norm
     sources: list[str]   # where each row came from (the report files)
+    architectures: list  # each report's recorded `architecture` (None in reports that predate it)
 
 
 def load_reference(paths, config: ScanConfig) -> Reference:
@@ -35,7 +36,7 @@ def load_reference(paths, config: ScanConfig) -> Reference:
         raise InputError("reference: the clean-reference verdict is for all-to-one scans, not --pairs")
     expected = {"restarts": config.run.restarts, "max_steps": config.run.max_steps,
                 "inversion": _json_roundtrip(config.inversion)}
-    rows = []
+    rows, architectures = [], []
     for path in paths:
         report = _read(path)
         classes = report.get("classes")
@@ -58,10 +59,11 @@ def load_reference(paths, config: ScanConfig) -> Reference:
                                  f"{expected[name]!r}: scan the reference models with the same settings (their "
                                  "trigger norms depend on them)")
         rows.append(norms)
+        architectures.append(report.get("architecture"))
     if len({len(r) for r in rows}) != 1:
         sizes = ", ".join(f"{p.name}: {len(r)}" for p, r in zip(paths, rows))
         raise InputError(f"reference: the reports have different numbers of classes ({sizes})")
-    return Reference(np.array(rows), [str(p) for p in paths])
+    return Reference(np.array(rows), [str(p) for p in paths], architectures)
 
 
 def _read(path: Path) -> dict:

@@ -143,9 +143,15 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
     eval_x, eval_y = data.images[-holdout:], data.labels[-holdout:]
 
     _check_labels(data, pool_y, n_classes, config)
-    if reference is not None and reference.norms.shape[1] != n_classes:
-        raise InputError(f"{weights_name}: the model has {n_classes} classes but the reference reports have "
-                         f"{reference.norms.shape[1]} ({reference.sources[0]})")
+    architecture = {"name": type(model).__name__, "input_shape": list(model.input_shape)}
+    if reference is not None:
+        if reference.norms.shape[1] != n_classes:
+            raise InputError(f"{weights_name}: the model has {n_classes} classes but the reference reports have "
+                             f"{reference.norms.shape[1]} ({reference.sources[0]})")
+        for source, recorded in zip(reference.sources, reference.architectures):
+            if recorded is not None and recorded != architecture:
+                raise InputError(f"{source}: field `architecture` is {recorded} but the scanned model is "
+                                 f"{architecture}: the references must be clean models of the same architecture")
     problem = TriggerInversion(params=params, images=jnp.asarray(pool_x), labels=jnp.asarray(pool_y),
                                graphdef=graphdef, cfg=config.inversion)
     lanes = _lanes(n_classes, config.run.restarts, config.pairs)
@@ -193,6 +199,7 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
         "classes" if not config.pairs else "pairs": entries,
         "failures": failures,
         "model": weights_name,
+        "architecture": architecture,
         "data": {"source": data.source, "optimisation_images": len(pool_y), "holdout_images": holdout},
         "config": _config_record(config),
         "lanes": len(lanes["target"]),
