@@ -6,10 +6,9 @@ import argparse
 import signal
 import sys
 
-from jaxrisk import __version__
+from jaxrisk import __version__, preemption
 from jaxrisk.cli import circuits, detect, fragility, models, redteam, scan, zoo
 from jaxrisk.errors import InputError
-from jaxrisk import preemption
 from jaxrisk.preemption import Terminated
 
 
