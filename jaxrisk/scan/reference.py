@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
-from jaxrisk.errors import InputError
+from jaxrisk.data.text import json_object
+from jaxrisk.errors import InputError, require_number
 from jaxrisk.scan.config import ScanConfig
 
 # the report's settings that change the recovered norms (seed, devices, chunking and the holdout do not)
@@ -38,7 +38,7 @@ def load_reference(paths, config: ScanConfig) -> Reference:
                 "inversion": _json_roundtrip(config.inversion)}
     rows, architectures = [], []
     for path in paths:
-        report = _read(path)
+        report = json_object(path, "a report.json written by jaxrisk scan")
         classes = report.get("classes")
         if "pairs" in report or not isinstance(classes, list) or not classes:
             raise InputError(f"{path}: field `classes`: expected the per-class list of an all-to-one scan's "
@@ -46,12 +46,10 @@ def load_reference(paths, config: ScanConfig) -> Reference:
         norms = []
         for k, entry in enumerate(classes):
             norm = entry.get("l1_norm") if isinstance(entry, dict) else None
-            if not isinstance(norm, (int, float)) or isinstance(norm, bool) or not math.isfinite(norm) or norm <= 0:
-                raise InputError(f"{path}: field `classes[{k}].l1_norm`: expected a positive number, got {norm!r}")
+            norms.append(require_number(f"{path}: field `classes[{k}].l1_norm`", norm, 0.0, above=True))
             if entry.get("label") != k:
                 raise InputError(f"{path}: field `classes[{k}].label`: expected {k} (classes in label order), got "
                                  f"{entry.get('label')!r}")
-            norms.append(float(norm))
         recorded = report.get("config") if isinstance(report.get("config"), dict) else {}
         for name in COMPARABLE:
             if recorded.get(name) != expected[name]:
@@ -64,18 +62,6 @@ def load_reference(paths, config: ScanConfig) -> Reference:
         sizes = ", ".join(f"{p.name}: {len(r)}" for p, r in zip(paths, rows))
         raise InputError(f"reference: the reports have different numbers of classes ({sizes})")
     return Reference(np.array(rows), [str(p) for p in paths], architectures)
-
-
-def _read(path: Path) -> dict:
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such reference report (expected a report.json written by jaxrisk scan)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not a readable JSON report ({err})") from None
-    if not isinstance(report, dict):
-        raise InputError(f"{path}: expected a JSON object (a report.json written by jaxrisk scan)")
-    return report
 
 
 def _json_roundtrip(inversion) -> dict:

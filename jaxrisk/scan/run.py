@@ -219,12 +219,10 @@ def run(model, data: ImageSet, config: ScanConfig = ScanConfig(), *, name: str =
         report["verdict"] = verdict(entries, {t: [] for t in flagged}, pairs=True)
     else:
         size = size_statistics(norms, [[v for v in e["restart_l1_norms"] if v is not None] for e in entries])
+        statistics = size if reference is None else size | reference_statistics(norms, reference.norms)
         for k, e in enumerate(entries):
-            e.update({name: float(values[k]) for name, values in size.items()})
+            e.update({name: float(values[k]) for name, values in statistics.items()})
         if reference is not None:
-            against = reference_statistics(norms, reference.norms)
-            for k, e in enumerate(entries):
-                e.update({name: float(values[k]) for name, values in against.items()})
             report["reference"] = {"models": reference.sources, "n": len(reference.sources)}
         cfg = config.decision
         if cfg.symmetry and reference is None:

@@ -62,8 +62,8 @@ def test_bad_references_are_one_line_errors(references, tmp_path, capsys):
     (tmp_path / "lenet.json").write_text(json.dumps(lenet))
     cases = [([str(references[0])], "at least 2 clean models"),
              ([str(references[0]), str(tmp_path / "other.json")], "`config.max_steps` is 500"),
-             ([str(references[0]), str(tmp_path / "broken.json")], "not a readable JSON report"),
-             ([str(references[0]), str(tmp_path / "absent.json")], "no such reference report"),
+             ([str(references[0]), str(tmp_path / "broken.json")], "not a JSON object"),
+             ([str(references[0]), str(tmp_path / "absent.json")], "no such file"),
              ([str(references[0]), str(tmp_path / "lenet.json")], "field `architecture`")]
     for paths, expected in cases:
         rc = main(["scan", "--weights", weights, "--out", str(tmp_path / "o"), *SETTINGS, "--reference", *paths])
