@@ -87,8 +87,9 @@ def summarise(rows: list[dict]) -> dict:
     rules = ["neural_cleanse", "size", "size_and_symmetry", "max_margin", "combined", f"combined_ratio_{RATIO_CUT}"]
     if all("reference_p" in r["classes"][0] for r in rows):
         rules.append("clean_reference")
+    every = [rule_scores(r) for r in troj + clean]
     for rule in rules:
-        scores = [rule_scores(r)[rule] for r in troj + clean]
+        scores = [s[rule] for s in every]
         top = [float(s.max()) for s in scores]
         flags = [set(np.flatnonzero(s >= 1.0).tolist()) for s in scores]
         hit = [bool(f) if r["target"] < 0 else r["target"] in f for r, f in zip(troj, flags)]
