@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,9 +19,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("JAXRISK_CACHE", Path.home() / ".cache" / "jaxrisk"))
 
 
+def is_writer() -> bool:
+    """Whether this process writes results, reports and checkpoint markers: always in a single-process run;
+    in a multi-process job (`jaxrisk.distributed`) process 0 only."""
+    jax = sys.modules.get("jax")   # never imported just to ask (`jaxrisk --help` stays free of JAX)
+    return jax is None or jax.process_index() == 0
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Call `write(fileobj)` on a temporary file beside `path`, then rename it into place."""
+    """Call `write(fileobj)` on a temporary file beside `path`, then rename it into place. In a multi-process
+    job only process 0 writes (every process computes the same results): the others return at once."""
     path = Path(path)
+    if not is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)

@@ -8,7 +8,7 @@ from conftest import ROOT
 
 # lower number = lower layer; a module may import its own package and anything in a strictly lower layer
 LAYERS = {"__init__": 0, "errors": 0, "preemption": 0,
-          "io": 1,
+          "io": 1, "mesh": 1, "distributed": 1,
           "data": 2,
           "models": 3,
           "optim": 4,
@@ -19,7 +19,7 @@ LAYERS = {"__init__": 0, "errors": 0, "preemption": 0,
           "demo": 9,
           "cli": 10,
           "__main__": 11}
-ENGINE_MAY_IMPORT = {"errors", "preemption", "io", "data", "search"}   # the engine: no model, scorer, optimiser or capability
+ENGINE_MAY_IMPORT = {"errors", "preemption", "mesh", "distributed", "io", "data", "search"}   # the engine: no model, scorer, optimiser or capability
 
 
 def component(module: str) -> str:

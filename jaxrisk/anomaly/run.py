@@ -12,7 +12,6 @@ from jaxrisk.anomaly.detectors import DETECTORS, Settings
 from jaxrisk.anomaly.report import DetectResult
 from jaxrisk.errors import InputError
 from jaxrisk.evals.metrics import auroc, average_precision, tpr_at_fpr
-from jaxrisk.search.mesh import restart_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +105,7 @@ def run(acts: Activations, config: DetectConfig = DetectConfig(), progress=None)
     """Score every input with an activation detector; see DetectConfig for the rule."""
     fit, cal = check_activations(acts, config)
     settings = Settings(shrinkage=config.shrinkage, alpha=config.alpha, trim=config.trim, batch=config.batch,
-                        mesh=restart_mesh(config.run.devices))
+                        mesh=config.run.mesh())
     raw, raw_cal = {}, {}
     for layer in acts.trusted:
         raw[layer], raw_cal[layer] = _layer_scores(acts, layer, fit, cal, config, settings)

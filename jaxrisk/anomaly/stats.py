@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.errors import InputError
-from jaxrisk.search.mesh import lane_sharding
+from jaxrisk.mesh import RESTARTS, lane_sharding
 
 
 class Moments(NamedTuple):
@@ -57,7 +57,7 @@ def moments(rows: Iterable[np.ndarray], mesh=None) -> Moments:
     for x in rows:
         w = np.ones(len(x), np.float32)
         if mesh is not None and mesh.size > 1:
-            pad = -len(x) % mesh.size
+            pad = -len(x) % mesh.shape[RESTARTS]
             x, w = np.pad(x, ((0, pad), (0, 0))), np.pad(w, (0, pad))
             x, w = jax.device_put(x, lane_sharding(mesh)), jax.device_put(w, lane_sharding(mesh))
         mean, scatter = _batch_moments(jnp.asarray(x, jnp.float32), jnp.asarray(w))

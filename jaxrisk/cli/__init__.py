@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "no_compile_cache", False):
         use_compile_cache()
     try:
+        if hasattr(args, "coordinator"):   # a search command: join the other processes before touching a device
+            from jaxrisk.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except InputError as e:
         print(f"jaxrisk: error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxrisk.cli.common import add_model_flags, add_run_flags, dtype, penalty_list, run_config
+from jaxrisk.cli.common import add_model_flags, add_run_flags, load_lm, penalty_list, run_config
 from jaxrisk.io import prepare_out_dir
 
 
@@ -30,20 +30,19 @@ def add_parser(sub) -> None:
 def cmd_circuits(args) -> int:
     """Learn the circuit whose ablation removes a behaviour; report.json, circuits.png, circuits.safetensors."""
     from jaxrisk.circuits import CircuitConfig, CircuitsConfig, load_circuit_data, run
-    from jaxrisk.models import load_pretrained
     from jaxrisk.search.engine import remove_checkpoint
 
     out = prepare_out_dir(args.out)
-    lm = load_pretrained(args.model, dtype=dtype(args))
+    run_cfg = run_config(args, CircuitsConfig().run, checkpoint_dir=out / "checkpoint")
+    lm = load_lm(args, run_cfg)
     data = load_circuit_data(args.data, lm.tokenizer)
-    ckpt = out / "checkpoint"
-    config = CircuitsConfig(run=run_config(args, CircuitsConfig().run, checkpoint_dir=ckpt),
+    config = CircuitsConfig(run=run_cfg,
                             penalties=tuple(args.penalties),
                             search=CircuitConfig(objective=args.objective, granularity=args.granularity,
                                                  kind=args.kind))
     result = run(lm, data, config)
     json_path, png = result.write(out)
-    remove_checkpoint(ckpt)
+    remove_checkpoint(config.run.checkpoint_dir)
     print(f"objective {args.objective}; behaviour rate of the intact model: {result.report['base_rate']}")
     for c in result.circuits:
         print(f"  penalty {c['penalty']:>5}: {c['n_heads']} heads + {c['n_neurons']} neurons "

@@ -69,7 +69,19 @@ def add_run_flags(p: argparse.ArgumentParser, *, restarts_help: str, steps_help:
     of None leaves the field to the command's library config. `steps_alias`: `--steps`, with `--max-steps`
     accepted as the same flag."""
     add_seed_flag(p)
-    p.add_argument("--devices", type=POSITIVE, default=None, help="devices to shard restarts over (default: all)")
+    mesh = p.add_argument_group("devices and hosts (one mesh: restarts x fsdp x tensor)")
+    mesh.add_argument("--devices", type=POSITIVE, default=None,
+                      help="devices of the mesh (default: every device of every host)")
+    mesh.add_argument("--fsdp", type=POSITIVE, default=1, help="mesh axis splitting each weight's model dimension")
+    mesh.add_argument("--tensor", type=POSITIVE, default=1,
+                      help="mesh axis splitting heads and hidden units; lanes run over devices / (fsdp x tensor)")
+    mesh.add_argument("--lanes", type=POSITIVE, default=None,
+                      help="search items run at once (default: all); fewer make a work queue: a lane that finishes "
+                           "takes the next item between chunks")
+    mesh.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="multi-process run: address of process 0 (not needed on a TPU pod, SLURM or a JobSet)")
+    mesh.add_argument("--num-processes", type=POSITIVE, metavar="N", help="multi-process run: number of processes")
+    mesh.add_argument("--process-id", type=int_at_least(0), metavar="I", help="multi-process run: this process, 0..N-1")
     p.add_argument("--restarts", type=POSITIVE, default=restarts_default, help=restarts_help)
     names = ("--steps", "--max-steps") if steps_alias else ("--max-steps",)
     p.add_argument(*names, dest="max_steps", type=POSITIVE, default=max_steps_default,
@@ -85,7 +97,8 @@ def run_config(args: argparse.Namespace, base=None, **defaults):
     chooses, e.g. checkpoint_dir), which win over `base` (the command's library default; else RunConfig())."""
     from jaxrisk.search.config import RunConfig
 
-    flags = {"seed": args.seed, "devices": args.devices, "restarts": args.restarts, "max_steps": args.max_steps}
+    flags = {"seed": args.seed, "devices": args.devices, "restarts": args.restarts, "max_steps": args.max_steps,
+             "fsdp": args.fsdp, "tensor": args.tensor, "lanes": args.lanes}
     given = {name: value for name, value in flags.items() if value is not None}
     return (base or RunConfig()).replace(**{**defaults, **given}, progress=not args.no_progress)
 
@@ -99,3 +112,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def dtype(args: argparse.Namespace) -> str | None:
     return None if args.dtype == "auto" else args.dtype
+
+
+def load_lm(args: argparse.Namespace, run=None):
+    """`--model` at `--dtype`; with model axes in the run's mesh (`--fsdp` / `--tensor`), each weight is placed on
+    that mesh by the partition table and stays there while it is searched."""
+    from jaxrisk.models import load_pretrained
+
+    mesh = run.mesh() if run is not None and run.fsdp * run.tensor > 1 else None
+    return load_pretrained(args.model, dtype=dtype(args), mesh=mesh)

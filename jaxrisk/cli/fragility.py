@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxrisk.cli.common import (POSITIVE, add_model_flags, add_run_flags, comma_list, dtype, int_at_least, number,
+from jaxrisk.cli.common import (POSITIVE, add_model_flags, add_run_flags, comma_list, int_at_least, load_lm, number,
                                 run_config)
 from jaxrisk.io import prepare_out_dir
 
@@ -55,7 +55,6 @@ def cmd_fragility(args) -> int:
     from jaxrisk.data.text import read_text
     from jaxrisk.data.updates import ALPACA_TEMPLATE, ALPACA_TEMPLATE_INPUT
     from jaxrisk.fragility import FragilityConfig, load_fragility_data, run
-    from jaxrisk.models import load_pretrained
     from jaxrisk.search.engine import remove_checkpoint
 
     out = prepare_out_dir(args.out)
@@ -67,7 +66,7 @@ def cmd_fragility(args) -> int:
                              random_directions=args.random_directions, worst_case=not args.no_worst_case,
                              pool=args.pool, max_lanes=args.max_lanes)
     templates = ((read_text(args.template),) * 2 if args.template else (ALPACA_TEMPLATE, ALPACA_TEMPLATE_INPUT))
-    lm = load_pretrained(args.model, dtype=dtype(args))
+    lm = load_lm(args, config.run)
     data = load_fragility_data(lm, args.update, args.behaviors, max_length=config.max_length,
                                template=templates[0], template_with_input=templates[1], clean_path=args.clean)
     result = run(lm, data, config)

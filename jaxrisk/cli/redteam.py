@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, dtype, number, run_config
+from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, load_lm, number, run_config
 from jaxrisk.errors import InputError
 from jaxrisk.io import prepare_out_dir
 
@@ -43,12 +43,12 @@ def add_parser(sub) -> None:
 def cmd_redteam(args) -> int:
     """Search every behaviour; writes OUT/results.jsonl (resumable)."""
     from jaxrisk.data.prompts import load_behaviors
-    from jaxrisk.models import load_pretrained
     from jaxrisk.redteam import ARCAConfig, GCGConfig, RedteamConfig, run
 
     behaviors = load_behaviors(args.behaviors)
     out = prepare_out_dir(args.out)
-    lm = load_pretrained(args.model, dtype=dtype(args))
+    run_cfg = run_config(args, RedteamConfig().run)
+    lm = load_lm(args, run_cfg)
     arca = args.method == "arca"
     fluency = args.fluency_weight
     if fluency is None:
@@ -56,7 +56,7 @@ def cmd_redteam(args) -> int:
     gcg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len,
                     mellowmax_alpha=args.mellowmax, early_stop=not args.no_early_stop,
                     filter_retokenization=not args.no_filter, allow_non_ascii=args.allow_non_ascii)
-    config = RedteamConfig(run=run_config(args, RedteamConfig().run), method=args.method, group=args.group, gcg=gcg,
+    config = RedteamConfig(run=run_cfg, method=args.method, group=args.group, gcg=gcg,
                            arca=ARCAConfig(request_len=args.request_len, output_len=args.output_len,
                                            candidates=args.candidates, plausibility_weight=fluency,
                                            danger_weight=args.danger_weight))

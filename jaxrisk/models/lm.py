@@ -308,8 +308,8 @@ def check_dtype(dtype):
 def load_pretrained(path: str | Path, dtype=None, *, mesh=None) -> LanguageModel:
     """Load a local Hugging Face model directory without torch.
 
-    `dtype` defaults to the checkpoint's declared dtype; `mesh` (axes data / fsdp /
-    tensor, see `jaxrisk.models.sharding`) places each parameter by the partition table.
+    `dtype` defaults to the checkpoint's declared dtype; `mesh` (the one mesh, `jaxrisk.mesh.make_mesh`, or
+    `RunConfig.mesh()`) places each parameter on its fsdp / tensor axes by the partition table.
     """
     path = Path(path)
     if not path.is_dir():

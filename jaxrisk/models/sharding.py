@@ -1,4 +1,5 @@
-"""One table of partition specs for the transformer parameters (data / fsdp / tensor mesh axes).
+"""One table of partition specs for the transformer parameters, on the model axes (fsdp / tensor) of the one
+mesh (`jaxrisk.mesh.make_mesh`; its restarts axis holds search lanes and never splits a weight).
 
 A mesh axis is dropped from a spec (that dimension replicated) when the mesh
 lacks it or the dimension does not divide evenly, so any mesh shape is valid.
@@ -8,11 +9,8 @@ from __future__ import annotations
 
 import re
 
-import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-
-LM_AXES = ("data", "fsdp", "tensor")
 
 # (regex on the '/'-joined parameter path, spec per dimension). First match wins.
 PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
@@ -27,14 +25,6 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"^lm_head$", ("fsdp", "tensor")),                      # [D, V]
     (r".*", ()),                                             # norms, output biases: replicated
 )
-
-
-def lm_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices."""
-    devices = jax.devices() if devices is None else devices
-    n = data * fsdp * tensor
-    auto = (jax.sharding.AxisType.Auto,) * 3  # XLA propagates shardings through the forward pass
-    return jax.make_mesh((data, fsdp, tensor), LM_AXES, axis_types=auto, devices=devices[:n])
 
 
 def partition_spec(path: tuple, shape: tuple[int, ...], mesh) -> P:

@@ -36,7 +36,8 @@ from jaxrisk.errors import InputError
 from jaxrisk.redteam.arca import ARCAProblem
 from jaxrisk.redteam.config import ARCAConfig, GCGConfig
 from jaxrisk.redteam.problem import allowed_tokens
-from jaxrisk.redteam.lanes import encode_behaviors, timed_engine_run
+from jaxrisk.redteam.lanes import encode_behaviors
+from jaxrisk.search import engine
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.reduce import best_per_group
 
@@ -110,7 +111,7 @@ def run_arca_group(lm, behaviors: list[Behavior], cfg: ARCAConfig, run_cfg: RunC
     per_behavior = {"prefix": lanes["before"], "prefix_valid": lanes["before_valid"],
                     "x0": np.full((len(behaviors), lx), -1, np.int32), "o0": o0}
     lane_inputs = {k: np.repeat(v, restarts, axis=0) for k, v in per_behavior.items()}   # behaviour-major
-    result, seconds_at = timed_engine_run(problem, lane_inputs, run_cfg, "arca")
+    result = engine.run(problem, lane_inputs, run_cfg, desc="arca")
     state = result.state
 
     groups = [np.arange(i * restarts, (i + 1) * restarts) for i in range(len(behaviors))]
@@ -138,7 +139,7 @@ def run_arca_group(lm, behaviors: list[Behavior], cfg: ARCAConfig, run_cfg: RunC
             "objective": objective, "consistent": bool(state.consistent[r]),
             "success": greedy[i] == target.tolist(),
             "loss": -objective, "steps": int(result.steps[r]),
-            "seconds": round(seconds_at(int(result.steps[r])), 3),
+            "seconds": round(float(result.seconds[r]), 3),
             "greedy_output": tok.decode(greedy[i]), "restart": int(r - rows[0]),
             "restart_losses": [-float(state.objective[j]) for j in rows],
             "restart_suffix_ids": [state.x[j].tolist() for j in rows],

@@ -8,8 +8,9 @@ import numpy as np
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import InputError
 from jaxrisk.redteam.config import GCGConfig
-from jaxrisk.redteam.lanes import encode_behaviors, timed_engine_run
+from jaxrisk.redteam.lanes import encode_behaviors
 from jaxrisk.redteam.problem import GCGProblem, RoundTrip, allowed_tokens
+from jaxrisk.search import engine
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.reduce import best_per_group
 
@@ -47,7 +48,7 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
                          init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
                          roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras))
     lane_inputs = {k: np.repeat(v, restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
-    result, seconds_at = timed_engine_run(problem, lane_inputs, run_cfg, "gcg")
+    result = engine.run(problem, lane_inputs, run_cfg, desc="gcg")
     state = result.state
     groups = [np.arange(i * restarts, (i + 1) * restarts) for i in range(len(behaviors))]
     best = best_per_group(groups, lambda r: (not state.success[r], float(state.best_loss[r])))
@@ -73,7 +74,7 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
             "suffix": tok.decode(suffix.tolist()), "suffix_ids": suffix.tolist(),
             "success": greedy[:len(target)] == target.tolist(),
             "loss": float(state.best_loss[r]), "steps": int(result.steps[r]),
-            "seconds": round(seconds_at(int(result.steps[r])), 3),
+            "seconds": round(float(result.seconds[r]), 3),
             "greedy_output": tok.decode(greedy), "restart": int(r - rows[0]),
             "restart_losses": [float(state.best_loss[j]) for j in rows],
             "restart_suffix_ids": [state.best[j].tolist() for j in rows],

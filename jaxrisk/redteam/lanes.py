@@ -1,9 +1,7 @@
 """Lanes for the red-team searches: behaviours tokenised around the model's chat template, left-padded
-prompts, and the timed engine call both searches (GCG, ARCA) make."""
+prompts."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
@@ -11,8 +9,6 @@ from jaxrisk.data.batch import pad_batch
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import InputError
 from jaxrisk.redteam.config import GCGConfig
-from jaxrisk.search import engine
-from jaxrisk.search.config import RunConfig
 
 OPTIM = "{optim_str}"
 
@@ -58,16 +54,3 @@ def encode_behaviors(lm, behaviors: list[Behavior], cfg: GCGConfig, source: str 
                  target=target, target_valid=target_valid)
     return lanes, np.asarray(after_ids, np.int32)
 
-
-def timed_engine_run(problem, lane_inputs, run_cfg: RunConfig, desc: str):
-    """`engine.run`, and `seconds_at(step)`: the wall time (this process) when the chunk holding `step` ended,
-    so each row can say when its lane stopped."""
-    stamps = [(0, time.perf_counter())]
-    result = engine.run(problem, lane_inputs, run_cfg, desc=desc,
-                        on_chunk=lambda step, info: stamps.append((step, time.perf_counter())))
-    t0 = stamps[0][1]
-
-    def seconds_at(step: int) -> float:
-        return next((t - t0 for s, t in stamps if s >= step), stamps[-1][1] - t0)
-
-    return result, seconds_at

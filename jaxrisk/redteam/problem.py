@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxrisk.mesh import host_callback
 from jaxrisk.models.lm import broadcast_cache, embed, token_logprobs
 from jaxrisk.redteam.config import GCGConfig
 from jaxrisk.scorers.lm import target_logprob
@@ -170,8 +171,7 @@ class GCGProblem:
         pick = jax.random.randint(key, (n,), 0, cfg.topk)
         drawn = jnp.broadcast_to(state.current, (n, ls)).at[jnp.arange(n), pos].set(top[pos, pick])
         if filtering:
-            ok = jax.pure_callback(self.roundtrip, jax.ShapeDtypeStruct((n,), jnp.bool_), drawn,
-                                   vmap_method="expand_dims")
+            ok = host_callback(self.roundtrip, jax.ShapeDtypeStruct((n,), jnp.bool_), drawn)
             keep = jnp.argsort(~ok, stable=True)[:b]     # round-tripping candidates first, in draw order
             cands, ok = drawn[keep], ok[keep]
         else:

@@ -2,8 +2,7 @@
 
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.engine import SearchProblem, SearchResult, remove_checkpoint, run
-from jaxrisk.search.mesh import restart_mesh
 from jaxrisk.search.reduce import best_per_group, lane_groups
 
 __all__ = ["RunConfig", "SearchProblem", "SearchResult", "best_per_group", "lane_groups", "remove_checkpoint",
-           "restart_mesh", "run"]
+           "run"]

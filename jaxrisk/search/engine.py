@@ -1,22 +1,23 @@
 """The restart-parallel search engine every jaxrisk search runs on.
 
-A search problem is pure and describes ONE restart ("lane"):
+A search problem is pure and describes ONE search item (a class x restart, a behaviour x restart, ...):
 
-    problem.init(key, lane) -> state          # `lane`: that restart's slice of the lane inputs
+    problem.init(key, item) -> state               # `item`: that item's slice of the item inputs
     problem.step(state, key) -> (state, metrics)   # metrics: dict of scalars
     problem.done(state) -> bool scalar
 
-The problem itself is a pytree (e.g. a `flax.struct.dataclass`): its arrays
-(weights, data) are arguments of the compiled program, replicated over the
-mesh; its static fields are hyperparameters. The engine vmaps the problem
-over R lanes, runs `chunk_steps` steps per call with `lax.scan`, freezes
-finished or failed lanes by masking (shapes never change), shards the lane
-axis over a device mesh, checkpoints between chunks with orbax, and stops
-when every lane is done.
+The problem itself is a pytree (e.g. a `flax.struct.dataclass`): its arrays (weights, data) are arguments of
+the compiled program; its static fields are hyperparameters. The engine runs items on L lanes of one mesh
+(`jaxrisk.mesh`): the lane axis is split over the mesh's restarts axis, each device running its own lanes
+with no communication (a `shard_map`, so host callbacks stay per device), while the model axes (fsdp /
+tensor) carry the weights as they were placed. It runs `chunk_steps` vmapped steps per call with
+`lax.scan`, freezes finished or failed lanes by masking (shapes never change), checkpoints between chunks
+with orbax, and between chunks hands a finished lane the next waiting item: with fewer lanes than items
+(`RunConfig.lanes`) the items form a work queue and no lane idles for more than one chunk.
 
-Each step's key is `fold_in(lane_key, global_step)`, so results depend
-neither on the chunk size nor on how lanes are spread over devices, and a
-resumed run replays exactly what an uninterrupted one would have done.
+Each step's key is `fold_in(item_key, step_of_that_item)`, so an item's result depends neither on the chunk
+size, the lane count, the device count nor the order of the queue, and a resumed run replays exactly what
+an uninterrupted one would have done.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import functools
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -33,17 +35,19 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError
 from jaxrisk.io import write_json
+from jaxrisk.mesh import RESTARTS, lane_sharding, place, put, to_host
 from jaxrisk.preemption import searching, stop_if_requested
-from jaxrisk.search.fingerprint import fingerprint
 from jaxrisk.search.config import RunConfig
-from jaxrisk.search.mesh import lane_sharding, replicated, restart_mesh
+from jaxrisk.search.fingerprint import fingerprint
 
 PyTree = Any
+PENDING, STARTED, FINISHED = 0, 1, 2   # an item's status in the table
 
 
 class SearchProblem(Protocol):
@@ -56,12 +60,14 @@ class SearchProblem(Protocol):
 
 @dataclasses.dataclass
 class SearchResult:
-    state: PyTree  # final per-lane states, numpy, leading axis R
-    metrics: dict[str, np.ndarray]  # name -> [steps, R]; NaN where a lane did not advance
-    steps: np.ndarray  # [R] steps each lane ran
-    failed_at: np.ndarray  # [R] global step at which the lane produced a NaN, -1 if never
-    done: np.ndarray  # [R]
-    resumed_from_step: int  # 0 unless resumed from a checkpoint
+    state: PyTree  # final per-item states, numpy, leading axis N
+    metrics: dict[str, np.ndarray]  # name -> [steps, N], row = the item's own step; NaN where it did not advance
+    steps: np.ndarray  # [N] steps each item ran
+    failed_at: np.ndarray  # [N] the item's step at which it produced a NaN, -1 if never
+    done: np.ndarray  # [N]
+    resumed_from_step: int  # 0 unless resumed from a checkpoint: the most steps any item had run then
+    seconds: np.ndarray | None = None  # [N] wall time from the run's start to the end of the item's last chunk
+    #                                   (a resumed run adds the time its earlier processes searched)
 
 
 def _tree_where(pred_r: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -80,12 +86,6 @@ def _nan_free_per_lane(tree: PyTree, n_lanes: int) -> jax.Array:
     return ok
 
 
-def _pad_lanes(tree: PyTree, n_pad: int) -> PyTree:
-    if n_pad == 0:
-        return tree
-    return jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], n_pad, axis=0)]), tree)
-
-
 def _check_problem(problem, init_state: PyTree, step_state: PyTree, metrics: dict) -> None:
     """A problem's `step` keeps its state's structure, shapes and dtypes (else the compiled scan cannot carry
     it) and returns one scalar per metric and lane: said here, by name, not deep inside `lax.scan`."""
@@ -97,118 +97,175 @@ def _check_problem(problem, init_state: PyTree, step_state: PyTree, metrics: dic
                         f"exactly like init's and scalar metrics; {e}") from None
 
 
-def _fingerprint(problem: PyTree, lanes: PyTree, key: np.ndarray, cfg: RunConfig) -> str:
-    """Identifies a run in any process: the problem's arrays and static config, the lanes, the key, the budget."""
-    return fingerprint(problem, lanes, key, (cfg.max_steps, cfg.chunk_steps))
+def _fingerprint(problem: PyTree, items: PyTree, key: np.ndarray, cfg: RunConfig) -> str:
+    """Identifies a run in any process: the problem's arrays and static config, the items, the key, the budget.
+    The lane count and the mesh are left out: a run may resume with others."""
+    return fingerprint(problem, items, key, cfg.max_steps, "item-table-v2")
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_fn(n_lanes: int, chunk_steps: int, max_steps: int, mesh):
-    """The compiled program: `chunk_steps` masked, vmapped steps of every lane. One per shape of run, reused
-    by every later run of the same shape in the process (jit's cache keys on the problem's type, static
-    fields and array shapes), so a second search of the same shape does not compile again."""
-    lanes = lane_sharding(mesh)
+def _chunk_fn(chunk_steps: int, max_steps: int, mesh):
+    """The compiled program: `chunk_steps` masked, vmapped steps of every lane, each device on its own lanes.
+    One per (problem structure, lane count, mesh): this cache and jit's own (keyed on the problem's type,
+    static fields and array shapes) mean a second search of the same shape in the process compiles nothing."""
 
-    def chunk(problem, carry, start_step):
-        def one_step(carry, i):
-            g = start_step + i
-            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(carry["lane_key"], g)
+    def local_chunk(problem, carry):
+        n = carry["done"].shape[0]
+
+        def one_step(carry, _):
+            keys = jax.vmap(jax.random.fold_in)(carry["lane_key"], carry["steps"])
             new_state, metrics = jax.vmap(problem.step)(carry["state"], keys)
             metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
             live = ~carry["done"]
-            finite = _nan_free_per_lane(new_state, n_lanes) & _nan_free_per_lane(metrics, n_lanes)
+            finite = _nan_free_per_lane(new_state, n) & _nan_free_per_lane(metrics, n)
             advance = live & finite
             state = _tree_where(advance, new_state, carry["state"])
             steps = carry["steps"] + advance.astype(jnp.int32)
-            failed_at = jnp.where(live & ~finite, g, carry["failed_at"])
+            failed_at = jnp.where(live & ~finite, carry["steps"], carry["failed_at"])
             done = carry["done"] | (live & ~finite) | (advance & jax.vmap(problem.done)(state)) | (steps >= max_steps)
             metrics = jax.tree.map(lambda m: jnp.where(advance, m, jnp.nan), metrics)
-            new_carry = dict(carry, state=state, steps=steps, failed_at=failed_at, done=done)
-            return jax.lax.with_sharding_constraint(new_carry, lanes), metrics
+            return dict(carry, state=state, steps=steps, failed_at=failed_at, done=done), metrics
 
-        return jax.lax.scan(one_step, carry, jnp.arange(chunk_steps, dtype=jnp.int32))
+        return jax.lax.scan(one_step, carry, None, length=chunk_steps)
 
-    return jax.jit(chunk, out_shardings=(lanes, lane_sharding(mesh, 1)), donate_argnums=(1,))
+    # lanes are manual (each device its own); model axes of size > 1 stay automatic, XLA splitting the weights'
+    # work by their placement (host callbacks there go through `jaxrisk.mesh.host_callback`)
+    manual = {name for name, size in mesh.shape.items() if name == RESTARTS or size == 1}
+    chunk = jax.shard_map(local_chunk, mesh=mesh, in_specs=(P(), P(RESTARTS)),
+                          out_specs=(P(RESTARTS), P(None, RESTARTS)), axis_names=manual, check_vma=False)
+    return jax.jit(chunk, donate_argnums=(1,))
 
 
 @jax.jit
-def _init_lanes(problem, keys, lanes):
-    return jax.vmap(problem.init)(keys, lanes)
+def _init_items(problem, keys, items):
+    return jax.vmap(problem.init)(keys, items)
 
 
-def run(problem: SearchProblem, lanes: PyTree, config: RunConfig = RunConfig(), *, desc: str = "search",
+def _rows(tree: PyTree, index: np.ndarray) -> PyTree:
+    return jax.tree.map(lambda a: np.asarray(a)[index], tree)
+
+
+def _set_rows(tree: PyTree, index: np.ndarray, rows: PyTree) -> PyTree:
+    def one(a, r):
+        a = np.array(a)   # writable copy (device_get may hand back read-only buffers)
+        a[index] = r
+        return a
+    return jax.tree.map(one, tree, rows)
+
+
+def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), *, desc: str = "search",
         on_chunk: Callable[[int, dict], None] | None = None) -> SearchResult:
-    """Run `problem` on every lane of `lanes` (a pytree, leading axis R) until all are done.
+    """Run `problem` on every item of `items` (a pytree, leading axis N) until all are done.
 
-    Lane keys come from `config.seed`; `config.restarts` is the capability's business (it builds the
-    lanes). `on_chunk(steps_so_far, info)` is called on the host after every chunk (and its checkpoint);
-    raising from it interrupts the run, which the same call resumes when `config.checkpoint_dir` is set.
+    Item keys come from `config.seed`; `config.restarts` is the capability's business (it builds the items);
+    `config.lanes` items run at once (all by default). `on_chunk(steps_so_far, info)` (the run's clock: chunks
+    x chunk_steps) is called on the host after every chunk (and its checkpoint) with info {"done": [N] bool,
+    "failed": count}; raising from it interrupts the run, which the same call resumes when
+    `config.checkpoint_dir` is set.
     """
     key = np.asarray(jax.random.key_data(jax.random.key(config.seed)), np.uint32)
-    lanes = jax.tree.map(np.asarray, lanes)
-    sizes = {a.shape[0] if a.ndim else None for a in jax.tree.leaves(lanes)}
+    items = jax.tree.map(np.asarray, items)
+    sizes = {a.shape[0] if a.ndim else None for a in jax.tree.leaves(items)}
     if len(sizes) != 1 or None in sizes:
-        raise InputError(f"every lane input needs the same leading (restart) axis; found sizes {sizes}")
-    (n_real,) = sizes
-    mesh = restart_mesh(config.devices)
-    n_dev = mesh.devices.size
-    n_lanes = math.ceil(n_real / n_dev) * n_dev
-    lane_keys = np.asarray(jax.random.split(key, n_real))
-    padded = _pad_lanes(lanes, n_lanes - n_real)
-    padded_keys = _pad_lanes(lane_keys, n_lanes - n_real)
+        raise InputError(f"every item input needs the same leading (restart) axis; found sizes {sizes}")
+    (n_items,) = sizes
+    mesh = config.mesh()
+    shards = mesh.shape[RESTARTS]
+    n_lanes = math.ceil(min(config.lanes or n_items, n_items) / shards) * shards
+    item_keys = np.asarray(jax.random.split(key, n_items))
 
-    def fresh_carry():
-        state = _init_lanes(problem, padded_keys, padded)
-        return dict(state=state, lane_key=padded_keys, steps=np.zeros(n_lanes, np.int32),
-                    failed_at=np.full(n_lanes, -1, np.int32), done=np.arange(n_lanes) >= n_real)
+    # the item table: every item's carry row (started items hold their progress), its status and its history
+    table = dict(state=jax.device_get(_init_items(problem, item_keys, items)), lane_key=item_keys,
+                 steps=np.zeros(n_items, np.int32), failed_at=np.full(n_items, -1, np.int32),
+                 done=np.zeros(n_items, bool))
+    status = np.full(n_items, PENDING, np.int8)
+    seconds = np.full(n_items, np.nan)
+    step_state, metric_shapes = jax.eval_shape(jax.vmap(problem.step), table["state"], item_keys)
+    _check_problem(problem, table["state"], step_state, metric_shapes)
+    history = {k: np.full((config.max_steps, n_items), np.nan, np.float32) for k in metric_shapes}
 
-    carry = jax.device_get(fresh_carry())
-    n_chunks = math.ceil(config.max_steps / config.chunk_steps)
-    total = n_chunks * config.chunk_steps
-    step_state, metric_shapes = jax.eval_shape(jax.vmap(problem.step), carry["state"], padded_keys)
-    _check_problem(problem, carry["state"], step_state, metric_shapes)
-    history = {k: np.full((total, n_real), np.nan, np.float32) for k in metric_shapes}
-
-    start_chunk = 0
     manager = None
     if config.checkpoint_dir is not None:
-        manager, start_chunk, carry, history = _open_checkpoint(
-            Path(config.checkpoint_dir), _fingerprint(problem, lanes, key, config), carry, history, n_real)
+        manager, restored = _open_checkpoint(Path(config.checkpoint_dir), _fingerprint(problem, items, key, config),
+                                             _saved(table, status, history, seconds, 0.0))
+        table, status, history, seconds = (restored[k] for k in ("table", "status", "history", "seconds"))
+        clock = float(restored["clock"])   # seconds the earlier processes searched; their in-flight items wait again
+    else:
+        clock = 0.0
+    resumed_from = int(table["steps"].max(initial=0))
 
-    chunk_fn = _chunk_fn(n_lanes, config.chunk_steps, config.max_steps, mesh)
-    problem_dev = jax.device_put(problem, replicated(mesh))
-    carry_dev = jax.device_put(carry, lane_sharding(mesh))
+    chunk_fn = _chunk_fn(config.chunk_steps, config.max_steps, mesh)
+    problem_dev = place(problem, mesh)
+    lane_item = np.full(n_lanes, -1)            # which item each lane runs; -1: idle (frozen as done)
+    carry = _rows(table, np.zeros(n_lanes, int))
+    carry["done"] = np.ones(n_lanes, bool)
+    t0 = time.perf_counter() - clock   # a resumed run's clock goes on from its checkpoint
 
-    bar = tqdm(total=total, initial=start_chunk * config.chunk_steps, desc=desc, unit="step",
-               disable=not config.progress)
-    done = np.asarray(carry["done"])
+    waves = math.ceil(int((status != FINISHED).sum()) / n_lanes)   # the most steps left: every wave runs its budget
+    bar = tqdm(total=waves * config.max_steps, desc=desc, unit="step", disable=not config.progress)
+    chunks = 0
     try:
         with searching():   # a SIGTERM now stops the search after its next checkpoint
-            for c in range(start_chunk, n_chunks):
-                if done.all():
+            while True:
+                carry, lane_item, status = _fill_lanes(table, status, carry, lane_item)
+                if (lane_item < 0).all():
                     break
-                carry_dev, metrics = chunk_fn(problem_dev, carry_dev, jnp.int32(c * config.chunk_steps))
-                rows = slice(c * config.chunk_steps, (c + 1) * config.chunk_steps)
-                for k, v in metrics.items():
-                    history[k][rows] = np.asarray(v)[:, :n_real]
-                done = np.asarray(carry_dev["done"])
-                failed = int((np.asarray(carry_dev["failed_at"])[:n_real] >= 0).sum())
+                carry_dev, metrics = chunk_fn(problem_dev, put(carry, lane_sharding(mesh)))
+                steps_before = carry["steps"]
+                carry, metrics = to_host((carry_dev, metrics))
+                _record_history(history, metrics, lane_item, steps_before, carry["steps"])
+                running = lane_item >= 0
+                table = _set_rows(table, lane_item[running], _rows(carry, running))
+                finished = running & carry["done"]
+                status[lane_item[finished]] = FINISHED
+                seconds[lane_item[finished]] = time.perf_counter() - t0
+                lane_item[finished] = -1
+                chunks += 1
                 if manager is not None:
-                    _save(manager, c + 1, jax.device_get(carry_dev), history, n_real)
-                bar.set_postfix(done=f"{int(done[:n_real].sum())}/{n_real}", failed=failed, refresh=False)
+                    _save(manager, chunks, _saved(table, status, history, seconds, time.perf_counter() - t0))
+                failed = int((table["failed_at"] >= 0).sum())
+                bar.set_postfix(done=f"{int((status == FINISHED).sum())}/{n_items}", failed=failed, refresh=False)
                 bar.update(config.chunk_steps)
                 if on_chunk is not None:
-                    on_chunk((c + 1) * config.chunk_steps, {"done": done[:n_real], "failed": failed})
+                    on_chunk(chunks * config.chunk_steps, {"done": status == FINISHED, "failed": failed})
                 stop_if_requested()
     finally:
         bar.close()
 
-    final = jax.tree.map(lambda a: np.asarray(a)[:n_real], jax.device_get(carry_dev))
-    ran = int(final["steps"].max(initial=0))
-    last = max(ran, int((final["failed_at"].max(initial=-1)) + 1))
-    return SearchResult(state=final["state"], metrics={k: v[:last] for k, v in history.items()},
-                        steps=final["steps"], failed_at=final["failed_at"], done=final["done"],
-                        resumed_from_step=start_chunk * config.chunk_steps)
+    ran = int(max(table["steps"].max(initial=0), table["failed_at"].max(initial=-1) + 1))
+    return SearchResult(state=table["state"], metrics={k: v[:ran] for k, v in history.items()},
+                        steps=table["steps"], failed_at=table["failed_at"], done=table["done"],
+                        resumed_from_step=resumed_from, seconds=seconds)
+
+
+def _saved(table, status, history, seconds, clock: float) -> dict:
+    """What a checkpoint holds: the item table, each item's status, history and finishing time, and the clock."""
+    return dict(table=table, status=status, history=history, seconds=seconds, clock=np.asarray(clock, np.float64))
+
+
+def _fill_lanes(table, status, carry, lane_item):
+    """Give every idle lane the next waiting item (in item order, started ones first come in order too):
+    host-side row copies, so the compiled chunk never changes shape."""
+    idle = np.flatnonzero(lane_item < 0)
+    waiting = np.flatnonzero(status != FINISHED)
+    waiting = waiting[~np.isin(waiting, lane_item)][: len(idle)]
+    if len(waiting) == 0:
+        return carry, lane_item, status
+    lanes = idle[: len(waiting)]
+    carry = _set_rows(carry, lanes, _rows(table, waiting))
+    lane_item = lane_item.copy()
+    lane_item[lanes] = waiting
+    status = status.copy()
+    status[waiting] = STARTED
+    return carry, lane_item, status
+
+
+def _record_history(history, metrics, lane_item, steps_before, steps_after) -> None:
+    """Chunk metrics [chunk, L] into each item's rows: a lane advances on consecutive steps from its chunk start."""
+    for lane in np.flatnonzero(lane_item >= 0):
+        start, ran = int(steps_before[lane]), int(steps_after[lane] - steps_before[lane])
+        for k, v in metrics.items():
+            history[k][start:start + ran, lane_item[lane]] = v[:ran, lane]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -225,11 +282,11 @@ def _read_marker(marker: Path) -> str:
     return recorded
 
 
-def _open_checkpoint(directory: Path, fingerprint: str, carry, history, n_real: int):
-    """Open (or create) the checkpoint directory; restore the latest chunk if this run wrote it.
+def _open_checkpoint(directory: Path, fingerprint: str, fresh: PyTree):
+    """Open (or create) the checkpoint directory; restore the latest saved table if this run wrote it.
 
     Only a directory that is absent, empty, or marked by jaxrisk is used: anything else is refused,
-    never deleted.
+    never deleted. `fresh` is the table of a run with nothing done (and the template of a saved one).
     """
     import orbax.checkpoint as ocp
 
@@ -256,24 +313,16 @@ def _open_checkpoint(directory: Path, fingerprint: str, carry, history, n_real: 
         max_to_keep=1, enable_async_checkpointing=False))
     latest = manager.latest_step()
     if latest is None:
-        return manager, 0, carry, history
-    template = _saved_tree(carry, history, n_real)
-    restored = manager.restore(latest, args=ocp.args.StandardRestore(template))
-    n_lanes = carry["done"].shape[0]
-    carry = jax.tree.map(lambda a: _pad_lanes(np.asarray(a), n_lanes - n_real), restored["carry"])
-    history = {k: np.asarray(v) for k, v in restored["history"].items()}
-    return manager, int(latest), carry, history
+        return manager, fresh
+    restored = manager.restore(latest, args=ocp.args.StandardRestore(fresh))
+    return manager, jax.tree.map(np.asarray, restored)
 
 
-def _saved_tree(carry, history, n_real):
-    """What a checkpoint holds: real lanes only, so a run can resume on a different device count."""
-    return {"carry": jax.tree.map(lambda a: np.asarray(a)[:n_real], carry), "history": history}
-
-
-def _save(manager, chunk: int, carry, history, n_real: int) -> None:
+def _save(manager, chunk: int, table: PyTree) -> None:
+    """The item table (every item's state and history; small beside the weights, which are never saved)."""
     import orbax.checkpoint as ocp
 
-    manager.save(chunk, args=ocp.args.StandardSave(_saved_tree(carry, history, n_real)))
+    manager.save(chunk, args=ocp.args.StandardSave(table))
     manager.wait_until_finished()
 
 

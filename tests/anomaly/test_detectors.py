@@ -92,11 +92,11 @@ def test_metrics_on_known_rankings():
 
 
 def test_moments_sharded_over_8_devices_equal_one_device():
-    from jaxrisk.search.mesh import restart_mesh
+    from jaxrisk.mesh import make_mesh
 
     x, _ = gaussian_rows(1003, 12, 6)                # not a multiple of 8: padded rows must weigh nothing
-    one = stats.moments(stats.batches(x, 500), restart_mesh(1))
-    eight = stats.moments(stats.batches(x, 500), restart_mesh(8))
+    one = stats.moments(stats.batches(x, 500), make_mesh(1))
+    eight = stats.moments(stats.batches(x, 500), make_mesh(8))
     assert one.count == eight.count == 1003
     np.testing.assert_allclose(eight.mean, one.mean, rtol=1e-6)
     np.testing.assert_allclose(eight.scatter, one.scatter, rtol=1e-5, atol=1e-3)

@@ -222,10 +222,10 @@ def test_sampling_is_seeded_and_respects_top_k(saved):
 
 
 def test_sharded_load_matches_unsharded(saved):
-    from jaxrisk.models.sharding import lm_mesh
+    from jaxrisk.mesh import make_mesh
 
     _, path = saved["llama_gqa_tied_smollm"]
-    mesh = lm_mesh(data=1, fsdp=2, tensor=4)
+    mesh = make_mesh(8, fsdp=2, tensor=4)
     sharded = load_pretrained(path, mesh=mesh)
     attn = sharded.params["blocks"][0]["attn"]
     q, k = attn["q_kernel"].get_value(), attn["k_kernel"].get_value()
@@ -350,7 +350,7 @@ def test_full_size_configs_by_eval_shape(hf, n_params):
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract))}
     assert sum(int(np.prod(s)) for s in shapes.values()) == n_params == cfg.n_params()
-    mesh = jax.sharding.AbstractMesh((2, 8, 4), ("data", "fsdp", "tensor"))  # 28 heads: tensor 4
+    mesh = jax.sharding.AbstractMesh((2, 8, 4), ("restarts", "fsdp", "tensor"))  # 28 heads: tensor 4
     assert sharded_fraction(shapes, mesh) < 1.01 / 32  # everything but the norms splits over fsdp x tensor
     logits = jax.eval_shape(lambda m: m(jnp.zeros((1, 16), jnp.int32))[0], abstract)
     assert logits.shape == (1, 16, hf["vocab_size"]) and logits.dtype == jnp.float32
