@@ -9,6 +9,7 @@ training a zoo, writing a report) it returns False and the handler raises at onc
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 _requested = threading.Event()
@@ -43,8 +44,16 @@ def clear() -> None:
     _requested.clear()
 
 
-def stop_if_requested() -> None:
-    """Raise `Terminated` if a stop was requested (the engine calls this after each chunk's checkpoint)."""
+def stop_if_requested(step: int) -> None:
+    """Raise `Terminated` if a stop was requested (the engine calls this after each chunk's checkpoint, `step`
+    counting its chunks). In a multi-process job JAX's runtime catches SIGTERM itself and every process must
+    stop at the same chunk (else the others wait forever in a collective): its preemption sync point says when."""
     if _requested.is_set():
         _requested.clear()
         raise Terminated()
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            raise Terminated()

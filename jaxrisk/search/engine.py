@@ -184,10 +184,11 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
     _check_problem(problem, table["state"], step_state, metric_shapes)
     history = {k: np.full((config.max_steps, n_items), np.nan, np.float32) for k in metric_shapes}
 
-    manager = None
+    manager, chunks = None, 0   # chunks: run so far, in this process and the ones it resumes (the checkpoint step)
     if config.checkpoint_dir is not None:
-        manager, restored = _open_checkpoint(Path(config.checkpoint_dir), _fingerprint(problem, items, key, config),
-                                             _saved(table, status, history, seconds, 0.0))
+        manager, chunks, restored = _open_checkpoint(Path(config.checkpoint_dir),
+                                                     _fingerprint(problem, items, key, config),
+                                                     _saved(table, status, history, seconds, 0.0))
         table, status, history, seconds = (restored[k] for k in ("table", "status", "history", "seconds"))
         clock = float(restored["clock"])   # seconds the earlier processes searched; their in-flight items wait again
     else:
@@ -203,7 +204,6 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
 
     waves = math.ceil(int((status != FINISHED).sum()) / n_lanes)   # the most steps left: every wave runs its budget
     bar = tqdm(total=waves * config.max_steps, desc=desc, unit="step", disable=not config.progress)
-    chunks = 0
     try:
         with searching():   # a SIGTERM now stops the search after its next checkpoint
             while True:
@@ -228,7 +228,7 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
                 bar.update(config.chunk_steps)
                 if on_chunk is not None:
                     on_chunk(chunks * config.chunk_steps, {"done": status == FINISHED, "failed": failed})
-                stop_if_requested()
+                stop_if_requested(chunks)
     finally:
         bar.close()
 
@@ -313,9 +313,9 @@ def _open_checkpoint(directory: Path, fingerprint: str, fresh: PyTree):
         max_to_keep=1, enable_async_checkpointing=False))
     latest = manager.latest_step()
     if latest is None:
-        return manager, fresh
+        return manager, 0, fresh
     restored = manager.restore(latest, args=ocp.args.StandardRestore(fresh))
-    return manager, jax.tree.map(np.asarray, restored)
+    return manager, int(latest), jax.tree.map(np.asarray, restored)
 
 
 def _save(manager, chunk: int, table: PyTree) -> None:

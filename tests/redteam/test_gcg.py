@@ -58,15 +58,25 @@ def test_restarts_are_independent(found):
 
 
 @pytest.mark.assets
-def test_one_and_eight_devices_agree(lm):
+@pytest.mark.parametrize("mesh", [dict(devices=8), dict(devices=8, tensor=4), dict(devices=8, lanes=2)],
+                         ids=["restarts8", "restarts2xtensor4", "restarts8-queue2"])
+def test_one_device_and_a_mesh_agree(lm, stories_dir, mesh):
+    """One device, and 8 devices as (restarts 8), as (restarts 2 x tensor 4) with the weights split by the partition
+    table (loaded onto the run's mesh and searched there), and as a two-lane work queue: the same suffixes."""
+    from jaxrisk.models import load_pretrained
     from jaxrisk.redteam.gcg_run import run_group
 
-    runs = [run_group(lm, BEHAVIORS[:2], SMALL, RunConfig(restarts=2, max_steps=6, chunk_steps=10, seed=1, devices=n,
-                                                          progress=False))
-            for n in (1, 8)]
-    for one, eight in zip(*runs):
-        assert one["restart_suffix_ids"] == eight["restart_suffix_ids"]
-        np.testing.assert_allclose(one["restart_losses"], eight["restart_losses"], rtol=1e-5)
+    base = RunConfig(restarts=2, max_steps=6, chunk_steps=4, seed=1, devices=1, progress=False)
+    spread = base.replace(**mesh)
+    placed = load_pretrained(stories_dir, mesh=spread.mesh()) if spread.tensor > 1 else lm
+    if spread.tensor > 1:
+        q = placed.params["blocks"][0]["attn"]["q_kernel"].get_value()
+        assert q.sharding.spec[1] == "tensor" and len(q.sharding.device_set) == 8
+    one = run_group(lm, BEHAVIORS[:2], SMALL, base)
+    other = run_group(placed, BEHAVIORS[:2], SMALL, spread)
+    for a, b in zip(one, other):
+        assert a["restart_suffix_ids"] == b["restart_suffix_ids"]
+        np.testing.assert_allclose(a["restart_losses"], b["restart_losses"], rtol=1e-5)
 
 
 @pytest.mark.assets

@@ -68,8 +68,9 @@ def test_clean_model_is_not_flagged(models, test_digits):
     assert all(e["found"] for e in report["classes"])
 
 
-def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report):
-    report8 = run(models["trojaned"], test_digits, config(devices=8)).report
+@pytest.mark.parametrize("mesh", [dict(devices=8), dict(devices=8, tensor=4)], ids=["restarts8", "restarts2xtensor4"])
+def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report, mesh):
+    report8 = run(models["trojaned"], test_digits, config(**mesh)).report
     assert report8["devices"].startswith("8 x")
     assert report8["flagged"] == trojan_report["flagged"]
     # Same lanes, same keys: only XLA's float reduction order differs with the per-device batch

@@ -81,6 +81,77 @@ class Interrupt(Exception):
     pass
 
 
+def _compiles():
+    """A list that grows by one per XLA compilation while the returned context is open."""
+    import contextlib
+
+    seen = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    @contextlib.contextmanager
+    def counting():
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            yield seen
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+    return counting()
+
+
+def test_a_second_run_of_the_same_shape_compiles_nothing():
+    other = {"target": LANES["target"] + 1.0, "lr": LANES["lr"]}   # other values, same shapes
+    run(PROBLEM, LANES, cfg(max_steps=32, chunk_steps=8, devices=8, seed=11))
+    with _compiles() as seen:
+        again = run(PROBLEM, other, cfg(max_steps=32, chunk_steps=8, devices=8, seed=12))
+    assert seen == [] and again.steps.max() > 0
+
+
+@pytest.mark.parametrize("lanes,devices", [(2, 1), (3, 1), (2, 2), (1, 8)])
+def test_a_work_queue_gives_every_item_the_result_it_gets_alone(lanes, devices):
+    """Fewer lanes than items: finished lanes take the next item, and each item ends exactly as when all run
+    at once (its keys fold in its own step, not the run's clock)."""
+    every = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=5))
+    queued = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=5, lanes=lanes, devices=devices))
+    np.testing.assert_array_equal(queued.state.x, every.state.x)
+    np.testing.assert_array_equal(queued.steps, every.steps)
+    np.testing.assert_array_equal(queued.failed_at, every.failed_at)
+    np.testing.assert_array_equal(queued.metrics["loss"], every.metrics["loss"])
+    assert np.all(np.isfinite(queued.seconds))
+
+
+def test_a_work_queue_keeps_lanes_busy():
+    """Two lanes, six items of very different lengths: finished lanes take the next item at once, so the run is
+    shorter than running the items in waves of two (each wave as long as its slowest item), and no longer than
+    list scheduling allows (total work over two lanes, plus the longest item)."""
+    chunks = []
+    res = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=5, lanes=2), on_chunk=lambda step, info: chunks.append(step))
+    held = np.ceil(np.maximum(res.steps, res.failed_at + 1) / 4).astype(int)   # chunks each item holds its lane
+    waves = sum(held[i:i + 2].max() for i in range(0, 6, 2))
+    assert len(chunks) < waves, (held, len(chunks))
+    assert len(chunks) <= np.ceil(held.sum() / 2) + held.max()
+
+
+def test_an_interrupted_queue_resumes_with_another_lane_count(tmp_path):
+    full = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=3))
+
+    def kill_after_three_chunks(step, info):
+        if step >= 12:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(PROBLEM, LANES, cfg(chunk_steps=4, lanes=3, checkpoint_dir=str(tmp_path), seed=3),
+            on_chunk=kill_after_three_chunks)
+    resumed = run(PROBLEM, LANES, cfg(chunk_steps=4, lanes=2, devices=2, checkpoint_dir=str(tmp_path), seed=3))
+    assert resumed.resumed_from_step > 0
+    np.testing.assert_array_equal(full.state.x, resumed.state.x)
+    np.testing.assert_array_equal(full.metrics["loss"], resumed.metrics["loss"])
+
+
+
+
 @pytest.mark.parametrize("devices_before,devices_after", [(1, 1), (8, 2)])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, devices_before, devices_after):
     full = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=3))
@@ -127,3 +198,16 @@ def test_a_problem_whose_step_changes_the_state_shape_is_named():
 
     with pytest.raises(TypeError, match=r"search problem Growing: step\(state, key\) must return a state shaped"):
         run(Growing(), np.zeros((2, 3), np.float32), cfg(max_steps=2))
+
+
+def test_weights_already_on_the_mesh_stay_where_they_are():
+    """The engine replicates plain arrays over the mesh but keeps an array the partition table placed on it."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxrisk.mesh import make_mesh, place
+
+    mesh = make_mesh(8, tensor=4)
+    split = jax.device_put(np.ones((8, 4), np.float32), NamedSharding(mesh, P("tensor")))
+    placed = place({"w": split, "b": np.zeros(3, np.float32)}, mesh)
+    assert placed["w"] is split
+    assert placed["b"].sharding.is_fully_replicated and len(placed["b"].sharding.device_set) == 8
