@@ -1,6 +1,7 @@
 """Runs nanoGCG (PyTorch) on behaviours and prints one JSON line per behaviour. Run in nanoGCG's own venv:
 
-    .venv-nanogcg/bin/python benchmarks/nanogcg_runner.py MODEL_DIR BEHAVIORS.json STEPS WIDTH TOPK SUFFIX SEED EARLY_STOP(0/1)
+    .venv-nanogcg/bin/python benchmarks/nanogcg_runner.py MODEL_DIR BEHAVIORS.json STEPS WIDTH TOPK SUFFIX SEED EARLY_STOP(0/1) \
+        [DEVICE (cpu) [DTYPE (float32)]]
 
 Counts the candidates nanoGCG really evaluates (after its re-tokenisation filter), times each behaviour
 from its start to its stop, and checks success by greedy generation from the optimised ids.
@@ -18,7 +19,9 @@ from nanogcg import gcg as gcg_module
 
 def main() -> None:
     model_dir, behaviors_file, steps, width, topk, suffix_len, seed, early_stop = sys.argv[1:9]
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    device, dtype = (sys.argv[9:] + ["cpu", "float32"][len(sys.argv[9:]):])[:2]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     counted = {"n": 0}
     original = gcg_module.GCG._compute_candidates_loss_original
@@ -40,7 +43,7 @@ def main() -> None:
         suffix_ids = tok(result.best_string, add_special_tokens=False)["input_ids"]
         target_ids = tok(bh["target"], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = model.generate(torch.tensor([goal_ids + suffix_ids]), max_new_tokens=len(target_ids),
+            out = model.generate(torch.tensor([goal_ids + suffix_ids], device=device), max_new_tokens=len(target_ids),
                                  do_sample=False)
         success = out[0, len(goal_ids) + len(suffix_ids):].tolist() == target_ids
         print(json.dumps({"behavior": bh["goal"], "target": bh["target"], "success": success,

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from jaxrisk import __version__, preemption
-from jaxrisk.cli import circuits, detect, fragility, models, redteam, scan, zoo
+from jaxrisk.cli import circuits, detect, fragility, models, plan, redteam, scan, zoo
 from jaxrisk.errors import InputError
 from jaxrisk.preemption import Terminated
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="jaxrisk finds hidden risks in neural networks by gradient descent.")
     parser.add_argument("--version", action="version", version=f"jaxrisk {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (scan, zoo, models, redteam, circuits, fragility, detect):
+    for command in (scan, zoo, models, redteam, circuits, fragility, detect, plan):
         command.add_parser(sub)
     return parser
 

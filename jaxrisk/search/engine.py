@@ -244,8 +244,8 @@ def _saved(table, status, history, seconds, clock: float) -> dict:
 
 
 def _fill_lanes(table, status, carry, lane_item):
-    """Give every idle lane the next waiting item (in item order, started ones first come in order too):
-    host-side row copies, so the compiled chunk never changes shape."""
+    """Give every idle lane the next unfinished item not on a lane (in item order; an item a resumed run had
+    started brings its progress): host-side row copies, so the compiled chunk never changes shape."""
     idle = np.flatnonzero(lane_item < 0)
     waiting = np.flatnonzero(status != FINISHED)
     waiting = waiting[~np.isin(waiting, lane_item)][: len(idle)]

@@ -83,23 +83,32 @@ def _scan_result(out: Path):
     return report, read_safetensors(out / "triggers.safetensors")
 
 
-def test_two_processes_scan_like_one_process_with_eight_devices(scan_args, tmp_path):
-    run_single(scan_args(tmp_path / "one"))
-    run_job(scan_args(tmp_path / "two"))
-    (one, one_t), (two, two_t) = _scan_result(tmp_path / "one"), _scan_result(tmp_path / "two")
-    assert two["devices"] == one["devices"]
-    for key in ("classes", "flagged", "verdict", "failures", "steps_run"):
-        assert two[key] == one[key], key
+@pytest.fixture(scope="module")
+def scan_reference(scan_args, tmp_path_factory):
+    """The scan by one process with 8 devices."""
+    out = tmp_path_factory.mktemp("mp-scan-one")
+    run_single(scan_args(out))
+    return _scan_result(out)
+
+
+def _assert_same_scan(result, reference):
+    (report, triggers), (ref, ref_triggers) = result, reference
+    for key in ("devices", "classes", "flagged", "verdict", "failures", "steps_run"):
+        assert report[key] == ref[key], key
     for name in ("masks", "patterns"):
-        np.testing.assert_array_equal(two_t[name], one_t[name])
-    assert not (tmp_path / "two" / "checkpoint").exists()
+        np.testing.assert_array_equal(triggers[name], ref_triggers[name])
 
 
-def test_a_preempted_two_process_scan_resumes_in_one_process(scan_args, tmp_path):
-    out = tmp_path / "two"
-    procs = start_job(scan_args(out) + ["--max-steps", 400])
+def test_two_processes_scan_like_one_process_with_eight_devices(scan_args, scan_reference, tmp_path):
+    run_job(scan_args(tmp_path))
+    _assert_same_scan(_scan_result(tmp_path), scan_reference)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_a_preempted_two_process_scan_resumes_in_one_process(scan_args, scan_reference, tmp_path):
+    procs = start_job(scan_args(tmp_path))
     deadline = time.monotonic() + 300
-    while not (out / "checkpoint" / "jaxrisk-checkpoint.json").exists():   # the first search has started
+    while not (tmp_path / "checkpoint" / "jaxrisk-checkpoint.json").exists():   # the first search has started
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             for p in procs:
                 p.kill()
@@ -110,15 +119,11 @@ def test_a_preempted_two_process_scan_resumes_in_one_process(scan_args, tmp_path
     for i, done in enumerate(wait_all(procs, timeout=300)):   # each stops after the same chunk's checkpoint
         assert done.returncode == 143, f"process {i}:\n{done.stderr[-3000:]}"
         assert "run the same command again to resume" in done.stderr and "Traceback" not in done.stderr
-    full = tmp_path / "full"
-    run_single(scan_args(full) + ["--max-steps", 400])
-    run_single(scan_args(out) + ["--max-steps", 400])   # resumed by one process (with the same 8 devices)
-    (resumed, resumed_t), (ref, ref_t) = _scan_result(out), _scan_result(full)
-    assert resumed["resumed_from_step"] > 0
-    for key in ("classes", "flagged", "verdict", "failures", "steps_run"):
-        assert resumed[key] == ref[key], key
-    for name in ("masks", "patterns"):
-        np.testing.assert_array_equal(resumed_t[name], ref_t[name])
+    assert not (tmp_path / "report.json").exists()
+    run_single(scan_args(tmp_path))   # resumed by one process (with the same 8 devices)
+    resumed = _scan_result(tmp_path)
+    assert resumed[0]["resumed_from_step"] > 0
+    _assert_same_scan(resumed, scan_reference)
 
 
 # ---- redteam ---------------------------------------------------------------------------------------

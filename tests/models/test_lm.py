@@ -14,6 +14,7 @@ import pytest
 from jaxrisk.errors import InputError
 from jaxrisk.models import load_pretrained
 from jaxrisk.models.lm import forward, generate_ids, prefix_cache, target_logprobs
+from jaxrisk.models.named import NAMED_CONFIGS
 
 torch = pytest.importorskip("torch", reason="the parity tests need the PyTorch reference (pip install -e '.[test]')")
 transformers = pytest.importorskip("transformers")
@@ -318,27 +319,15 @@ def test_other_bad_directories(saved, tmp_path):
 
 # ---- full-size configs, shapes only ---------------------------------------------------------------
 
-LLAMA3_8B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-             "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
-             "initializer_range": 0.02, "mlp_bias": False, "pretraining_tp": 1, "rope_scaling": None,
-             "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True}
+LLAMA3_8B, QWEN25_7B = NAMED_CONFIGS["llama-3-8b"], NAMED_CONFIGS["qwen2.5-7b"]
 LLAMA31_8B = dict(LLAMA3_8B, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
                   rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"})
-QWEN25_7B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
-             "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-             "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 131072,
-             "max_window_layers": 28, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 131072,
-             "tie_word_embeddings": False, "use_sliding_window": False, "hidden_act": "silu",
-             "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643, "initializer_range": 0.02,
-             "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True}
 
 
 @pytest.mark.parametrize("hf, n_params", [(LLAMA3_8B, 8_030_261_248), (LLAMA31_8B, 8_030_261_248),
-                                          (QWEN25_7B, 7_615_616_512)])
+                                          (QWEN25_7B, 7_615_616_512),
+                                          (NAMED_CONFIGS["llama-3.2-1b"], 1_235_814_400)])
 def test_full_size_configs_by_eval_shape(hf, n_params):
     from flax import nnx
 

@@ -57,24 +57,32 @@ def test_restarts_are_independent(found):
         assert a != b
 
 
+ONE_DEVICE = RunConfig(restarts=2, max_steps=6, chunk_steps=4, seed=1, devices=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def on_one_device(lm):
+    from jaxrisk.redteam.gcg_run import run_group
+
+    return run_group(lm, BEHAVIORS[:2], SMALL, ONE_DEVICE)
+
+
 @pytest.mark.assets
 @pytest.mark.parametrize("mesh", [dict(devices=8), dict(devices=8, tensor=4), dict(devices=8, lanes=2)],
                          ids=["restarts8", "restarts2xtensor4", "restarts8-queue2"])
-def test_one_device_and_a_mesh_agree(lm, stories_dir, mesh):
+def test_one_device_and_a_mesh_agree(lm, stories_dir, on_one_device, mesh):
     """One device, and 8 devices as (restarts 8), as (restarts 2 x tensor 4) with the weights split by the partition
     table (loaded onto the run's mesh and searched there), and as a two-lane work queue: the same suffixes."""
     from jaxrisk.models import load_pretrained
     from jaxrisk.redteam.gcg_run import run_group
 
-    base = RunConfig(restarts=2, max_steps=6, chunk_steps=4, seed=1, devices=1, progress=False)
-    spread = base.replace(**mesh)
+    spread = ONE_DEVICE.replace(**mesh)
     placed = load_pretrained(stories_dir, mesh=spread.mesh()) if spread.tensor > 1 else lm
     if spread.tensor > 1:
         q = placed.params["blocks"][0]["attn"]["q_kernel"].get_value()
         assert q.sharding.spec[1] == "tensor" and len(q.sharding.device_set) == 8
-    one = run_group(lm, BEHAVIORS[:2], SMALL, base)
     other = run_group(placed, BEHAVIORS[:2], SMALL, spread)
-    for a, b in zip(one, other):
+    for a, b in zip(on_one_device, other):
         assert a["restart_suffix_ids"] == b["restart_suffix_ids"]
         np.testing.assert_allclose(a["restart_losses"], b["restart_losses"], rtol=1e-5)
 
