@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,9 @@ from jaxrisk.models.named import NAMED_CONFIGS  # noqa: E402
 from jaxrisk.redteam import GCGConfig  # noqa: E402
 from jaxrisk.redteam.problem import GCGProblem  # noqa: E402
 from jaxrisk.search import RunConfig, run as engine_run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lm_vs_torch import _median_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}   # dense bfloat16
@@ -64,16 +66,6 @@ def flops_per_token(cfg, context: int) -> float:
     return 2 * matmul + attention
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()   # warm-up: compilation / allocator
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def torch_model(hf: dict, dtype: str, device: str):
     import torch
     import transformers
@@ -86,26 +78,33 @@ def torch_model(hf: dict, dtype: str, device: str):
     return model.eval()
 
 
-def bench_forward(name: str, hf: dict, args, peak) -> dict:
-    import torch
-
-    cfg = config_from_hf(hf)
-    batch, length = args.batch, args.length
-    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, length)).astype(np.int32)
+def jax_forward_seconds(cfg, tokens, repeats: int) -> float:
     lm = LanguageModel.random(cfg, dtype=jnp.bfloat16)
     fwd = jax.jit(lambda p, t: forward(lm.graphdef, p, t)[0])
-    t_jax = median_seconds(lambda: fwd(lm.params, tokens).block_until_ready(), args.repeats)
-    del lm, fwd
+    return _median_seconds(lambda: fwd(lm.params, tokens).block_until_ready(), repeats)
+
+
+def torch_forward_seconds(hf: dict, tokens, args) -> float:
+    import torch
+
     model = torch_model(hf, "bfloat16", args.torch_device)
     tokens_t = torch.from_numpy(tokens.astype(np.int64)).to(args.torch_device)
 
-    def torch_forward():
+    def run():
         with torch.inference_mode():
             model(tokens_t).logits
         if args.torch_device.startswith("cuda"):
             torch.cuda.synchronize()
-    t_torch = median_seconds(torch_forward, args.repeats)
-    del model
+    return _median_seconds(run, args.repeats)
+
+
+def bench_forward(name: str, hf: dict, args, peak) -> dict:
+    """Each side's model lives only while it is timed (an 8B model twice would crowd the device)."""
+    cfg = config_from_hf(hf)
+    batch, length = args.batch, args.length
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, length)).astype(np.int32)
+    t_jax = jax_forward_seconds(cfg, tokens, args.repeats)
+    t_torch = torch_forward_seconds(hf, tokens, args)
     n_tok = batch * length
     per_tok = flops_per_token(cfg, length)
     row = {"shape": name, "batch": batch, "length": length, "jaxrisk_tok_s": n_tok / t_jax,
@@ -130,50 +129,57 @@ def word_tokenizer(vocab_size: int):
     return fast
 
 
-def bench_gcg(hf: dict, args, peak, workdir: Path) -> dict:
-    cfg = config_from_hf(hf)
-    width, steps, suffix, prompt, target = args.search_width, args.gcg_steps, 20, 16, 8
+def jaxrisk_gcg_seconds(cfg, items, gcg: GCGConfig, steps: int) -> float:
+    """One fixed-budget engine run of GCG lanes (timed after a first, compiling run)."""
     lm = LanguageModel.random(cfg, dtype=jnp.bfloat16)
-    gcg = GCGConfig(search_width=width, topk=256, suffix_len=suffix, early_stop=False, filter_retokenization=False)
-    rng = np.random.default_rng(0)
-    lanes = args.gcg_lanes
-    items = {"before": rng.integers(3, cfg.vocab_size, (lanes, prompt)).astype(np.int32),
-             "before_valid": np.ones((lanes, prompt), bool),
-             "goal": rng.integers(3, cfg.vocab_size, (lanes, prompt)).astype(np.int32),
-             "goal_valid": np.ones((lanes, prompt), bool),
-             "target": rng.integers(3, cfg.vocab_size, (lanes, target)).astype(np.int32),
-             "target_valid": np.ones((lanes, target), bool)}
     problem = GCGProblem(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.ones(cfg.vocab_size, bool),
-                         init_suffix=jnp.full((suffix,), 3, jnp.int32), graphdef=lm.graphdef, cfg=gcg)
+                         init_suffix=jnp.full((gcg.suffix_len,), 3, jnp.int32), graphdef=lm.graphdef, cfg=gcg)
     run_cfg = RunConfig(max_steps=steps, chunk_steps=steps, progress=False, devices=1)
-    t = median_seconds(lambda: engine_run(problem, items, run_cfg), 1)
-    candidates = lanes * width * steps
-    # per step and lane: B candidates forward over suffix + target tokens, and one gradient pass (~3 forwards)
-    tokens = lanes * steps * (width + 3) * (suffix + target)
-    row = {"shape": "llama-3.2-1b", "lanes": lanes, "search_width": width, "steps": steps,
-           "jaxrisk_cand_s": candidates / t}
-    if peak:
-        row["jaxrisk_mfu"] = tokens * flops_per_token(cfg, prompt + suffix + target) / t / peak
-    del lm, problem
+    return _median_seconds(lambda: engine_run(problem, items, run_cfg), 1)
+
+
+def nanogcg_rate(hf: dict, args, workdir: Path, goal: str, target: str, steps: int, width: int, suffix: int) -> dict:
+    """nanoGCG on the same random model (saved with a word-level tokenizer of its vocabulary), in its own venv."""
     nanogcg = Path(args.nanogcg_python) if args.nanogcg_python else None
     if nanogcg is None or not nanogcg.exists():
-        row["nanogcg"] = "skipped: no --nanogcg-python"
-        return row
-    model_dir = workdir / "random-1b"
+        return {"nanogcg": "skipped: no --nanogcg-python"}
+    model_dir = workdir / "random-model"
     torch_model(hf, "bfloat16", "cpu").save_pretrained(model_dir)
-    word_tokenizer(cfg.vocab_size).save_pretrained(model_dir)
+    word_tokenizer(hf["vocab_size"]).save_pretrained(model_dir)
     behaviors = workdir / "behaviors.json"
-    words = lambda n: " ".join(f"w{i}" for i in rng.integers(3, cfg.vocab_size, n))  # noqa: E731
-    behaviors.write_text(json.dumps([{"goal": words(prompt), "target": words(target)}]))
+    behaviors.write_text(json.dumps([{"goal": goal, "target": target}]))
     proc = subprocess.run([str(nanogcg), str(ROOT / "benchmarks" / "nanogcg_runner.py"), str(model_dir),
                            str(behaviors), str(steps), str(width), "256", str(suffix), "0", "0",
                            args.torch_device, "bfloat16"], capture_output=True, text=True, timeout=600)
     if proc.returncode:
-        row["nanogcg"] = f"failed: {proc.stderr[-500:]}"
-        return row
-    ng = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")][0]
-    row.update(nanogcg_cand_s=ng["candidates"] / ng["seconds"],
-               ratio_per_lane=(candidates / lanes / t) / (ng["candidates"] / ng["seconds"]))
+        return {"nanogcg": f"failed: {proc.stderr[-500:]}"}
+    row = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")][0]
+    return {"nanogcg_cand_s": row["candidates"] / row["seconds"]}
+
+
+def bench_gcg(name: str, hf: dict, args, peak, workdir: Path) -> dict:
+    cfg = config_from_hf(hf)
+    width, steps, suffix, prompt, target, lanes = args.search_width, args.gcg_steps, 20, 16, 8, args.gcg_lanes
+    gcg = GCGConfig(search_width=width, topk=min(256, cfg.vocab_size), suffix_len=suffix, early_stop=False,
+                    filter_retokenization=False)
+    rng = np.random.default_rng(0)
+    ids = lambda *shape: rng.integers(3, cfg.vocab_size, shape).astype(np.int32)  # noqa: E731
+    items = {"before": ids(lanes, prompt), "before_valid": np.ones((lanes, prompt), bool),
+             "goal": ids(lanes, prompt), "goal_valid": np.ones((lanes, prompt), bool),
+             "target": ids(lanes, target), "target_valid": np.ones((lanes, target), bool)}
+    t = jaxrisk_gcg_seconds(cfg, items, gcg, steps)
+    candidates = lanes * width * steps
+    # per step and lane: B candidates forward over suffix + target tokens, and one gradient pass (~3 forwards)
+    tokens = lanes * steps * (width + 3) * (suffix + target)
+    row = {"shape": name, "lanes": lanes, "search_width": width, "steps": steps,
+           "jaxrisk_cand_s": candidates / t}
+    if peak:
+        row["jaxrisk_mfu"] = tokens * flops_per_token(cfg, prompt + suffix + target) / t / peak
+    words = lambda a: " ".join(f"w{i}" for i in a)  # noqa: E731
+    row.update(nanogcg_rate(hf, args, workdir, words(items["goal"][0]), words(items["target"][0]), steps, width,
+                            suffix))
+    if "nanogcg_cand_s" in row:
+        row["ratio_per_lane"] = row["jaxrisk_cand_s"] / lanes / row["nanogcg_cand_s"]
     return row
 
 
@@ -184,7 +190,7 @@ def bench_scan(args, workdir: Path) -> dict:
         subprocess.run([sys.executable, "-m", "jaxrisk", "zoo", "--mnist", args.mnist, "--out", str(zoo),
                         "--trojaned", "1", "--clean", "1", "--kinds", "patch", "--archs", "mnist_cnn",
                         "--max-epochs", "2" if args.smoke else "6", "--no-progress"], check=True, env=env)
-    names = sorted(p.stem for p in zoo.glob("*.json") if not p.name.startswith("zoo"))
+    names = sorted(p.stem for p in zoo.glob("*.json"))
     out = workdir / "bench_scan.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scan_vs_torch.py"), "--mnist", args.mnist,
                     "--zoo", str(zoo), "--models", *names, "--torch-device", args.torch_device, "--skip-reference",
@@ -228,7 +234,8 @@ def main() -> None:
                 record["forward"].append(bench_forward(name, hf, args, peak))
                 print("forward", record["forward"][-1], flush=True)
         if "gcg" in sections:
-            record["gcg"] = bench_gcg(shapes.get("tiny", NAMED_CONFIGS["llama-3.2-1b"]), args, peak, Path(tmp))
+            name = "tiny" if args.smoke else "llama-3.2-1b"
+            record["gcg"] = bench_gcg(name, TINY if args.smoke else NAMED_CONFIGS[name], args, peak, Path(tmp))
             print("gcg", record["gcg"], flush=True)
         if "scan" in sections:
             record["scan"] = bench_scan(args, Path(tmp))

@@ -72,9 +72,11 @@ def add_run_flags(p: argparse.ArgumentParser, *, restarts_help: str, steps_help:
     mesh = p.add_argument_group("devices and hosts (one mesh: restarts x fsdp x tensor)")
     mesh.add_argument("--devices", type=POSITIVE, default=None,
                       help="devices of the mesh (default: every device of every host)")
-    mesh.add_argument("--fsdp", type=POSITIVE, default=1, help="mesh axis splitting each weight's model dimension")
-    mesh.add_argument("--tensor", type=POSITIVE, default=1,
-                      help="mesh axis splitting heads and hidden units; lanes run over devices / (fsdp x tensor)")
+    mesh.add_argument("--fsdp", type=POSITIVE, default=None,
+                      help="mesh axis splitting each weight's model dimension (default 1)")
+    mesh.add_argument("--tensor", type=POSITIVE, default=None,
+                      help="mesh axis splitting heads and hidden units (default 1); lanes run over devices / (fsdp x "
+                           "tensor)")
     mesh.add_argument("--lanes", type=POSITIVE, default=None,
                       help="search items run at once (default: all); fewer make a work queue: a lane that finishes "
                            "takes the next item between chunks")

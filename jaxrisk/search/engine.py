@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError
-from jaxrisk.io import write_json
+from jaxrisk.io import is_writer, write_json
 from jaxrisk.mesh import RESTARTS, lane_sharding, place, put, to_host
 from jaxrisk.preemption import searching, stop_if_requested
 from jaxrisk.search.config import RunConfig
@@ -332,7 +332,7 @@ def remove_checkpoint(directory: str | Path) -> None:
     The directory itself goes only when that leaves it empty; a directory without the marker is left alone.
     """
     directory = Path(directory)
-    if not (directory / MARKER).is_file():
+    if not is_writer() or not (directory / MARKER).is_file():   # in a multi-process job process 0 removes it
         return
     for entry in directory.iterdir():
         if _OWN_ENTRY.fullmatch(entry.name) and entry.is_dir():
