@@ -4,7 +4,8 @@
    Llama-3-8B shapes (random weights, bfloat16), jaxrisk vs PyTorch transformers (sdpa attention);
 2. gcg: GCG candidate evaluations/s and MFU at the 1B shape, fixed budget (early stop off), jaxrisk vs nanoGCG
    (run by `benchmarks/nanogcg_runner.py` in nanoGCG's own venv, given by --nanogcg-python; skipped without);
-   both sides use the same random 1B model and a synthetic word-level tokenizer of the 1B vocabulary;
+   both sides use the same random 1B model and a synthetic word-level tokenizer of the 1B vocabulary, with
+   their round-trip filters on (every word-level candidate passes; each side pays for checking);
 3. scan: the trigger scan vs the all-classes-at-once PyTorch Neural Cleanse (`benchmarks/scan_vs_torch.py`),
    on a trojaned and a clean model of a zoo (built here, 2 models, when --zoo is absent).
 
@@ -40,7 +41,7 @@ from jaxrisk.models.lm import LanguageModel, forward  # noqa: E402
 from jaxrisk.models.lm_config import config_from_hf  # noqa: E402
 from jaxrisk.models.named import NAMED_CONFIGS  # noqa: E402
 from jaxrisk.redteam import GCGConfig  # noqa: E402
-from jaxrisk.redteam.problem import GCGProblem  # noqa: E402
+from jaxrisk.redteam.problem import GCGProblem, RoundTrip  # noqa: E402
 from jaxrisk.search import RunConfig, run as engine_run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,7 +50,8 @@ from lm_vs_torch import _median_seconds  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}   # dense bfloat16
 TINY = dict(NAMED_CONFIGS["llama-3.2-1b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512, bos_token_id=1,
+            eos_token_id=2)
 
 
 def peak_flops(args) -> float | None:
@@ -114,26 +116,28 @@ def bench_forward(name: str, hf: dict, args, peak) -> dict:
     return row
 
 
-def word_tokenizer(vocab_size: int):
-    """A word-level tokenizer of `vocab_size` tokens ("w3", "w4", ...), with a plain chat template: GCG on a random
-    model of a real vocabulary size, with a round-trip filter both sides can apply."""
+def save_word_tokenizer(vocab_size: int, directory: Path) -> None:
+    """A word-level tokenizer of `vocab_size` tokens ("w3", "w4", ...) with a plain chat template, written as
+    tokenizer.json + tokenizer_config.json (readable by old and new transformers): GCG on a random model of a
+    real vocabulary size, with a round-trip filter both sides can apply."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    return fast
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
 
 
-def jaxrisk_gcg_seconds(cfg, items, gcg: GCGConfig, steps: int) -> float:
-    """One fixed-budget engine run of GCG lanes (timed after a first, compiling run)."""
+def jaxrisk_gcg_seconds(cfg, items, gcg: GCGConfig, steps: int, tokenizer) -> float:
+    """One fixed-budget engine run of GCG lanes, round-trip filter on (timed after a first, compiling run)."""
     lm = LanguageModel.random(cfg, dtype=jnp.bfloat16)
     problem = GCGProblem(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.ones(cfg.vocab_size, bool),
-                         init_suffix=jnp.full((gcg.suffix_len,), 3, jnp.int32), graphdef=lm.graphdef, cfg=gcg)
+                         init_suffix=jnp.full((gcg.suffix_len,), 3, jnp.int32), graphdef=lm.graphdef, cfg=gcg,
+                         roundtrip=RoundTrip(tokenizer))
     run_cfg = RunConfig(max_steps=steps, chunk_steps=steps, progress=False, devices=1)
     return _median_seconds(lambda: engine_run(problem, items, run_cfg), 1)
 
@@ -143,9 +147,8 @@ def nanogcg_rate(hf: dict, args, workdir: Path, goal: str, target: str, steps: i
     nanogcg = Path(args.nanogcg_python) if args.nanogcg_python else None
     if nanogcg is None or not nanogcg.exists():
         return {"nanogcg": "skipped: no --nanogcg-python"}
-    model_dir = workdir / "random-model"
+    model_dir = workdir / "random-model"   # the tokenizer is there already
     torch_model(hf, "bfloat16", "cpu").save_pretrained(model_dir)
-    word_tokenizer(hf["vocab_size"]).save_pretrained(model_dir)
     behaviors = workdir / "behaviors.json"
     behaviors.write_text(json.dumps([{"goal": goal, "target": target}]))
     proc = subprocess.run([str(nanogcg), str(ROOT / "benchmarks" / "nanogcg_runner.py"), str(model_dir),
@@ -160,14 +163,18 @@ def nanogcg_rate(hf: dict, args, workdir: Path, goal: str, target: str, steps: i
 def bench_gcg(name: str, hf: dict, args, peak, workdir: Path) -> dict:
     cfg = config_from_hf(hf)
     width, steps, suffix, prompt, target, lanes = args.search_width, args.gcg_steps, 20, 16, 8, args.gcg_lanes
-    gcg = GCGConfig(search_width=width, topk=min(256, cfg.vocab_size), suffix_len=suffix, early_stop=False,
-                    filter_retokenization=False)
+    gcg = GCGConfig(search_width=width, topk=min(256, cfg.vocab_size), suffix_len=suffix, early_stop=False)
+    (workdir / "random-model").mkdir()
+    save_word_tokenizer(cfg.vocab_size, workdir / "random-model")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "random-model")
     rng = np.random.default_rng(0)
     ids = lambda *shape: rng.integers(3, cfg.vocab_size, shape).astype(np.int32)  # noqa: E731
     items = {"before": ids(lanes, prompt), "before_valid": np.ones((lanes, prompt), bool),
              "goal": ids(lanes, prompt), "goal_valid": np.ones((lanes, prompt), bool),
              "target": ids(lanes, target), "target_valid": np.ones((lanes, target), bool)}
-    t = jaxrisk_gcg_seconds(cfg, items, gcg, steps)
+    t = jaxrisk_gcg_seconds(cfg, items, gcg, steps, tokenizer)
     candidates = lanes * width * steps
     # per step and lane: B candidates forward over suffix + target tokens, and one gradient pass (~3 forwards)
     tokens = lanes * steps * (width + 3) * (suffix + target)
