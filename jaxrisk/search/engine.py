@@ -197,30 +197,37 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
 
     chunk_fn = _chunk_fn(config.chunk_steps, config.max_steps, mesh)
     problem_dev = place(problem, mesh)
-    lane_item = np.full(n_lanes, -1)            # which item each lane runs; -1: idle (frozen as done)
+    table = jax.tree.map(np.array, table)   # writable: rows are stored into it in place
+    # which item each lane holds; a finished item stays on its lane (frozen, on the device) until the lane is
+    # needed for a waiting item, so the carry only comes to the host to refill, to checkpoint and at the end
+    lane_item = np.full(n_lanes, -1)
     carry = _rows(table, np.zeros(n_lanes, int))
     carry["done"] = np.ones(n_lanes, bool)
+    carry, lane_item = _fill_lanes(table, status, carry, lane_item)
+    carry_dev = put(carry, lane_sharding(mesh))
+    steps = carry["steps"]
     t0 = time.perf_counter() - clock   # a resumed run's clock goes on from its checkpoint
 
     waves = math.ceil(int((status != FINISHED).sum()) / n_lanes)   # the most steps left: every wave runs its budget
     bar = tqdm(total=waves * config.max_steps, desc=desc, unit="step", disable=not config.progress)
     try:
         with searching():   # a SIGTERM now stops the search after its next checkpoint
-            while True:
-                carry, lane_item, status = _fill_lanes(table, status, carry, lane_item)
-                if (lane_item < 0).all():
-                    break
-                carry_dev, metrics = chunk_fn(problem_dev, put(carry, lane_sharding(mesh)))
-                steps_before = carry["steps"]
-                carry, metrics = to_host((carry_dev, metrics))
-                _record_history(history, metrics, lane_item, steps_before, carry["steps"])
-                running = lane_item >= 0
-                table = _set_rows(table, lane_item[running], _rows(carry, running))
-                finished = running & carry["done"]
+            while _running(lane_item, status).any():
+                carry_dev, metrics = chunk_fn(problem_dev, carry_dev)
+                running = _running(lane_item, status)
+                steps_before, (metrics, steps, done) = steps, to_host((metrics, carry_dev["steps"], carry_dev["done"]))
+                _record_history(history, metrics, np.where(running, lane_item, -1), steps_before, steps)
+                finished = running & done
                 status[lane_item[finished]] = FINISHED
                 seconds[lane_item[finished]] = time.perf_counter() - t0
-                lane_item[finished] = -1
                 chunks += 1
+                refill = finished.any() and bool(_waiting(lane_item, status).size)
+                if refill or manager is not None:
+                    carry = to_host(carry_dev)
+                    _store(table, carry, lane_item)
+                if refill:
+                    carry, lane_item = _fill_lanes(table, status, carry, lane_item)
+                    carry_dev, steps = put(carry, lane_sharding(mesh)), carry["steps"]
                 if manager is not None:
                     _save(manager, chunks, _saved(table, status, history, seconds, time.perf_counter() - t0))
                 failed = int((table["failed_at"] >= 0).sum())
@@ -229,6 +236,7 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
                 if on_chunk is not None:
                     on_chunk(chunks * config.chunk_steps, {"done": status == FINISHED, "failed": failed})
                 stop_if_requested(chunks)
+        _store(table, to_host(carry_dev), lane_item)
     finally:
         bar.close()
 
@@ -243,21 +251,41 @@ def _saved(table, status, history, seconds, clock: float) -> dict:
     return dict(table=table, status=status, history=history, seconds=seconds, clock=np.asarray(clock, np.float64))
 
 
+def _running(lane_item: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """[L] lanes holding an item that has not finished."""
+    held = lane_item >= 0
+    running = held.copy()
+    running[held] = status[lane_item[held]] != FINISHED
+    return running
+
+
+def _waiting(lane_item: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """Unfinished items on no lane (not started, or started by a run this one resumes), in item order."""
+    unfinished = np.flatnonzero(status != FINISHED)
+    return unfinished[~np.isin(unfinished, lane_item)]
+
+
+def _store(table, carry, lane_item: np.ndarray) -> None:
+    """Write every lane's row into its item's row of the table (in place)."""
+    held = np.flatnonzero(lane_item >= 0)
+    for t, c in zip(jax.tree.leaves(table), jax.tree.leaves(carry)):
+        t[lane_item[held]] = np.asarray(c)[held]
+
+
 def _fill_lanes(table, status, carry, lane_item):
-    """Give every idle lane the next unfinished item not on a lane (in item order; an item a resumed run had
-    started brings its progress): host-side row copies, so the compiled chunk never changes shape."""
-    idle = np.flatnonzero(lane_item < 0)
-    waiting = np.flatnonzero(status != FINISHED)
-    waiting = waiting[~np.isin(waiting, lane_item)][: len(idle)]
+    """Give every lane without a running item the next waiting item (its row from the table: a fresh start, or the
+    progress of a run this one resumes): host-side row copies, so the compiled chunk never changes shape. Lanes
+    must be stored (`_store`) first: a finished item's final row is overwritten here."""
+    idle = np.flatnonzero(~_running(lane_item, status))
+    waiting = _waiting(lane_item, status)[: len(idle)]
     if len(waiting) == 0:
-        return carry, lane_item, status
+        return carry, lane_item
     lanes = idle[: len(waiting)]
     carry = _set_rows(carry, lanes, _rows(table, waiting))
     lane_item = lane_item.copy()
     lane_item[lanes] = waiting
-    status = status.copy()
     status[waiting] = STARTED
-    return carry, lane_item, status
+    return carry, lane_item
 
 
 def _record_history(history, metrics, lane_item, steps_before, steps_after) -> None:
@@ -315,7 +343,7 @@ def _open_checkpoint(directory: Path, fingerprint: str, fresh: PyTree):
     if latest is None:
         return manager, 0, fresh
     restored = manager.restore(latest, args=ocp.args.StandardRestore(fresh))
-    return manager, int(latest), jax.tree.map(np.asarray, restored)
+    return manager, int(latest), jax.tree.map(np.array, restored)   # writable copies
 
 
 def _save(manager, chunk: int, table: PyTree) -> None:
