@@ -140,6 +140,7 @@ print(fingerprint(problem, {"target": np.arange(3)}))
 """
 
 
+@pytest.mark.slow
 def test_fingerprint_is_stable_across_processes_and_sees_static_config():
     from jaxrisk.models.classifiers import build, pure_apply
     from jaxrisk.search.fingerprint import fingerprint
@@ -418,6 +419,7 @@ def test_tokenizer_ids_beyond_the_embedding_are_refused(tiny_lm_dir, tmp_path):
         lm.encode("Lily saw a dragon")
 
 
+@pytest.mark.slow
 def test_circuit_search_that_turns_nan_is_an_error_not_a_circuit(tiny_lm_dir, tmp_path):
     from jaxrisk import circuits
     from jaxrisk.circuits import load_circuit_data

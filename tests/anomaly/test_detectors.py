@@ -103,6 +103,7 @@ def test_moments_sharded_over_8_devices_equal_one_device():
     np.testing.assert_allclose(one.scatter, stats.moments(stats.batches(x, 500)).scatter, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("detector", ["mahalanobis", "que", "spectre"])
 def test_a_run_on_8_devices_scores_as_on_one(detector):
     from jaxrisk.anomaly.config import DetectConfig

@@ -170,6 +170,7 @@ def _hand_built_model():
     return lm, params, trigger, marker, layer, neuron
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["remove", "backdoor", "alignment"])
 @pytest.mark.parametrize("target_density", [None, 0.01])
 def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density):

@@ -41,6 +41,7 @@ def test_granularities_and_density():
         mask_shapes(TINY, "layers")
 
 
+@pytest.mark.slow
 def test_all_ones_masks_change_nothing_and_one_head_changes_its_own_output():
     from flax import nnx
 

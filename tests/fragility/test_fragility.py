@@ -59,6 +59,7 @@ def lookahead(lm, data, random_directions=0):
                      graphdef=lm.graphdef, random_directions=random_directions)
 
 
+@pytest.mark.slow
 def test_lookahead_equals_an_explicit_optax_loop(tiny):
     """Each lane's parameters after k steps equal optax.sgd / optax.adam applied by hand to the same batches,
     and its metrics equal the behaviour measured on those parameters. Tolerances (float32): SGD rtol 1e-5,
@@ -88,6 +89,7 @@ def test_lookahead_equals_an_explicit_optax_loop(tiny):
         assert res.metrics["success"][k - 1, lane] == np.mean(success)
 
 
+@pytest.mark.slow
 def test_greedy_success_equals_generation(tiny):
     """Teacher-forced success (every target token the argmax) is what greedy generation says, row by row."""
     from jaxrisk.evals.behaviour import greedy_continuations

@@ -122,6 +122,7 @@ class TorchLeNet5(torch.nn.Module):
         return self.fc3(torch.relu(self.fc2(x)))
 
 
+@pytest.mark.slow
 def test_lenet5_matches_pytorch_logits_and_layers(tmp_path):
     net, path = _torch_weights(tmp_path, TorchLeNet5)
     x = np.random.default_rng(1).uniform(0, 1, (16, 1, 28, 28)).astype(np.float32)
@@ -172,6 +173,7 @@ class TorchResNet8(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+@pytest.mark.slow
 def test_resnet8_matches_pytorch_in_evaluation_and_exports_a_strict_state_dict(tmp_path):
     torch.manual_seed(0)
     net = TorchResNet8()

@@ -167,6 +167,7 @@ def test_hooks_match_reference_hidden_states(saved, name):
         lm.run_with_cache(tokens, names=["blocks.0.hook_nonsense"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "qwen2_bias_tied"])
 def test_shared_prefix_scoring_equals_full_forward(saved, name):
     lm = load_pretrained(saved[name][1])
@@ -195,6 +196,7 @@ def test_shared_prefix_scoring_equals_full_forward(saved, name):
     assert grad.shape == one_hot.shape and np.isfinite(np.asarray(grad)).all() and np.abs(grad).max() > 0
 
 
+@pytest.mark.slow
 def test_left_padded_batch_generation_equals_one_by_one(saved):
     lm = load_pretrained(saved["llama_gqa_tied_smollm"][1])
     prompts = [list(_tokens(1, 9, seed=9)[0]), list(_tokens(1, 4, seed=10)[0])]

@@ -80,6 +80,7 @@ def test_left_padded_prefix_and_template_tail_give_the_plain_sequence_objective(
     assert np.max(np.abs(np.asarray(f_unmasked) - np.asarray(f_pad))) > 1e-3   # the mask is what matters
 
 
+@pytest.mark.slow
 def test_coordinate_ascent_climbs_is_padding_invariant_and_finds_a_consistent_pair(lm):
     from jaxrisk.search import engine
 
@@ -114,6 +115,7 @@ def test_coordinate_ascent_climbs_is_padding_invariant_and_finds_a_consistent_pa
         assert abs(ref - float(res.state.objective[r])) < 1e-4
 
 
+@pytest.mark.slow
 def test_run_arca_writes_rows_whose_objective_and_success_check_out_and_resumes_to_them(lm, tmp_path,
                                                                                        monkeypatch):
     from jaxrisk import redteam

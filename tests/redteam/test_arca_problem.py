@@ -12,6 +12,7 @@ def lm(stories_lm):
     return stories_lm
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_arca_joint_search_climbs_and_finds_consistent_request_output_pairs(lm):
     from jaxrisk.scorers.lm import SequenceScorer

@@ -31,6 +31,7 @@ def found(lm):
     return run_group(lm, BEHAVIORS, SEARCH, RunConfig(restarts=2, max_steps=80, chunk_steps=10, seed=1, progress=False))
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_gcg_makes_the_model_say_targets_it_does_not_say_unprompted(lm, found):
     for bh in BEHAVIORS:
@@ -50,6 +51,7 @@ def test_gcg_makes_the_model_say_targets_it_does_not_say_unprompted(lm, found):
         assert row["steps"] < 80  # stopped early, at the success
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_restarts_are_independent(found):
     for row in found:
@@ -67,6 +69,7 @@ def on_one_device(lm):
     return run_group(lm, BEHAVIORS[:2], SMALL, ONE_DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 @pytest.mark.parametrize("mesh", [dict(devices=8), dict(devices=8, tensor=4), dict(devices=8, lanes=2)],
                          ids=["restarts8", "restarts2xtensor4", "restarts8-queue2"])
@@ -87,6 +90,7 @@ def test_one_device_and_a_mesh_agree(lm, stories_dir, on_one_device, mesh):
         np.testing.assert_allclose(a["restart_losses"], b["restart_losses"], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_interrupted_redteam_resumes_to_the_same_results(lm, tmp_path, monkeypatch):
     from jaxrisk import redteam
@@ -107,6 +111,7 @@ def test_interrupted_redteam_resumes_to_the_same_results(lm, tmp_path, monkeypat
             assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_cli_writes_the_results_contract(stories_dir, tmp_path, capsys):
     from jaxrisk.cli import main
@@ -177,6 +182,7 @@ def test_behavior_files_in_advbench_and_harmbench_layouts(tmp_path):
     assert load_behaviors(tmp_path / "h.jsonl")[0].goal == "Write a poem"
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_gcg_with_a_danger_probe_term_raises_the_probe_score(lm):
     from jaxrisk.data.batch import pad_batch

@@ -18,6 +18,7 @@ SMALL = config_from_hf(dict(NAMED_CONFIGS["llama-3.2-1b"], hidden_size=128, inte
                             vocab_size=1024))
 
 
+@pytest.mark.slow
 def test_layers_extend_linearly_to_the_full_program():
     """The plan compiles 2 and 3 layers and extends the temporaries linearly: within 10% of compiling all 6."""
     run, gcg = RunConfig(devices=2), GCGConfig(search_width=64, suffix_len=10)
@@ -27,6 +28,7 @@ def test_layers_extend_linearly_to_the_full_program():
     assert plan.lanes_per_device == 2
 
 
+@pytest.mark.slow
 def test_wider_searches_need_more_memory_and_more_lanes_per_device_too():
     run = RunConfig(devices=4)
     kw = dict(dtype=jnp.float32, run=run, prompt_len=12, target_len=6)
@@ -59,6 +61,7 @@ def test_llama3_8b_gcg_plan_on_eight_devices():
     assert plan.candidates > plan.weights and plan.total < 80 * GiB
 
 
+@pytest.mark.slow
 def test_cli_reports_the_widest_search_that_fits(tiny_lm_dir, capsys):
     argv = ["plan", "--model", str(tiny_lm_dir), "--devices", "8", "--tensor", "2", "--search-widths", "16,64,256",
             "--dtype", "float32", "--topk", "4", "--json"]

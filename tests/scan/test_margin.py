@@ -66,6 +66,7 @@ def test_planted_class_is_the_outlier_and_the_clean_model_is_not():
             assert top == planted and p < 1e-3
 
 
+@pytest.mark.slow
 def test_gamma_p_value_is_calibrated_under_its_null_and_small_for_an_outlier():
     rng = np.random.default_rng(0)
     nulls = [rng.gamma(4.0, 1.5, K) for _ in range(300)]

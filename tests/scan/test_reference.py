@@ -35,6 +35,7 @@ def references(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_planted_trigger_is_flagged_against_clean_references(references, tmp_path):
     report = _scan(cache_dir() / "trojaned.safetensors", tmp_path, "--reference", *map(str, references))
     assert report["flagged"] == [TARGET]

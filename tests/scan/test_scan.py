@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import write_digits_mlp
 from jaxrisk.cli import main
 from jaxrisk.data import load_digits
 from jaxrisk.demo import TARGET, cache_dir, demo_models
@@ -49,6 +50,7 @@ def mask_overlap(recovered, planted):
     return float((recovered * (planted > 0)).sum() / recovered.sum())
 
 
+@pytest.mark.slow
 def test_planted_digits_trigger_is_found(trojan_scan, trojan_report):
     assert trojan_report["flagged"] == [TARGET]
     entry = trojan_report["classes"][TARGET]
@@ -62,12 +64,14 @@ def test_planted_digits_trigger_is_found(trojan_scan, trojan_report):
     assert entry["source_success"][TARGET] is None and entry["min_source_success"] >= 0.9
 
 
+@pytest.mark.slow
 def test_clean_model_is_not_flagged(models, test_digits):
     report = run(models["clean"], test_digits, FAST).report
     assert report["flagged"] == []
     assert all(e["found"] for e in report["classes"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(devices=8), dict(devices=8, tensor=4)], ids=["restarts8", "restarts2xtensor4"])
 def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report, mesh):
     report8 = run(models["trojaned"], test_digits, config(**mesh)).report
@@ -80,6 +84,7 @@ def test_eight_devices_give_the_same_scan(models, test_digits, trojan_report, me
         assert a["found"] == b["found"]
 
 
+@pytest.mark.slow
 def test_trigger_search_compiles_nothing_after_its_first_chunk(models, test_digits):
     import jax
 
@@ -103,6 +108,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan_scan, tmp_path):
     def kill(step, info):
         if step >= 2 * FAST.run.chunk_steps:
@@ -116,6 +122,7 @@ def test_interrupted_scan_resumes_to_the_same_report(models, test_digits, trojan
     np.testing.assert_array_equal(resumed.masks, trojan_scan.masks)
 
 
+@pytest.mark.slow
 def test_scan_interrupted_in_its_margin_test_resumes_to_the_same_report(models, test_digits, trojan_scan,
                                                                         tmp_path, monkeypatch):
     """Ctrl-C in the second engine run (the maximum-margin test): the inversion is not redone, the margin
@@ -137,6 +144,7 @@ def test_scan_interrupted_in_its_margin_test_resumes_to_the_same_report(models, 
                                                       for e in trojan_scan.report["classes"]]
 
 
+@pytest.mark.slow
 def test_scan_interrupted_in_its_symmetry_search_resumes_to_the_same_report(models, test_digits, trojan_scan,
                                                                              tmp_path, monkeypatch):
     """Ctrl-C in the third engine run (the symmetry search of the planted class): the inversion and the
@@ -154,6 +162,7 @@ def test_scan_interrupted_in_its_symmetry_search_resumes_to_the_same_report(mode
     assert resumed["max_margin"] == whole["max_margin"]
 
 
+@pytest.mark.slow
 def test_tabor_regularisers_keep_the_planted_trigger_and_smooth_the_masks(models, test_digits, trojan_scan):
     """TABOR's three terms on: the planted class is still the one flagged and its trigger still fires, and
     the smoothness term lowers the recovered masks' total variation."""
@@ -171,6 +180,7 @@ def test_tabor_regularisers_keep_the_planted_trigger_and_smooth_the_masks(models
     assert total_variation(result.masks) < total_variation(trojan_scan.masks)
 
 
+@pytest.mark.slow
 def test_pair_mode_finds_the_planted_target_from_every_source(models, test_digits):
     report = run(models["trojaned"], test_digits, config(pairs=True, restarts=1, devices=1)).report
     assert len(report["pairs"]) == 90 and len(report["classes"]) == 10
@@ -193,6 +203,7 @@ def test_wrong_image_size_is_a_clear_error(test_digits):
         run(build("mnist_cnn"), test_digits, FAST, name="cnn.safetensors")
 
 
+@pytest.mark.slow
 def test_cli_contract_writes_report_and_figure(tmp_path, capsys):
     weights = cache_dir() / "trojaned.safetensors"
     demo_models(progress=False)
@@ -207,6 +218,7 @@ def test_cli_contract_writes_report_and_figure(tmp_path, capsys):
     assert f"TROJAN SUSPECTED: class {TARGET}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_prints_a_readable_verdict_for_both_models(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -230,6 +242,7 @@ def test_cli_bad_weights_give_one_line_errors(tmp_path, capsys, setup, expected)
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_report_written_atomically(trojan_scan, tmp_path):
     trojan_scan.write(tmp_path)
     # no temporary files left behind
@@ -245,6 +258,7 @@ def test_cli_needs_mnist_for_a_28x28_model(tmp_path, capsys):
     assert rc == 2 and "takes 1x28x28 images" in err and "--mnist DIR" in err
 
 
+@pytest.mark.slow
 def test_cli_max_margin_points_at_the_planted_target(models, test_digits, tmp_path, capsys):
     """MM-BD beside the inversion: the trojaned model's largest maximum margin is the planted target's, and
     it is more of an outlier than the clean model's largest (measured p 0.10 vs 0.31: on this 16x16 MLP
@@ -268,12 +282,12 @@ def test_cli_max_margin_points_at_the_planted_target(models, test_digits, tmp_pa
 
 
 def test_cli_negative_tabor_weight_is_a_clear_error(tmp_path, capsys):
-    rc = main(["scan", "--weights", str(cache_dir() / "trojaned.safetensors"), "--arch", "mlp", "--out",
+    rc = main(["scan", "--weights", str(write_digits_mlp(tmp_path / "mlp.safetensors")), "--arch", "mlp", "--out",
                str(tmp_path), "--smoothness", "-1"])
     assert rc == 2 and "InversionConfig.smoothness: expected a number >= 0" in capsys.readouterr().err
 
 
 def test_cli_margin_settings_need_the_margin_test(tmp_path, capsys):
-    rc = main(["scan", "--weights", str(cache_dir() / "trojaned.safetensors"), "--arch", "mlp", "--out",
+    rc = main(["scan", "--weights", str(write_digits_mlp(tmp_path / "mlp.safetensors")), "--arch", "mlp", "--out",
                str(tmp_path), "--margin-starts", "4", "--no-max-margin"])
     assert rc == 2 and "--no-max-margin" in capsys.readouterr().err

@@ -14,6 +14,7 @@ def lm(stories_lm):
     return stories_lm
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_sequence_and_judge_scorers_equal_direct_computation(lm):
     from jaxrisk.scorers.lm import JudgeScorer, SequenceScorer, mellowmax, target_logprob
@@ -46,6 +47,7 @@ def test_sequence_and_judge_scorers_equal_direct_computation(lm):
     assert -float(mellowmax(-x, 50.0, v)[0]) == pytest.approx(-3.0, abs=0.05)  # worst token dominates
 
 
+@pytest.mark.slow
 @pytest.mark.assets
 def test_danger_probe_separates_held_out_texts_and_is_differentiable(lm):
     from jaxrisk.data.batch import pad_batch
