@@ -59,27 +59,32 @@ def test_interrupted_audit_resumes_to_the_uninterrupted_report(tiny_lm_dir, file
     update, behaviours = files
     flags = ("--optimizer", "sgd", "--lr", "1e-2,1e-1", "--steps", "1,2", "--batch", "4", "--draws", "2",
              "--random-directions", "1", "--restarts", "1", "--max-steps", "40")
-    assert fragility(tiny_lm_dir, update, behaviours, tmp_path / "whole", *flags) == 0
-    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
-    real_run, resumed_from = engine.run, []
+    real_run, ran = engine.run, []
 
     def spy(*args, **kwargs):
         result = real_run(*args, **kwargs)
-        resumed_from.append(result.resumed_from_step)
+        ran.append((result.resumed_from_step, int(result.steps.max())))
         return result
 
-    # run 1: the worst-case search (40 steps); run 2: the lookahead (2 steps, one chunk)
-    for run, at_step, resumes in ((1, 20, [20, 0]), (2, 1, [40, 2])):
+    monkeypatch.setattr(engine, "run", spy)
+    assert fragility(tiny_lm_dir, update, behaviours, tmp_path / "whole", *flags) == 0
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    (_, search_steps), (_, lookahead_steps) = ran
+    monkeypatch.setattr(engine, "run", real_run)
+
+    # run 1: the worst-case search (up to 40 steps, 20-step chunks); run 2: the lookahead (2 steps, one chunk).
+    # A resumed engine run reports the most steps any of its items had run at the checkpoint it restored.
+    for run, at_step, resumes in ((1, 20, [min(20, search_steps), 0]), (2, 1, [search_steps, lookahead_steps])):
         out = tmp_path / f"cut{run}"
         restore = interrupt_engine_run(monkeypatch, run=run, at_step=at_step)
         assert fragility(tiny_lm_dir, update, behaviours, out, *flags) == 130
         restore()
         assert any((out / "checkpoint").iterdir()) and not (out / "report.json").exists()
         monkeypatch.setattr(engine, "run", spy)
-        resumed_from.clear()
+        ran.clear()
         assert fragility(tiny_lm_dir, update, behaviours, out, *flags) == 0
         monkeypatch.setattr(engine, "run", real_run)
-        assert resumed_from == resumes
+        assert [resumed for resumed, _ in ran] == resumes and resumes[run - 1] > 0
         assert json.loads((out / "report.json").read_text()) == whole
         assert not (out / "checkpoint").exists()
 
