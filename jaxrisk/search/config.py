@@ -19,6 +19,8 @@ class RunConfig:
     fsdp: int = 1                         # mesh axis sharding the weights' model dimension (see models/sharding)
     tensor: int = 1                       # mesh axis sharding heads / hidden units; restarts get the rest
     lanes: int | None = None              # items searched at once; fewer than the items: a work queue
+    shrink_lanes: bool = True             # once no item waits, run the last items on fewer lanes when that
+    #                                       saves more time than compiling the smaller chunk costs
     checkpoint_dir: str | Path | None = None   # resume from / save to here between chunks
     progress: bool = True
 

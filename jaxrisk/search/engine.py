@@ -13,7 +13,10 @@ with no communication (a `shard_map`, so host callbacks stay per device), while 
 tensor) carry the weights as they were placed. It runs `chunk_steps` vmapped steps per call with
 `lax.scan`, freezes finished or failed lanes by masking (shapes never change), checkpoints between chunks
 with orbax, and between chunks hands a finished lane the next waiting item: with fewer lanes than items
-(`RunConfig.lanes`) the items form a work queue and no lane idles for more than one chunk.
+(`RunConfig.lanes`) the items form a work queue and no lane idles for more than one chunk. Once no item waits
+and at most half the lanes still run, the last items move onto fewer lanes (`RunConfig.shrink_lanes`) when
+the idle lanes would cost more time than compiling the smaller chunk, judged by the run's own chunk times.
+Checkpoints hold the item table, its item axis split over the restarts axis, so each host writes its shards.
 
 Each step's key is `fold_in(item_key, step_of_that_item)`, so an item's result depends neither on the chunk
 size, the lane count, the device count nor the order of the queue, and a resumed run replays exactly what
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 from jaxrisk.data.text import json_object
 from jaxrisk.errors import InputError
 from jaxrisk.io import is_writer, write_json
-from jaxrisk.mesh import RESTARTS, lane_sharding, place, put, to_host
+from jaxrisk.mesh import RESTARTS, lane_sharding, place, put, replicated, to_host
 from jaxrisk.preemption import searching, stop_if_requested
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.fingerprint import fingerprint
@@ -100,7 +103,7 @@ def _check_problem(problem, init_state: PyTree, step_state: PyTree, metrics: dic
 def _fingerprint(problem: PyTree, items: PyTree, key: np.ndarray, cfg: RunConfig) -> str:
     """Identifies a run in any process: the problem's arrays and static config, the items, the key, the budget.
     The lane count and the mesh are left out: a run may resume with others."""
-    return fingerprint(problem, items, key, cfg.max_steps, "item-table-v2")
+    return fingerprint(problem, items, key, cfg.max_steps, "item-table-v3")
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,7 +191,7 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
     if config.checkpoint_dir is not None:
         manager, chunks, restored = _open_checkpoint(Path(config.checkpoint_dir),
                                                      _fingerprint(problem, items, key, config),
-                                                     _saved(table, status, history, seconds, 0.0))
+                                                     _saved(table, status, history, seconds, 0.0), mesh)
         table, status, history, seconds = (restored[k] for k in ("table", "status", "history", "seconds"))
         clock = float(restored["clock"])   # seconds the earlier processes searched; their in-flight items wait again
     else:
@@ -210,26 +213,35 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
 
     waves = math.ceil(int((status != FINISHED).sum()) / n_lanes)   # the most steps left: every wave runs its budget
     bar = tqdm(total=waves * config.max_steps, desc=desc, unit="step", disable=not config.progress)
+    timing = _ChunkTiming()
     try:
         with searching():   # a SIGTERM now stops the search after its next checkpoint
             while _running(lane_item, status).any():
+                started = time.perf_counter()
                 carry_dev, metrics = chunk_fn(problem_dev, carry_dev)
                 running = _running(lane_item, status)
                 steps_before, (metrics, steps, done) = steps, to_host((metrics, carry_dev["steps"], carry_dev["done"]))
+                timing.add(n_lanes, time.perf_counter() - started)
                 _record_history(history, metrics, np.where(running, lane_item, -1), steps_before, steps)
                 finished = running & done
                 status[lane_item[finished]] = FINISHED
                 seconds[lane_item[finished]] = time.perf_counter() - t0
                 chunks += 1
                 refill = finished.any() and bool(_waiting(lane_item, status).size)
-                if refill or manager is not None:
+                fewer = n_lanes if refill or not config.shrink_lanes else _fewer_lanes(
+                    lane_item, status, steps, n_lanes, shards, config, timing)
+                if refill or fewer < n_lanes or manager is not None:
                     carry = to_host(carry_dev)
                     _store(table, carry, lane_item)
-                if refill:
-                    carry, lane_item = _fill_lanes(table, status, carry, lane_item)
+                if refill or fewer < n_lanes:
+                    if refill:
+                        carry, lane_item = _fill_lanes(table, status, carry, lane_item)
+                    else:
+                        carry, lane_item = _shrink(carry, lane_item, status, fewer)
+                        n_lanes = fewer
                     carry_dev, steps = put(carry, lane_sharding(mesh)), carry["steps"]
                 if manager is not None:
-                    _save(manager, chunks, _saved(table, status, history, seconds, time.perf_counter() - t0))
+                    _save(manager, chunks, _saved(table, status, history, seconds, time.perf_counter() - t0), mesh)
                 failed = int((table["failed_at"] >= 0).sum())
                 bar.set_postfix(done=f"{int((status == FINISHED).sum())}/{n_items}", failed=failed, refresh=False)
                 bar.update(config.chunk_steps)
@@ -249,6 +261,52 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
 def _saved(table, status, history, seconds, clock: float) -> dict:
     """What a checkpoint holds: the item table, each item's status, history and finishing time, and the clock."""
     return dict(table=table, status=status, history=history, seconds=seconds, clock=np.asarray(clock, np.float64))
+
+
+_HOST = -1   # a saved leaf written whole by process 0: the clock, and the float64 finishing times
+
+
+def _item_axes(saved: dict) -> dict:
+    """Each saved leaf's item axis (history rows are steps), or _HOST."""
+    return {name: jax.tree.map(lambda _: _HOST if name in ("clock", "seconds") else int(name == "history"), part)
+            for name, part in saved.items()}
+
+
+def _sharded(saved: dict, mesh) -> dict:
+    """The saved table as global arrays whose item axis is split over the restarts axis (padded to whole shards),
+    so that in a job of several hosts each host's orbax writes the shards its own devices hold."""
+    shards = mesh.shape[RESTARTS]
+
+    def one(a, axis):
+        if axis == _HOST:
+            return a
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, -a.shape[axis] % shards)
+        return put(np.pad(a, pad), lane_sharding(mesh, axis))
+    return jax.tree.map(one, saved, _item_axes(saved))
+
+
+def _restore(manager, step: int, fresh: dict, mesh) -> dict:
+    """A saved table, read as shards of this run's mesh where the saved (padded) item count splits over it (the
+    run that wrote it may have had other devices or hosts), then whole on the host, trimmed to the items."""
+    import orbax.checkpoint as ocp
+
+    shards = mesh.shape[RESTARTS]
+    padded = manager.item_metadata(step).tree["status"].shape[0]   # the item count the saving run padded to
+
+    def target(like, axis):
+        if axis == _HOST:
+            return like
+        shape = like.shape[:axis] + (padded,) + like.shape[axis + 1:]
+        sharding = lane_sharding(mesh, axis) if padded % shards == 0 else replicated(mesh)
+        return jax.ShapeDtypeStruct(shape, like.dtype, sharding=sharding)
+
+    axes = _item_axes(fresh)
+    restored = to_host(manager.restore(step, args=ocp.args.StandardRestore(jax.tree.map(target, fresh, axes))))
+
+    def trim(a, like, axis):
+        return np.array(a if axis == _HOST else np.take(a, np.arange(like.shape[axis]), axis=axis))   # writable
+    return jax.tree.map(trim, restored, fresh, axes)
 
 
 def _running(lane_item: np.ndarray, status: np.ndarray) -> np.ndarray:
@@ -288,6 +346,54 @@ def _fill_lanes(table, status, carry, lane_item):
     return carry, lane_item
 
 
+class _ChunkTiming:
+    """Wall time of this run's chunks per lane count: the first chunk of a lane count includes its compile."""
+
+    def __init__(self):
+        self.seconds: dict[int, list[float]] = {}
+
+    def add(self, lanes: int, seconds: float) -> None:
+        self.seconds.setdefault(lanes, []).append(seconds)
+
+    def steady(self, lanes: int) -> float | None:
+        """A chunk's time without compiling (the latest chunk after the first), None before there is one."""
+        times = self.seconds.get(lanes, [])
+        return times[-1] if len(times) > 1 else None
+
+    def compile(self, lanes: int) -> float:
+        """What this run paid to compile (or load) its chunk of `lanes` lanes."""
+        times = self.seconds[lanes]
+        return max(times[0] - min(times[1:]), 0.0)
+
+
+def _fewer_lanes(lane_item, status, steps, n_lanes: int, shards: int, config: RunConfig,
+                 timing: _ChunkTiming) -> int:
+    """The tail of a search: no item waits and at most half the lanes still run. The lane count those items
+    need (whole lanes on every device) if compiling it pays for itself: the chunks they may still run (their
+    step budget) x the time the idle lanes cost per chunk beat what this run's first chunk paid to compile.
+    Otherwise `n_lanes`. Every process of a job takes process 0's answer (the chunk's shape must agree)."""
+    running = _running(lane_item, status)
+    target = max(shards, math.ceil(int(running.sum()) / shards) * shards)
+    chunk_seconds = timing.steady(n_lanes)
+    if not running.any() or _waiting(lane_item, status).size or 2 * target > n_lanes or chunk_seconds is None:
+        return n_lanes
+    if target not in timing.seconds:
+        chunks_left = math.ceil(int((config.max_steps - steps[running]).max()) / config.chunk_steps)
+        saved = chunks_left * chunk_seconds * (1 - target / n_lanes)
+        target = target if saved > timing.compile(n_lanes) else n_lanes
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        target = int(multihost_utils.broadcast_one_to_all(np.int32(target)))
+    return target
+
+
+def _shrink(carry, lane_item, status, lanes: int):
+    """The running items' rows on the first `lanes` lanes (stored first), padded with finished lanes."""
+    running = _running(lane_item, status)
+    order = np.concatenate([np.flatnonzero(running), np.flatnonzero(~running)])[:lanes]
+    return _rows(carry, order), np.where(running[order], lane_item[order], -1)
+
+
 def _record_history(history, metrics, lane_item, steps_before, steps_after) -> None:
     """Chunk metrics [chunk, L] into each item's rows: a lane advances on consecutive steps from its chunk start."""
     for lane in np.flatnonzero(lane_item >= 0):
@@ -310,7 +416,7 @@ def _read_marker(marker: Path) -> str:
     return recorded
 
 
-def _open_checkpoint(directory: Path, fingerprint: str, fresh: PyTree):
+def _open_checkpoint(directory: Path, fingerprint: str, fresh: PyTree, mesh):
     """Open (or create) the checkpoint directory; restore the latest saved table if this run wrote it.
 
     Only a directory that is absent, empty, or marked by jaxrisk is used: anything else is refused,
@@ -338,19 +444,19 @@ def _open_checkpoint(directory: Path, fingerprint: str, fresh: PyTree):
         except OSError as e:
             raise InputError(f"{directory}: cannot write a checkpoint there ({e.strerror})") from None
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False))
+        max_to_keep=1, enable_async_checkpointing=False), item_handlers=ocp.StandardCheckpointHandler())
     latest = manager.latest_step()
     if latest is None:
         return manager, 0, fresh
-    restored = manager.restore(latest, args=ocp.args.StandardRestore(fresh))
-    return manager, int(latest), jax.tree.map(np.array, restored)   # writable copies
+    return manager, int(latest), _restore(manager, latest, fresh, mesh)
 
 
-def _save(manager, chunk: int, table: PyTree) -> None:
-    """The item table (every item's state and history; small beside the weights, which are never saved)."""
+def _save(manager, chunk: int, saved: dict, mesh) -> None:
+    """The item table (every item's state and history; small beside the weights, which are never saved), each
+    host writing its own shards."""
     import orbax.checkpoint as ocp
 
-    manager.save(chunk, args=ocp.args.StandardSave(table))
+    manager.save(chunk, args=ocp.args.StandardSave(_sharded(saved, mesh)))
     manager.wait_until_finished()
 
 

@@ -1,7 +1,8 @@
 """Many hosts, simulated with real processes on localhost: 2 processes x 4 CPU devices each (collectives through
 gloo) run `jaxrisk scan` and `jaxrisk redteam` as one job, and end with exactly what one process with 8 devices
-finds. Also: a two-process run stopped by SIGTERM resumes in a single process to the uninterrupted result (a
-change of device count on resume is checked in tests/search/test_engine.py)."""
+finds. Also: a two-process run stopped by SIGTERM, each host having written its own shards of the checkpoint,
+resumes in a single process to the uninterrupted result (a change of device count on resume is checked in
+tests/search/test_engine.py)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,9 @@ def test_a_preempted_two_process_scan_resumes_in_one_process(scan_args, scan_ref
         assert done.returncode == 143, f"process {i}:\n{done.stderr[-3000:]}"
         assert "run the same command again to resume" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "report.json").exists()
+    # each host wrote the shards of the item table its own devices hold (nobody gathered the table to write it)
+    assert {p.name for p in (tmp_path / "checkpoint").rglob("ocdbt.process_*")} == {"ocdbt.process_0",
+                                                                                   "ocdbt.process_1"}
     run_single(scan_args(tmp_path))   # resumed by one process (with the same 8 devices)
     resumed = _scan_result(tmp_path)
     assert resumed[0]["resumed_from_step"] > 0

@@ -134,6 +134,28 @@ def test_a_work_queue_keeps_lanes_busy():
     assert len(chunks) <= np.ceil(held.sum() / 2) + held.max()
 
 
+@pytest.mark.parametrize("compile_seconds,shrinks", [(0.0, True), (float("inf"), False)])
+def test_the_tail_runs_on_fewer_lanes_when_that_pays(monkeypatch, compile_seconds, shrinks):
+    """Once no item waits and at most half the lanes run, the last items move onto fewer lanes (a smaller
+    compiled chunk) if the idle lanes would cost more than that compile, judged by this run's own chunk times
+    (pinned here); every item still ends exactly as without shrinking."""
+    from jaxrisk.search import engine
+
+    kept = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=5, shrink_lanes=False))
+    lane_counts = []
+    real_add = engine._ChunkTiming.add
+    monkeypatch.setattr(engine._ChunkTiming, "add", lambda self, lanes, s: (lane_counts.append(lanes),
+                                                                             real_add(self, lanes, s)))
+    monkeypatch.setattr(engine._ChunkTiming, "compile", lambda self, lanes: compile_seconds)
+    shrunk = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=5))
+    assert lane_counts[0] == 6 and (min(lane_counts) < 6) == shrinks, lane_counts
+    assert lane_counts == sorted(lane_counts, reverse=True)
+    for name in ("steps", "failed_at", "done"):
+        np.testing.assert_array_equal(getattr(shrunk, name), getattr(kept, name))
+    np.testing.assert_array_equal(shrunk.state.x, kept.state.x)
+    np.testing.assert_array_equal(shrunk.metrics["loss"], kept.metrics["loss"])
+
+
 def test_an_interrupted_queue_resumes_with_another_lane_count(tmp_path):
     full = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=3))
 
