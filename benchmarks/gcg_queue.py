@@ -1,10 +1,12 @@
 """GCG with early stop: lanes that finish idle until their group's slowest lane stops, unless a work queue hands
-them the next behaviour. Three ways to run the same 32 behaviours on 8 lanes, in one process:
+them the next behaviour. Four ways to run the same 32 behaviours on 8 lanes, in one process:
 
 * fixed budget: early stop off, groups of 8 (the raw candidate rate every lane keeps busy);
 * waves (jaxrisk before the queue): early stop on, groups of 8, each group as long as its slowest behaviour;
 * queue: early stop on, one group of 32 on 8 lanes (`--group 32 --lanes 8`): between chunks a finished lane
-  takes the next behaviour.
+  takes the next behaviour;
+* queue + shrinking tail (jaxrisk's default): the same, and once no behaviour waits the last ones move onto
+  fewer lanes when that saves more than the smaller chunk's compile (`RunConfig.shrink_lanes`).
 
 Counted rate = candidates whose loss was computed by a live lane, over the wall time. Each configuration runs
 twice and the second run is timed, so no figure includes compilation.
@@ -62,10 +64,12 @@ def main() -> None:
     lm = load_pretrained(args.model)
     cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len)
     run_cfg = RunConfig(max_steps=args.steps, chunk_steps=args.chunk, progress=False, devices=1)
-    setups = {"fixed budget (early stop off, groups of 8)": (GCGConfig(**{**cfg.__dict__, "early_stop": False}),
-                                                              run_cfg, 8),
-              "waves (early stop, groups of 8)": (cfg, run_cfg, 8),
-              "queue (early stop, 32 behaviours on 8 lanes)": (cfg, run_cfg.replace(lanes=8), 32)}
+    fixed = GCGConfig(**{**cfg.__dict__, "early_stop": False})
+    kept = run_cfg.replace(shrink_lanes=False)
+    setups = {"fixed budget (early stop off, groups of 8)": (fixed, kept, 8),
+              "waves (early stop, groups of 8, 8 lanes throughout)": (cfg, kept, 8),
+              "queue (early stop, 32 behaviours on 8 lanes throughout)": (cfg, kept.replace(lanes=8), 32),
+              "queue + shrinking tail (the default)": (cfg, run_cfg.replace(lanes=8), 32)}
     results = {}
     for name, (c, r, group) in setups.items():
         timed(lm, BEHAVIORS, c, r, group)   # compiles every group's shapes: untimed
