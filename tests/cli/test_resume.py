@@ -38,21 +38,29 @@ def committed(ckpt: Path) -> set[Path]:
             continue
 
 
-def run_killed(args: list, ckpt: Path, sig: int) -> subprocess.CompletedProcess:
-    """Start the command, send `sig` as soon as it has committed a checkpoint of its own, return how it ended."""
-    before = committed(ckpt)
-    proc = subprocess.Popen(_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+def _next_checkpoint(proc: subprocess.Popen, ckpt: Path, before: set[Path]) -> set[Path]:
+    """Wait until the run commits a checkpoint not in `before`; return the committed set."""
     deadline = time.monotonic() + 300
-    while not committed(ckpt) - before:
+    while not (now := committed(ckpt)) - before:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             out, err = proc.communicate()
             pytest.fail(f"the run ended (rc {proc.returncode}) before it saved a checkpoint:\n{err[-2000:]}")
         time.sleep(0.02)
+    return now
+
+
+def run_killed(args: list, ckpt: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start the command and, once it has committed a checkpoint of its own, send `sig`; return how it ended.
+    SIGTERM goes in the middle of a chunk: after two checkpoints, half a chunk's time after the second (a
+    signal landing between a checkpoint and the engine's next look at it, or after the search's last chunk,
+    rightly stops the run with nothing in progress, and this is about the chunk in progress being saved)."""
+    proc = subprocess.Popen(_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    seen = _next_checkpoint(proc, ckpt, committed(ckpt))
     if sig == signal.SIGTERM:
-        # into the next chunk: a signal landing between a checkpoint and the engine's next look at it stops the
-        # run with nothing in progress, and this test is about the chunk in progress being finished and saved
-        time.sleep(1.0)
+        first = time.monotonic()
+        _next_checkpoint(proc, ckpt, seen)
+        time.sleep((time.monotonic() - first) / 2)
     at_signal = committed(ckpt)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
