@@ -213,7 +213,7 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
 
     waves = math.ceil(int((status != FINISHED).sum()) / n_lanes)   # the most steps left: every wave runs its budget
     bar = tqdm(total=waves * config.max_steps, desc=desc, unit="step", disable=not config.progress)
-    timing = _ChunkTiming()
+    timing = _timing_of(chunk_fn, problem_dev, carry)
     try:
         with searching():   # a SIGTERM now stops the search after its next checkpoint
             while _running(lane_item, status).any():
@@ -347,13 +347,16 @@ def _fill_lanes(table, status, carry, lane_item):
 
 
 class _ChunkTiming:
-    """Wall time of this run's chunks per lane count: the first chunk of a lane count includes its compile."""
+    """Wall time of one compiled program's chunks per lane count, kept for the process (a second search of the
+    same shape knows what the first paid): the first chunk of a lane count includes its compile."""
 
     def __init__(self):
         self.seconds: dict[int, list[float]] = {}
 
     def add(self, lanes: int, seconds: float) -> None:
-        self.seconds.setdefault(lanes, []).append(seconds)
+        times = self.seconds.setdefault(lanes, [])
+        times[1:] = times[1:][-8:]   # the compile chunk and the latest steady ones
+        times.append(seconds)
 
     def steady(self, lanes: int) -> float | None:
         """A chunk's time without compiling (the latest chunk after the first), None before there is one."""
@@ -361,26 +364,43 @@ class _ChunkTiming:
         return times[-1] if len(times) > 1 else None
 
     def compile(self, lanes: int) -> float:
-        """What this run paid to compile (or load) its chunk of `lanes` lanes."""
+        """What compiling (or loading) the chunk of `lanes` lanes cost."""
         times = self.seconds[lanes]
         return max(times[0] - min(times[1:]), 0.0)
 
 
+_TIMINGS: dict[tuple, _ChunkTiming] = {}
+
+
+def _timing_of(chunk_fn, problem, carry) -> _ChunkTiming:
+    """The process's chunk timing of this program: the chunk function (steps, mesh) and the problem's and one
+    lane's structure and shapes, which is what jit compiles for besides the lane count."""
+    def shapes(tree, lead: int):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, tuple((np.shape(a)[lead:], str(getattr(a, "dtype", type(a)))) for a in leaves)
+    key = (chunk_fn, shapes(problem, 0), shapes(carry, 1))
+    if key not in _TIMINGS and len(_TIMINGS) >= 256:
+        _TIMINGS.clear()
+    return _TIMINGS.setdefault(key, _ChunkTiming())
+
+
 def _fewer_lanes(lane_item, status, steps, n_lanes: int, shards: int, config: RunConfig,
                  timing: _ChunkTiming) -> int:
-    """The tail of a search: no item waits and at most half the lanes still run. The lane count those items
-    need (whole lanes on every device) if compiling it pays for itself: the chunks they may still run (their
-    step budget) x the time the idle lanes cost per chunk beat what this run's first chunk paid to compile.
-    Otherwise `n_lanes`. Every process of a job takes process 0's answer (the chunk's shape must agree)."""
+    """The tail of a search: no item waits and some lanes idle. The lane count the running items need (whole
+    lanes on every device) if that pays: the chunks they may still run (their step budget) x the time saved per
+    chunk (measured when that lane count already ran, else in proportion to the lanes) beat the compile (none
+    when that lane count already ran in this process, else what this program's first chunk paid). Otherwise
+    `n_lanes`. Every process of a job takes process 0's answer (the chunk's shape must agree)."""
     running = _running(lane_item, status)
     target = max(shards, math.ceil(int(running.sum()) / shards) * shards)
     chunk_seconds = timing.steady(n_lanes)
-    if not running.any() or _waiting(lane_item, status).size or 2 * target > n_lanes or chunk_seconds is None:
+    if not running.any() or _waiting(lane_item, status).size or target >= n_lanes or chunk_seconds is None:
         return n_lanes
-    if target not in timing.seconds:
-        chunks_left = math.ceil(int((config.max_steps - steps[running]).max()) / config.chunk_steps)
-        saved = chunks_left * chunk_seconds * (1 - target / n_lanes)
-        target = target if saved > timing.compile(n_lanes) else n_lanes
+    chunks_left = math.ceil(int((config.max_steps - steps[running]).max()) / config.chunk_steps)
+    smaller = timing.steady(target)
+    saved = chunks_left * (chunk_seconds - (chunk_seconds * target / n_lanes if smaller is None else smaller))
+    compile_seconds = 0.0 if target in timing.seconds else timing.compile(n_lanes)
+    target = target if saved > compile_seconds else n_lanes
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         target = int(multihost_utils.broadcast_one_to_all(np.int32(target)))

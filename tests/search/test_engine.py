@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import LANES, PROBLEM
+from conftest import LANES, PROBLEM, PROGRAM_BUILT
 from jaxrisk.errors import InputError
 from jaxrisk.search import RunConfig, run
 
@@ -58,7 +58,7 @@ def test_second_chunk_compiles_nothing():
     compiles = []
 
     def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event in PROGRAM_BUILT:
             compiles.append(event)
 
     seen = {}
@@ -88,7 +88,7 @@ def _compiles():
     seen = []
 
     def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event in PROGRAM_BUILT:
             seen.append(event)
 
     @contextlib.contextmanager
@@ -136,10 +136,12 @@ def test_a_work_queue_keeps_lanes_busy():
 
 @pytest.mark.parametrize("compile_seconds,shrinks", [(0.0, True), (float("inf"), False)])
 def test_the_tail_runs_on_fewer_lanes_when_that_pays(monkeypatch, compile_seconds, shrinks):
-    """Once no item waits and at most half the lanes run, the last items move onto fewer lanes (a smaller
-    compiled chunk) if the idle lanes would cost more than that compile, judged by this run's own chunk times
-    (pinned here); every item still ends exactly as without shrinking."""
+    """Once no item waits, the last items move onto fewer lanes (a smaller compiled chunk) if the idle lanes
+    would cost more than that compile, judged by the program's own chunk times (the compile pinned here, and no
+    smaller lane count compiled before); every item still ends exactly as without shrinking."""
     from jaxrisk.search import engine
+
+    monkeypatch.setattr(engine, "_TIMINGS", {})
 
     kept = run(PROBLEM, LANES, cfg(chunk_steps=4, seed=5, shrink_lanes=False))
     lane_counts = []
@@ -154,6 +156,28 @@ def test_the_tail_runs_on_fewer_lanes_when_that_pays(monkeypatch, compile_second
         np.testing.assert_array_equal(getattr(shrunk, name), getattr(kept, name))
     np.testing.assert_array_equal(shrunk.state.x, kept.state.x)
     np.testing.assert_array_equal(shrunk.metrics["loss"], kept.metrics["loss"])
+
+
+def test_a_second_search_shrinks_onto_lane_counts_the_process_has_compiled(monkeypatch):
+    """The chunk timings live with the compiled program for the process: a second search of the same shape
+    moves its tail onto the smaller lane counts the first one compiled, however dear a new compile would be,
+    and compiles no other (chunk times pinned in proportion to the lanes)."""
+    from jaxrisk.search import engine
+
+    monkeypatch.setattr(engine, "_TIMINGS", {})
+    monkeypatch.setattr(engine._ChunkTiming, "steady", lambda self, lanes: float(lanes) if lanes in self.seconds
+                        else None)
+    runs = []
+    for compile_seconds in (0.0, float("inf")):
+        lane_counts = []
+        real_add = engine._ChunkTiming.add
+        monkeypatch.setattr(engine._ChunkTiming, "compile", lambda self, lanes, c=compile_seconds: c)
+        monkeypatch.setattr(engine._ChunkTiming, "add", lambda self, lanes, s, seen=lane_counts, add=real_add: (
+            seen.append(lanes), add(self, lanes, s)))
+        run(PROBLEM, LANES, cfg(chunk_steps=4, seed=5))
+        monkeypatch.setattr(engine._ChunkTiming, "add", real_add)
+        runs.append(lane_counts)
+    assert min(runs[0]) < 6 and runs[1] == runs[0], runs
 
 
 def test_an_interrupted_queue_resumes_with_another_lane_count(tmp_path):
