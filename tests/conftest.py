@@ -4,9 +4,14 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# the demo cache of a test session lives in a temporary directory, never in the user's home
-os.environ["JAXRISK_CACHE"] = __import__("tempfile").mkdtemp(prefix="jaxrisk-test-cache-")
-os.environ["JAXRISK_COMPILE_CACHE"] = "0"   # each test compiles afresh (tests/cli/test_compile_cache.py turns it on)
+# A test session's caches (the demo models, XLA's compiled programs) live in one temporary directory, never in
+# the user's home, shared by the session's workers (they inherit it from the controller) and by the commands
+# they start: a program one test compiled (a search's chunk, a model's forward) is loaded by the next that needs it.
+_OWN_CACHE = "JAXRISK_TEST_SESSION_CACHE" not in os.environ   # this process made it (the controller): it removes it
+if _OWN_CACHE:
+    os.environ["JAXRISK_TEST_SESSION_CACHE"] = __import__("tempfile").mkdtemp(prefix="jaxrisk-test-cache-")
+os.environ["JAXRISK_CACHE"] = os.environ["JAXRISK_TEST_SESSION_CACHE"]
+os.environ["JAXRISK_COMPILE_CACHE"] = "1"
 
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
@@ -17,9 +22,20 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import struct  # noqa: E402
 
+jax.config.update("jax_compilation_cache_dir", str(Path(os.environ["JAXRISK_CACHE"]) / "xla"))   # as the CLI's
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("JAXRISK_ASSETS", ROOT.parent / "shared" / "assets"))
 MNIST_DIR = ASSETS / "data" / "mnist"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the session's cache directory removes it once the session (every worker) ends."""
+    if _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(os.environ["JAXRISK_TEST_SESSION_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -209,3 +225,7 @@ LANES = {"target": np.arange(6, dtype=np.float32)[:, None] * np.ones(3, np.float
 PROBLEM = NoisyDescent(jnp.float32(1.0))
 
 
+
+# the monitoring events of a program XLA built for this process: compiled, or loaded from the session's
+# persistent compilation cache (another test or worker compiled it first)
+PROGRAM_BUILT = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
