@@ -149,6 +149,14 @@ def project_capped_simplex(w: jax.Array, total: float) -> jax.Array:
     return jnp.clip(w - (lo + hi) / 2, 0.0, 1.0)
 
 
+def _sqrt(v: jax.Array) -> jax.Array:
+    """sqrt with a zero gradient where v is 0 (plain sqrt's is infinite there, and an Adam step differentiated
+    through a parameter whose gradient is exactly 0, or through the unused Adam branch of an SGD lane, would
+    turn the search's gradient into NaN)."""
+    positive = v > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, v, 1.0)), 0.0)
+
+
 class WorstCaseState(NamedTuple):
     weights: jax.Array      # [P] relaxed batch membership of each pool example, in [0, 1], summing to the batch size
     position: jax.Array     # [] float32 in [0, 1]: the learning rate's place between the range's ends (log scale)
@@ -198,10 +206,10 @@ class WorstCase:
             nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, grads)
             m_hat = jax.tree.map(lambda m: m / (1 - b1 ** t), mu)
             v_hat = jax.tree.map(lambda v: v / (1 - b2 ** t), nu)
-            rms = jnp.sqrt(sum(jnp.sum(v) for v in jax.tree.leaves(v_hat)) /
-                           sum(v.size for v in jax.tree.leaves(v_hat)))
+            rms = _sqrt(sum(jnp.sum(v) for v in jax.tree.leaves(v_hat)) /
+                        sum(v.size for v in jax.tree.leaves(v_hat)))
             eps = self.relax * rms + 1e-8
-            params = jax.tree.map(lambda p, g, m, v: p - lr * jnp.where(adam, m / (jnp.sqrt(v) + eps), g),
+            params = jax.tree.map(lambda p, g, m, v: p - lr * jnp.where(adam, m / (_sqrt(v) + eps), g),
                                   params, grads, m_hat, v_hat)
             logp, _ = behaviour_scores(self.graphdef, params, self.behaviour_tokens, self.behaviour_weight)
             return (params, mu, nu), jnp.mean(logp)

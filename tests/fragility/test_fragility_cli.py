@@ -69,6 +69,7 @@ def test_interrupted_audit_resumes_to_the_uninterrupted_report(tiny_lm_dir, file
     monkeypatch.setattr(engine, "run", spy)
     assert fragility(tiny_lm_dir, update, behaviours, tmp_path / "whole", *flags) == 0
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert not any(lane["failed"] for lane in whole["search"])   # its gradient through the SGD step is finite
     (_, search_steps), (_, lookahead_steps) = ran
     monkeypatch.setattr(engine, "run", real_run)
 
