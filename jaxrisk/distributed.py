@@ -16,6 +16,7 @@ from jaxrisk.errors import InputError
 
 _AUTO_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JOBSET_NAME", "MEGASCALE_COORDINATOR_ADDRESS")
 _started: tuple | None = None
+_barriers = 0   # barriers passed: every process passes the same ones in the same order
 
 
 def cluster_detected() -> bool:
@@ -53,3 +54,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     _started = given
     return jax.process_count() > 1
 
+
+
+def wait_for_every_process(name: str, timeout_s: float = 1800.0) -> None:
+    """Hold until every process of the job gets here (nothing in a single-process run), through the coordination
+    service, which waits up to `timeout_s`: one host still compiling or loading a model must not make another
+    host's next collective give up (on CPU, gloo waits only 30 s to set up its first one)."""
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as runtime   # the client's barrier is the one that takes a timeout
+
+    _barriers += 1
+    runtime.global_state.client.wait_at_barrier(f"jaxrisk-{name}-{_barriers}", int(timeout_s * 1000))

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxrisk.data.text import json_object
+from jaxrisk.distributed import wait_for_every_process
 from jaxrisk.errors import InputError
 from jaxrisk.io import is_writer, write_json
 from jaxrisk.mesh import RESTARTS, lane_sharding, place, put, replicated, to_host
@@ -187,6 +188,7 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
     _check_problem(problem, table["state"], step_state, metric_shapes)
     history = {k: np.full((config.max_steps, n_items), np.nan, np.float32) for k in metric_shapes}
 
+    wait_for_every_process("search")   # the checkpoint's and the chunk's collectives need every host here
     manager, chunks = None, 0   # chunks: run so far, in this process and the ones it resumes (the checkpoint step)
     if config.checkpoint_dir is not None:
         manager, chunks, restored = _open_checkpoint(Path(config.checkpoint_dir),
