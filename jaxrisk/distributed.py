@@ -55,7 +55,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return jax.process_count() > 1
 
 
-
 def wait_for_every_process(name: str, timeout_s: float = 1800.0) -> None:
     """Hold until every process of the job gets here (nothing in a single-process run), through the coordination
     service, which waits up to `timeout_s`: one host still compiling or loading a model must not make another

@@ -224,8 +224,6 @@ LANES = {"target": np.arange(6, dtype=np.float32)[:, None] * np.ones(3, np.float
          "lr": np.array([0.1, 0.2, 40.0, 0.05, 0.1, 0.3], np.float32)}
 PROBLEM = NoisyDescent(jnp.float32(1.0))
 
-
-
 # the monitoring events of a program XLA built for this process: compiled, or loaded from the session's
 # persistent compilation cache (another test or worker compiled it first)
 PROGRAM_BUILT = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
