@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--danger-probe-data", metavar="FILE",
                    help="JSONL of {text, label}: train a linear danger probe and add its log-score")
     p.add_argument("--danger-weight", type=number(), default=1.0)
+    p.add_argument("--system-prompt", metavar="TEXT", help="chat models: a system turn before each request")
     p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
     p.add_argument("--allow-non-ascii", action="store_true")
     p.add_argument("--no-early-stop", action="store_true")
@@ -56,7 +57,7 @@ def cmd_redteam(args) -> int:
     gcg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len,
                     mellowmax_alpha=args.mellowmax, early_stop=not args.no_early_stop,
                     filter_retokenization=not args.no_filter, allow_non_ascii=args.allow_non_ascii)
-    config = RedteamConfig(run=run_cfg, method=args.method, group=args.group, gcg=gcg,
+    config = RedteamConfig(run=run_cfg, method=args.method, group=args.group, gcg=gcg, system_prompt=args.system_prompt,
                            arca=ARCAConfig(request_len=args.request_len, output_len=args.output_len,
                                            candidates=args.candidates, plausibility_weight=fluency,
                                            danger_weight=args.danger_weight))

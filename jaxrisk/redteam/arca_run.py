@@ -34,7 +34,7 @@ import numpy as np
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import InputError
 from jaxrisk.redteam.arca import ARCAProblem
-from jaxrisk.redteam.config import ARCAConfig, GCGConfig
+from jaxrisk.redteam.config import ARCAConfig
 from jaxrisk.redteam.problem import allowed_tokens
 from jaxrisk.redteam.lanes import encode_behaviors
 from jaxrisk.search import engine
@@ -67,10 +67,11 @@ def _effective_config(cfg: ARCAConfig, extras: tuple) -> ARCAConfig:
     return dataclasses.replace(cfg, **weights)
 
 
-def encode_arca(lm, behaviors: list[Behavior], cfg: ARCAConfig, source: str = "behaviours"):
+def encode_arca(lm, behaviors: list[Behavior], cfg: ARCAConfig, source: str = "behaviours",
+                system_prompt: str | None = None):
     """GCG's lanes (before = the prefix, left-padded; goal; target) and the template tail, checked to fit
     the context both for the search (prefix + x + after + o) and for the success check (... + target)."""
-    lanes, after = encode_behaviors(lm, behaviors, GCGConfig(suffix_len=cfg.request_len), source)
+    lanes, after = encode_behaviors(lm, behaviors, cfg.request_len, source, system_prompt)
     for bh, valid in zip(behaviors, lanes["before_valid"]):
         total = int(valid.sum()) + cfg.request_len + len(after) + cfg.output_len
         if total > lm.cfg.max_position:
@@ -89,14 +90,14 @@ def _greedy(lm, prompts, targets) -> list[list[int]]:
 
 
 def run_arca_group(lm, behaviors: list[Behavior], cfg: ARCAConfig, run_cfg: RunConfig, *, extras=(),
-                   source: str = "behaviours") -> list[dict]:
+                   source: str = "behaviours", system_prompt: str | None = None) -> list[dict]:
     """ARCA for these behaviours x `run_cfg.restarts` in one engine run; one result dict per behaviour
     (its restart with the highest objective)."""
     tok = lm.tokenizer
     extras = check_extras(extras)
     restarts = run_cfg.restarts
     lx, lo = cfg.request_len, cfg.output_len
-    lanes, after = encode_arca(lm, behaviors, cfg, source)
+    lanes, after = encode_arca(lm, behaviors, cfg, source, system_prompt)
     allowed = allowed_tokens(tok, lm.cfg.vocab_size)
     if allowed.sum() < cfg.candidates:
         raise InputError(f"only {int(allowed.sum())} tokens are allowed, fewer than ARCA's "

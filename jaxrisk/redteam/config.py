@@ -9,6 +9,7 @@ from jaxrisk.errors import InputError, require_choice, require_int, require_numb
 from jaxrisk.search.config import RunConfig
 
 METHODS = ("gcg", "arca")
+SELECT = ("loss", "matches")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,10 +23,21 @@ class GCGConfig:
     filter_retokenization: bool = True
     oversample: int = 2              # draw oversample x B swaps so ~B survive the round-trip filter
     allow_non_ascii: bool = False
+    # the stronger search: each part switchable (benchmarks/gcg_success.py measures what each buys)
+    select: Literal["loss", "matches"] = "loss"   # rank candidates by loss, or first by target tokens matched
+    buffer_size: int = 0             # 0: move to each step's best candidate (GCG); K: search from the best of K kept
+    n_replace: int = 1               # positions swapped per candidate at the first step ...
+    n_replace_final: int = 1         # ... falling linearly to this by the last step (I-GCG's multi-coordinate)
+    no_revisit: bool = False         # never evaluate a suffix twice (a per-lane Bloom filter of evaluated suffixes)
 
     def __post_init__(self):
-        for name in ("search_width", "topk", "suffix_len", "oversample"):
+        for name in ("search_width", "topk", "suffix_len", "oversample", "n_replace", "n_replace_final"):
             require_int(f"GCGConfig.{name}", getattr(self, name), 1)
+        require_int("GCGConfig.buffer_size", self.buffer_size, 0)
+        require_choice("GCGConfig.select", self.select, SELECT)
+        if max(self.n_replace, self.n_replace_final) > self.suffix_len:
+            raise InputError(f"GCGConfig.n_replace: {max(self.n_replace, self.n_replace_final)} positions per "
+                             f"candidate, more than the suffix's {self.suffix_len}")
         if self.mellowmax_alpha is not None:
             require_number("GCGConfig.mellowmax_alpha", self.mellowmax_alpha, 0.0, above=True)
         if not isinstance(self.init_token, str) or not self.init_token.strip():
@@ -55,9 +67,12 @@ class RedteamConfig:
     group: int = 8
     gcg: GCGConfig = GCGConfig()
     arca: ARCAConfig = ARCAConfig()
+    system_prompt: str | None = None   # chat models: a system turn before the user's (goal + suffix)
 
     def __post_init__(self):
         require_choice("RedteamConfig.method", self.method, METHODS)
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise InputError(f"RedteamConfig.system_prompt: expected text or None, got {self.system_prompt!r}")
         require_int("RedteamConfig.group", self.group, 1)
         for name, kind in (("run", RunConfig), ("gcg", GCGConfig), ("arca", ARCAConfig)):
             if not isinstance(getattr(self, name), kind):

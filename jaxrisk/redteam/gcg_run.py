@@ -32,12 +32,12 @@ def check_roundtrip(tokenizer, suffix: np.ndarray) -> None:
 
 
 def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig, *, extras=(),
-              source: str = "behaviours") -> list[dict]:
+              source: str = "behaviours", system_prompt: str | None = None) -> list[dict]:
     """GCG for these behaviours x `run_cfg.restarts` in one engine run; one result dict per behaviour
     (its best restart)."""
     tok = lm.tokenizer
     restarts = run_cfg.restarts
-    lanes, after = encode_behaviors(lm, behaviors, cfg, source)
+    lanes, after = encode_behaviors(lm, behaviors, cfg.suffix_len, source, system_prompt)
     suffix0 = init_suffix(tok, cfg)
     if cfg.filter_retokenization:
         check_roundtrip(tok, suffix0)
@@ -46,7 +46,8 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
         raise InputError(f"only {int(allowed.sum())} tokens are allowed, fewer than topk={cfg.topk}")
     problem = GCGProblem(params=lm.params, after=jnp.asarray(after), allowed=jnp.asarray(allowed),
                          init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
-                         roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras))
+                         roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras),
+                         max_steps=run_cfg.max_steps)
     lane_inputs = {k: np.repeat(v, restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
     result = engine.run(problem, lane_inputs, run_cfg, desc="gcg")
     state = result.state

@@ -73,14 +73,14 @@ def _per_device_bytes(tree) -> int:
 
 
 def _compiled(cfg: LMConfig, dtype, mesh, gcg: GCGConfig, n_lanes: int, prompt_len: int, target_len: int,
-              after_len: int):
+              after_len: int, max_steps: int):
     """The engine's chunk (one step) for this model and these lanes, compiled on abstract arguments."""
     graphdef, params = abstract_params(cfg, dtype, mesh)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
     problem = GCGProblem(params=params, after=spec((after_len,)), allowed=spec((cfg.vocab_size,), jnp.bool_),
                          init_suffix=spec((gcg.suffix_len,)), graphdef=graphdef,
-                         cfg=dataclasses.replace(gcg, filter_retokenization=False))
+                         cfg=dataclasses.replace(gcg, filter_retokenization=False), max_steps=max_steps)
     lanes = lane_sharding(mesh)
     row = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct((n_lanes, *shape), dtype, sharding=lanes)  # noqa: E731
     items = dict(before=row(prompt_len), before_valid=row(prompt_len, dtype=jnp.bool_), goal=row(prompt_len),
@@ -110,7 +110,8 @@ def plan_gcg(cfg: LMConfig, *, dtype=jnp.bfloat16, run: RunConfig = RunConfig(),
     temps = {}
     for layers in sizes:
         small = dataclasses.replace(cfg, n_layers=layers)
-        analysis, carry = _compiled(small, dtype, mesh, gcg, n_lanes, prompt_len, target_len, after_len)
+        analysis, carry = _compiled(small, dtype, mesh, gcg, n_lanes, prompt_len, target_len, after_len,
+                                   run.max_steps)
         if analysis is None:
             raise InputError(f"XLA on {jax.devices()[0].platform} reports no memory analysis; plan on the CPU")
         temps[layers] = analysis.temp_size_in_bytes

@@ -7,13 +7,20 @@ lanes x B candidate evaluations per step). Per step and lane:
 1. gradient of the loss w.r.t. the one-hot suffix (prompt prefix computed once
    into a KV cache, candidates and target after it);
 2. the top-k tokens per position (disallowed tokens precomputed once);
-3. B single-token swaps, positions spread evenly, tokens drawn from the top-k;
-4. a host-side filter drops candidates whose decode/encode does not round-trip
-   (2B are drawn, the first B that pass are kept; any shortfall is filled with
-   masked duplicates), so shapes never change and little compute is wasted;
-5. exact evaluation of all B candidates; the best becomes the current suffix,
-   the best ever is kept, and the lane stops once the greedy continuation
-   equals the target (teacher-forced argmax at every target position).
+3. B candidates, each swapping `n_replace` positions (1: positions spread
+   evenly; more: random distinct positions, falling linearly to
+   `n_replace_final` over the budget), tokens drawn from the top-k;
+4. filters: a host-side one drops candidates whose decode/encode does not
+   round-trip, and with `no_revisit` a per-lane Bloom filter drops suffixes
+   already evaluated (and repeats within the draw); oversample x B are drawn,
+   the first B that pass are kept, any shortfall is masked duplicates, so
+   shapes never change and little compute is wasted;
+5. exact evaluation of all B candidates, ranked by loss (or, with
+   select="matches", first by the target tokens the argmax gets right); the
+   best becomes the current suffix (or, with a buffer, enters the K best kept
+   and the search goes on from the best of them), the best ever is kept, and
+   the lane stops once the greedy continuation equals the target
+   (teacher-forced argmax at every target position).
 
 Loss = -log p(target) (mean over tokens, or mellowmax) - sum_i w_i * extra_i,
 where the extras are scorers of the request (goal + suffix), e.g. plausibility
@@ -105,6 +112,12 @@ class GCGState(NamedTuple):
     best_loss: jax.Array     # [] its loss
     success: jax.Array       # [] bool the greedy continuation of some evaluated suffix was the target
     n_evals: jax.Array       # [] int32 candidates evaluated exactly
+    step: jax.Array          # [] int32 steps taken
+    best_matched: jax.Array  # [] int32 target tokens the best suffix gets right (teacher-forced argmax)
+    buffer: jax.Array        # [K, Ls] int32 the K best suffixes (buffer_size > 0; else one unused row)
+    buffer_loss: jax.Array   # [K] their losses (inf: empty slot)
+    buffer_matched: jax.Array  # [K] int32 their matched target tokens
+    seen: jax.Array          # [S] bool Bloom filter of evaluated suffixes (no_revisit; else one unused bit)
 
 
 @struct.dataclass
@@ -120,15 +133,54 @@ class GCGProblem:
     cfg: GCGConfig = struct.field(pytree_node=False, default=GCGConfig())
     roundtrip: Any = struct.field(pytree_node=False, default=None)
     extras: tuple = ()               # ((weight, scorer), ...): scorers of (goal + suffix), pytrees
+    max_steps: int = struct.field(pytree_node=False, default=250)   # for the n_replace schedule and the filter's size
+
+    @property
+    def seen_bits(self) -> int:
+        """Bloom filter size: a power of two >= 16 bits per suffix the lane can evaluate (2 hashes: < 1.5% false
+        'seen' at the end of the budget; a false 'seen' only skips a candidate, never re-evaluates one)."""
+        if not self.cfg.no_revisit:
+            return 1
+        return 1 << max(10, (16 * self.max_steps * self.cfg.search_width - 1).bit_length())
 
     def init(self, key, lane):
         del key
+        k, ls = max(self.cfg.buffer_size, 1), self.init_suffix.shape[0]
         return GCGState(**lane, current=self.init_suffix, best=self.init_suffix,
                         best_loss=jnp.asarray(jnp.inf, jnp.float32), success=jnp.asarray(False),
-                        n_evals=jnp.asarray(0, jnp.int32))
+                        n_evals=jnp.asarray(0, jnp.int32), step=jnp.asarray(0, jnp.int32),
+                        best_matched=jnp.asarray(-1, jnp.int32),
+                        buffer=jnp.broadcast_to(self.init_suffix, (k, ls)),
+                        buffer_loss=jnp.full((k,), jnp.inf, jnp.float32), buffer_matched=jnp.full((k,), -1, jnp.int32),
+                        seen=jnp.zeros((self.seen_bits,), bool))
+
+    def _ranked_before(self, loss_a, matched_a, loss_b, matched_b):
+        """a ranks before b: lower loss, or with select='matches' more target tokens right first."""
+        if self.cfg.select == "loss":
+            return loss_a < loss_b
+        return (matched_a > matched_b) | ((matched_a == matched_b) & (loss_a < loss_b))
+
+    def _n_replace(self, step):
+        """Positions swapped per candidate at this step: n_replace falling linearly to n_replace_final."""
+        cfg = self.cfg
+        frac = jnp.minimum(step / max(self.max_steps - 1, 1), 1.0)
+        return jnp.round(cfg.n_replace + (cfg.n_replace_final - cfg.n_replace) * frac).astype(jnp.int32)
+
+    def _seen_bits(self, suffixes):
+        """The two Bloom-filter bit indices [n, 2] of each suffix [n, Ls] (multiply-xor hashes)."""
+        x = suffixes.astype(jnp.uint32)
+        idx = []
+        for seed, mult in ((0x9E3779B9, 0x85EBCA6B), (0x7F4A7C15, 0xC2B2AE35)):
+            h = jnp.full(x.shape[:1], seed, jnp.uint32)
+            for j in range(x.shape[1]):
+                h = (h ^ x[:, j]) * jnp.uint32(mult)
+                h = h ^ (h >> 15)
+            idx.append(h % jnp.uint32(self.seen_bits))
+        return jnp.stack(idx, -1).astype(jnp.int32)
 
     def _losses(self, model, cache, lane: GCGState, suffix):
-        """Loss [B] and greedy-match [B] for suffixes given as ids [B, Ls] or one-hot [B, Ls, V]."""
+        """Loss [B] and the target tokens the argmax gets right [B], for suffixes given as ids [B, Ls] or one-hot
+        [B, Ls, V]."""
         b = suffix.shape[0]
         t = lane.target.shape[0]
         target_b = jnp.broadcast_to(lane.target, (b, t))
@@ -140,7 +192,7 @@ class GCGProblem:
         m = suffix.shape[1] + self.after.shape[0]
         logits, _, _ = model(embeds_btd=middle, cache=broadcast_cache(cache, b), logits_from=m - 1)
         loss = -target_logprob(token_logprobs(logits, target_b), tvalid_b, self.cfg.mellowmax_alpha)
-        match = jnp.all((jnp.argmax(logits, -1) == target_b) | ~tvalid_b, axis=-1)
+        matched = jnp.sum((jnp.argmax(logits, -1) == target_b) & tvalid_b, axis=-1)
         if self.extras:
             g = lane.goal.shape[0]
             goal = lane.goal
@@ -151,7 +203,40 @@ class GCGProblem:
                                      1)
             for weight, scorer in self.extras:
                 loss = loss - weight * scorer(request, rvalid)
-        return loss, match
+        return loss, matched
+
+    def _candidates(self, state: GCGState, top, key):
+        """B candidates [B, Ls] drawn from the top-k tokens per position [Ls, k], and which may be evaluated [B]:
+        oversample x B are drawn and the first B that pass the filters (round-trip; with no_revisit, never
+        evaluated before and not a repeat within the draw) are kept; a shortfall is masked copies of current."""
+        cfg, ls = self.cfg, self.init_suffix.shape[0]
+        b = cfg.search_width
+        filtering = cfg.filter_retokenization and self.roundtrip is not None
+        n = b * cfg.oversample if filtering or cfg.no_revisit else b   # draw more, keep the first B that pass
+        k_pos, k_pick = jax.random.split(key)
+        if max(cfg.n_replace, cfg.n_replace_final) == 1:
+            pos = (jnp.arange(n) % ls)[:, None]        # cyclic: any prefix of the draws covers all positions
+        else:                                           # distinct random positions, the first r of them swapped
+            pos = jnp.argsort(jax.random.uniform(k_pos, (n, ls)), axis=1)[:, :max(cfg.n_replace, cfg.n_replace_final)]
+        pick = jax.random.randint(k_pick, pos.shape, 0, cfg.topk)
+        swap = jnp.arange(pos.shape[1])[None] < self._n_replace(state.step)
+        rows = jnp.broadcast_to(jnp.arange(n)[:, None], pos.shape)
+        drawn = jnp.broadcast_to(state.current, (n, ls))
+        drawn = drawn.at[rows, pos].set(jnp.where(swap, top[pos, pick], drawn[rows, pos]))
+        ok = jnp.ones((n,), bool)
+        if filtering:
+            ok = host_callback(self.roundtrip, jax.ShapeDtypeStruct((n,), jnp.bool_), drawn)
+        if cfg.no_revisit:
+            bits = self._seen_bits(drawn)
+            fresh = ~(state.seen[bits[:, 0]] & state.seen[bits[:, 1]])
+            order = jnp.lexsort((jnp.arange(n), bits[:, 1], bits[:, 0]))   # equal suffixes: equal bits, adjacent
+            first = jnp.ones((n,), bool).at[order[1:]].set(jnp.any(bits[order[1:]] != bits[order[:-1]], axis=-1))
+            ok = ok & fresh & first
+        keep = jnp.argsort(~ok, stable=True)[:b]         # passing candidates first, in draw order
+        cands, ok = drawn[keep], ok[keep]
+        cands = jnp.where(ok[:, None], cands, state.current[None])                  # masked duplicates
+
+        return cands, ok
 
     def step(self, state, key):
         cfg = self.cfg
@@ -164,31 +249,38 @@ class GCGProblem:
         grad = jnp.where(self.allowed, grad, jnp.inf)
         top = jax.lax.top_k(-grad, cfg.topk)[1]                                        # [Ls, k]
 
-        b = cfg.search_width
-        filtering = cfg.filter_retokenization and self.roundtrip is not None
-        n = b * cfg.oversample if filtering else b        # draw more, keep the first B that round-trip
-        pos = jnp.arange(n) % ls                        # cyclic: any prefix of the draws covers all positions
-        pick = jax.random.randint(key, (n,), 0, cfg.topk)
-        drawn = jnp.broadcast_to(state.current, (n, ls)).at[jnp.arange(n), pos].set(top[pos, pick])
-        if filtering:
-            ok = host_callback(self.roundtrip, jax.ShapeDtypeStruct((n,), jnp.bool_), drawn)
-            keep = jnp.argsort(~ok, stable=True)[:b]     # round-tripping candidates first, in draw order
-            cands, ok = drawn[keep], ok[keep]
-        else:
-            cands, ok = drawn, jnp.ones((b,), bool)
-        cands = jnp.where(ok[:, None], cands, state.current[None])                  # masked duplicates
-
-        loss, match = self._losses(model, cache, state, cands)
+        cands, ok = self._candidates(state, top, key)
+        loss, matched = self._losses(model, cache, state, cands)
         loss = jnp.where(ok, loss, jnp.inf)
-        i = jnp.argmin(loss)
+        matched = jnp.where(ok, matched, -1)
+        match = matched == state.target_valid.sum()
+        i = jnp.lexsort((loss, -matched))[0] if cfg.select == "matches" else jnp.argmin(loss)
         moved = jnp.isfinite(loss[i])
-        current = jnp.where(moved, cands[i], state.current)
-        better = loss[i] < state.best_loss
-        best = jnp.where(better, cands[i], state.best)
+        better = moved & self._ranked_before(loss[i], matched[i], state.best_loss, state.best_matched)
         # a success is always the best: report the suffix that succeeded
-        best = jnp.where(moved & match[i] & ~state.success, cands[i], best)
-        new = state._replace(current=current, best=best, best_loss=jnp.where(better, loss[i], state.best_loss),
-                             success=state.success | (moved & match[i]), n_evals=state.n_evals + ok.sum())
+        take = better & ~state.success | moved & match[i] & ~state.success
+        best, best_loss, best_matched = (jnp.where(take, mine, kept) for mine, kept in (
+            (cands[i], state.best), (loss[i], state.best_loss), (matched[i], state.best_matched)))
+        buffer, buffer_loss, buffer_matched = state.buffer, state.buffer_loss, state.buffer_matched
+        if cfg.buffer_size:   # the step's best replaces the buffer's worst if it ranks before it
+            w = jnp.lexsort((-buffer_loss, buffer_matched))[0] if cfg.select == "matches" else jnp.argmax(buffer_loss)
+            enter = moved & self._ranked_before(loss[i], matched[i], buffer_loss[w], buffer_matched[w])
+            buffer = jnp.where(enter, buffer.at[w].set(cands[i]), buffer)
+            buffer_loss = jnp.where(enter, buffer_loss.at[w].set(loss[i]), buffer_loss)
+            buffer_matched = jnp.where(enter, buffer_matched.at[w].set(matched[i]), buffer_matched)
+            first = (jnp.lexsort((buffer_loss, -buffer_matched))[0] if cfg.select == "matches"
+                     else jnp.argmin(buffer_loss))
+            current = buffer[first]
+        else:
+            current = jnp.where(moved, cands[i], state.current)
+        seen = state.seen
+        if cfg.no_revisit:
+            bits = self._seen_bits(cands)
+            seen = seen.at[jnp.where(ok[:, None], bits, self.seen_bits)].set(True, mode="drop")
+        new = state._replace(current=current, best=best, best_loss=best_loss, best_matched=best_matched,
+                             success=state.success | (moved & match[i]), n_evals=state.n_evals + ok.sum(),
+                             step=state.step + 1, buffer=buffer, buffer_loss=buffer_loss,
+                             buffer_matched=buffer_matched, seen=seen)
         metrics = {"loss": loss[i], "best_loss": new.best_loss, "kept": ok.mean()}
         return new, metrics
 

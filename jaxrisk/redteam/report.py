@@ -35,6 +35,8 @@ def run_settings(lm, config: RedteamConfig, extras=()) -> dict:
     settings = {"model": str(Path(lm.path).resolve()) if lm.path else None, "gcg": dataclasses.asdict(config.gcg),
                 "restarts": run.restarts, "max_steps": run.max_steps, "seed": run.seed,
                 "extras": [[float(w), type(scorer).__name__] for w, scorer in extras]}
+    if config.system_prompt is not None:   # only when set: results written before this setting still resume
+        settings["system_prompt"] = config.system_prompt
     if config.method != "gcg":
         settings.update(method=config.method, arca=dataclasses.asdict(config.arca))
         del settings["gcg"]

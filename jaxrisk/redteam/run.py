@@ -47,14 +47,16 @@ def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), 
     """Search every behaviour (GCG, or ARCA with `config.method="arca"`); with `out_dir`, resume a killed run
     there and keep OUT/results.jsonl current after every group. `extras`: ((weight, scorer), ...) log-scores
     added to the objective (GCG: of the request; ARCA: see `arca_run.check_extras`)."""
+    system = config.system_prompt
     if config.method == "arca":
         extras = check_extras(extras)
-        check = lambda todo: encode_arca(lm, todo, config.arca, source)  # noqa: E731
+        check = lambda todo: encode_arca(lm, todo, config.arca, source, system)  # noqa: E731
         search = lambda chunk, cfg: run_arca_group(lm, chunk, config.arca, cfg, extras=extras,  # noqa: E731
-                                                   source=source)
+                                                   source=source, system_prompt=system)
     else:
-        check = lambda todo: encode_behaviors(lm, todo, config.gcg, source)  # noqa: E731
-        search = lambda chunk, cfg: run_group(lm, chunk, config.gcg, cfg, extras=extras, source=source)  # noqa: E731
+        check = lambda todo: encode_behaviors(lm, todo, config.gcg.suffix_len, source, system)  # noqa: E731
+        search = lambda chunk, cfg: run_group(lm, chunk, config.gcg, cfg, extras=extras, source=source,  # noqa: E731
+                                              system_prompt=system)
     run_cfg = config.run
     require_int("RunConfig.seed", run_cfg.seed, 0, MAX_SEED - len(behaviors))   # each group's seed is offset
     settings = run_settings(lm, config, extras)

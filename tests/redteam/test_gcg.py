@@ -137,7 +137,7 @@ def test_target_longer_than_the_context_is_refused(lm, tmp_path):
 
     long = Behavior("Lily saw a", "big dog " * 300, 7)
     with pytest.raises(InputError, match=r"behaviours:7: prompt \+ suffix \+ target is \d+ tokens, longer than"):
-        encode_behaviors(lm, [BEHAVIORS[0], long], SEARCH)
+        encode_behaviors(lm, [BEHAVIORS[0], long], SEARCH.suffix_len)
 
 
 def test_tokenizer_that_cannot_round_trip_is_refused():
