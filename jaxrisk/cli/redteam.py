@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, load_lm, number, run_config
@@ -28,6 +29,14 @@ def add_parser(sub) -> None:
     p.add_argument("--danger-probe-data", metavar="FILE",
                    help="JSONL of {text, label}: train a linear danger probe and add its log-score")
     p.add_argument("--danger-weight", type=number(), default=1.0)
+    p.add_argument("--select", choices=["loss", "matches"], default=None,
+                   help="rank candidates by loss, or first by the target tokens the model gets right")
+    p.add_argument("--buffer-size", type=int, default=None, metavar="K",
+                   help="search from the best of the K best suffixes kept (0: move to each step's best)")
+    p.add_argument("--n-replace", type=POSITIVE, default=None, help="positions swapped per candidate at the start")
+    p.add_argument("--n-replace-final", type=POSITIVE, default=None, help="... falling linearly to this at the end")
+    p.add_argument("--revisit", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-revisit: never evaluate a suffix twice")
     p.add_argument("--system-prompt", metavar="TEXT", help="chat models: a system turn before each request")
     p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
     p.add_argument("--allow-non-ascii", action="store_true")
@@ -54,9 +63,13 @@ def cmd_redteam(args) -> int:
     fluency = args.fluency_weight
     if fluency is None:
         fluency = ARCAConfig().plausibility_weight if arca else 0.0
+    parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final")
+             if getattr(args, name) is not None}
+    if args.revisit is not None:
+        parts["no_revisit"] = not args.revisit
     gcg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len,
                     mellowmax_alpha=args.mellowmax, early_stop=not args.no_early_stop,
-                    filter_retokenization=not args.no_filter, allow_non_ascii=args.allow_non_ascii)
+                    filter_retokenization=not args.no_filter, allow_non_ascii=args.allow_non_ascii, **parts)
     config = RedteamConfig(run=run_cfg, method=args.method, group=args.group, gcg=gcg, system_prompt=args.system_prompt,
                            arca=ARCAConfig(request_len=args.request_len, output_len=args.output_len,
                                            candidates=args.candidates, plausibility_weight=fluency,
