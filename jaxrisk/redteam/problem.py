@@ -213,12 +213,12 @@ class GCGProblem:
         b = cfg.search_width
         filtering = cfg.filter_retokenization and self.roundtrip is not None
         n = b * cfg.oversample if filtering or cfg.no_revisit else b   # draw more, keep the first B that pass
-        k_pos, k_pick = jax.random.split(key)
         if max(cfg.n_replace, cfg.n_replace_final) == 1:
             pos = (jnp.arange(n) % ls)[:, None]        # cyclic: any prefix of the draws covers all positions
         else:                                           # distinct random positions, the first r of them swapped
+            key, k_pos = jax.random.split(key)
             pos = jnp.argsort(jax.random.uniform(k_pos, (n, ls)), axis=1)[:, :max(cfg.n_replace, cfg.n_replace_final)]
-        pick = jax.random.randint(k_pick, pos.shape, 0, cfg.topk)
+        pick = jax.random.randint(key, pos.shape, 0, cfg.topk)   # single swaps: the same draws as before the parts
         swap = jnp.arange(pos.shape[1])[None] < self._n_replace(state.step)
         rows = jnp.broadcast_to(jnp.arange(n)[:, None], pos.shape)
         drawn = jnp.broadcast_to(state.current, (n, ls))
@@ -235,7 +235,6 @@ class GCGProblem:
         keep = jnp.argsort(~ok, stable=True)[:b]         # passing candidates first, in draw order
         cands, ok = drawn[keep], ok[keep]
         cands = jnp.where(ok[:, None], cands, state.current[None])                  # masked duplicates
-
         return cands, ok
 
     def step(self, state, key):
