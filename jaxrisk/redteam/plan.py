@@ -73,7 +73,7 @@ def _per_device_bytes(tree) -> int:
 
 
 def _compiled(cfg: LMConfig, dtype, mesh, gcg: GCGConfig, n_lanes: int, prompt_len: int, target_len: int,
-              after_len: int, max_steps: int):
+              after_len: int, max_steps: int = RunConfig().max_steps):
     """The engine's chunk (one step) for this model and these lanes, compiled on abstract arguments."""
     graphdef, params = abstract_params(cfg, dtype, mesh)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -88,7 +88,7 @@ def _compiled(cfg: LMConfig, dtype, mesh, gcg: GCGConfig, n_lanes: int, prompt_l
                  target_valid=row(target_len, dtype=jnp.bool_))
     key = jax.random.key_data(jax.random.key(0))
     lane_key = row(*key.shape, dtype=key.dtype)
-    state = jax.eval_shape(jax.vmap(problem.init), lane_key, items)
+    state = jax.eval_shape(lambda p, k, i: jax.vmap(p.init)(k, i), problem, lane_key, items)   # problem: abstract too
     carry = dict(state=jax.tree.map(lambda a: row(*a.shape[1:], dtype=a.dtype), state), lane_key=lane_key,
                  steps=row(), failed_at=row(), done=row(dtype=jnp.bool_))
     compiled = _chunk_fn(1, 1, mesh).lower(problem, carry).compile()
