@@ -19,6 +19,11 @@ _started: tuple | None = None
 _barriers = 0   # barriers passed: every process passes the same ones in the same order
 
 
+# how long a process waits for the others: at a barrier before a search, and at exit (JAX's own default of 300 s
+# aborted a process whose peer was still writing its report: one process must not crash the other for being late)
+WAIT_S = 1800
+
+
 def cluster_detected() -> bool:
     """True where JAX can find its peers without flags (a TPU pod slice, SLURM, a Kubernetes JobSet)."""
     return any(os.environ.get(name) for name in _AUTO_ENV)
@@ -48,14 +53,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise InputError(f"--process-id {process_id}: expected 0 to {num_processes - 1} (--num-processes "
                              f"{num_processes})")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU devices talk through gloo
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(coordinator, num_processes, process_id, shutdown_timeout_seconds=WAIT_S)
     elif cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(shutdown_timeout_seconds=WAIT_S)
     _started = given
     return jax.process_count() > 1
 
 
-def wait_for_every_process(name: str, timeout_s: float = 1800.0) -> None:
+def wait_for_every_process(name: str, timeout_s: float = WAIT_S) -> None:
     """Hold until every process of the job gets here (nothing in a single-process run), through the coordination
     service, which waits up to `timeout_s`: one host still compiling or loading a model must not make another
     host's next collective give up (on CPU, gloo waits only 30 s to set up its first one)."""
