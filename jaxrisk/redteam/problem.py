@@ -154,6 +154,10 @@ class GCGProblem:
                         buffer_loss=jnp.full((k,), jnp.inf, jnp.float32), buffer_matched=jnp.full((k,), -1, jnp.int32),
                         seen=jnp.zeros((self.seen_bits,), bool))
 
+    def _order(self, loss, matched):
+        """Indices best first: by loss, or with select='matches' by more target tokens right, then loss."""
+        return jnp.lexsort((loss, -matched)) if self.cfg.select == "matches" else jnp.argsort(loss, stable=True)
+
     def _ranked_before(self, loss_a, matched_a, loss_b, matched_b):
         """a ranks before b: lower loss, or with select='matches' more target tokens right first."""
         if self.cfg.select == "loss":
@@ -253,7 +257,7 @@ class GCGProblem:
         loss = jnp.where(ok, loss, jnp.inf)
         matched = jnp.where(ok, matched, -1)
         match = matched == state.target_valid.sum()
-        i = jnp.lexsort((loss, -matched))[0] if cfg.select == "matches" else jnp.argmin(loss)
+        i = self._order(loss, matched)[0]
         moved = jnp.isfinite(loss[i])
         better = moved & self._ranked_before(loss[i], matched[i], state.best_loss, state.best_matched)
         # a success is always the best: report the suffix that succeeded
@@ -262,14 +266,12 @@ class GCGProblem:
             (cands[i], state.best), (loss[i], state.best_loss), (matched[i], state.best_matched)))
         buffer, buffer_loss, buffer_matched = state.buffer, state.buffer_loss, state.buffer_matched
         if cfg.buffer_size:   # the step's best replaces the buffer's worst if it ranks before it
-            w = jnp.lexsort((-buffer_loss, buffer_matched))[0] if cfg.select == "matches" else jnp.argmax(buffer_loss)
+            w = self._order(buffer_loss, buffer_matched)[-1]
             enter = moved & self._ranked_before(loss[i], matched[i], buffer_loss[w], buffer_matched[w])
             buffer = jnp.where(enter, buffer.at[w].set(cands[i]), buffer)
             buffer_loss = jnp.where(enter, buffer_loss.at[w].set(loss[i]), buffer_loss)
             buffer_matched = jnp.where(enter, buffer_matched.at[w].set(matched[i]), buffer_matched)
-            first = (jnp.lexsort((buffer_loss, -buffer_matched))[0] if cfg.select == "matches"
-                     else jnp.argmin(buffer_loss))
-            current = buffer[first]
+            current = buffer[self._order(buffer_loss, buffer_matched)[0]]
         else:
             current = jnp.where(moved, cands[i], state.current)
         seen = state.seen
