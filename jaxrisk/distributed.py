@@ -63,7 +63,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def wait_for_every_process(name: str, timeout_s: float = WAIT_S) -> None:
     """Hold until every process of the job gets here (nothing in a single-process run), through the coordination
     service, which waits up to `timeout_s`: one host still compiling or loading a model must not make another
-    host's next collective give up (on CPU, gloo waits only 30 s to set up its first one)."""
+    host's next collective give up (on CPU, gloo waits only 30 s for a late peer, at its set-up and at each
+    collective). Keep the work between this barrier and the collective it guards short and the same on every host."""
     global _barriers
     if jax.process_count() == 1:
         return

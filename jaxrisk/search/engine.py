@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import re
 import shutil
@@ -188,6 +189,8 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
     _check_problem(problem, table["state"], step_state, metric_shapes)
     history = {k: np.full((config.max_steps, n_items), np.nan, np.float32) for k in metric_shapes}
 
+    if config.checkpoint_dir is not None:
+        importlib.import_module("orbax.checkpoint")   # slow to import: before the barrier, not between it and orbax's
     wait_for_every_process("search")   # the checkpoint's and the chunk's collectives need every host here
     manager, chunks = None, 0   # chunks: run so far, in this process and the ones it resumes (the checkpoint step)
     if config.checkpoint_dir is not None:
@@ -221,6 +224,9 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
             while _running(lane_item, status).any():
                 started = time.perf_counter()
                 carry_dev, metrics = chunk_fn(problem_dev, carry_dev)
+                if jax.process_count() > 1:   # a host still compiling must not time out the others' gather
+                    jax.block_until_ready(carry_dev)
+                    wait_for_every_process("chunk")
                 running = _running(lane_item, status)
                 steps_before, (metrics, steps, done) = steps, to_host((metrics, carry_dev["steps"], carry_dev["done"]))
                 timing.add(n_lanes, time.perf_counter() - started)
@@ -451,16 +457,20 @@ def _open_checkpoint(directory: Path, fingerprint: str, fresh: PyTree, mesh):
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory}: exists and is not a directory (jaxrisk keeps its checkpoint there); "
                          "move it away or choose another output directory")
-    if marker.exists():
+    marked = marker.exists()
+    if marked:
         recorded = _read_marker(marker)
         if recorded != fingerprint:
             raise InputError(f"{directory}: holds a checkpoint of a different run (fingerprint {recorded}, this "
                              f"run is {fingerprint}); use another output directory or delete that one")
-    else:
-        if directory.exists() and any(directory.iterdir()):
-            raise InputError(f"{directory}: holds files jaxrisk did not write (no {MARKER}); jaxrisk keeps its "
-                             "checkpoint there and never deletes what it did not create: move them away or "
-                             "choose another output directory")
+    elif directory.exists() and any(directory.iterdir()):
+        raise InputError(f"{directory}: holds files jaxrisk did not write (no {MARKER}); jaxrisk keeps its "
+                         "checkpoint there and never deletes what it did not create: move them away or "
+                         "choose another output directory")
+    # every host has looked before one writes (a host looking later would take the marker being written for
+    # files of someone else's), and one host writes
+    wait_for_every_process("checkpoint-checked")
+    if not marked and is_writer():
         try:
             write_json(marker, {"fingerprint": fingerprint, "written_by": "jaxrisk"})
         except OSError as e:

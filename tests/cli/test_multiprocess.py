@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,12 @@ def start_job(args: list, processes: int = 2, devices_each: int = 4) -> list[sub
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    ended = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        ended.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return ended
+    """Every process's output, read from all of them at once (read one by one, a process whose pipe fills
+    would stall until the ones before it end, and make the whole job late)."""
+    with ThreadPoolExecutor(len(procs)) as pool:
+        outputs = list(pool.map(lambda proc: proc.communicate(timeout=timeout), procs))
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs)]
 
 
 def run_job(args: list) -> None:
