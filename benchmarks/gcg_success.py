@@ -43,6 +43,7 @@ VARIANTS = {
     "buffer": {"buffer_size": 4},
     "multi": {"n_replace": 4, "n_replace_final": 1},
     "no_revisit": {"no_revisit": True},
+    "warm": {"warm_start_step": 100},   # half of the default budget, then unsolved ones go on from solved suffixes
     "all": {"select": "matches", "buffer_size": 4, "n_replace": 4, "n_replace_final": 1, "no_revisit": True},
 }
 
@@ -66,7 +67,8 @@ def run_variant(lm, behaviours, base: GCGConfig, parts: dict, steps: int, seed: 
             "wall_seconds": round(wall, 1), "candidates": sum(r["candidates_evaluated"] for r in rows),
             "mean_steps": float(np.mean([r["steps"] for r in rows])),
             "rows": [{"goal": r["behavior"], "target": r["target"], "landed": ok, "steps": r["steps"],
-                      "loss": r["loss"], "suffix": r["suffix"]} for r, ok in zip(rows, landed)]}
+                      "loss": r["loss"], "suffix": r["suffix"], "warm_start_from": r.get("warm_start_from")}
+                     for r, ok in zip(rows, landed)]}
 
 
 def run_nanogcg(args, behaviours) -> dict:

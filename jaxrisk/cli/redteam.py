@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--n-replace-final", type=POSITIVE, default=None, help="... falling linearly to this at the end")
     p.add_argument("--revisit", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-revisit: never evaluate a suffix twice")
+    p.add_argument("--warm-start-step", type=int, default=None, metavar="S",
+                   help="after S steps, unsolved behaviours go on from the suffix (theirs, or one that solved "
+                        "another behaviour) that scores their target best (0: off)")
     p.add_argument("--system-prompt", metavar="TEXT", help="chat models: a system turn before each request")
     p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
     p.add_argument("--allow-non-ascii", action="store_true")
@@ -54,6 +57,7 @@ def cmd_redteam(args) -> int:
     """Search every behaviour; writes OUT/results.jsonl (resumable)."""
     from jaxrisk.data.prompts import load_behaviors
     from jaxrisk.redteam import ARCAConfig, GCGConfig, RedteamConfig, run
+    from jaxrisk.scorers.lm import SequenceScorer
 
     behaviors = load_behaviors(args.behaviors)
     out = prepare_out_dir(args.out)
@@ -63,7 +67,8 @@ def cmd_redteam(args) -> int:
     fluency = args.fluency_weight
     if fluency is None:
         fluency = ARCAConfig().plausibility_weight if arca else 0.0
-    parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final")
+    parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
+                                                            "warm_start_step")
              if getattr(args, name) is not None}
     if args.revisit is not None:
         parts["no_revisit"] = not args.revisit
@@ -78,7 +83,7 @@ def cmd_redteam(args) -> int:
     # weighted by config.arca alone (ARCA multiplies in the pair's weight: 1.0)
     extras = []
     if fluency or arca:
-        extras.append((1.0 if arca else fluency, _fluency_scorer(lm)))
+        extras.append((1.0 if arca else fluency, SequenceScorer.of(lm)))
     if args.danger_probe_data:
         extras.append((1.0 if arca else args.danger_weight, _probe_from_file(lm, args.danger_probe_data)))
     rows = run(lm, behaviors, config, out_dir=out, extras=extras, source=args.behaviors).rows
@@ -88,16 +93,6 @@ def cmd_redteam(args) -> int:
           f"{f'; {broken} have no result (every restart turned NaN: see error in the file)' if broken else ''} -> "
           f"{out / 'results.jsonl'}")
     return 0
-
-
-def _fluency_scorer(lm):
-    import jax.numpy as jnp
-
-    from jaxrisk.scorers.lm import SequenceScorer
-
-    bos = lm.tokenizer.bos_token_id
-    return SequenceScorer(params=lm.params, bos=jnp.asarray([] if bos is None else [bos], jnp.int32),
-                          graphdef=lm.graphdef)
 
 
 def _probe_from_file(lm, path):

@@ -29,11 +29,14 @@ class GCGConfig:
     n_replace: int = 1               # positions swapped per candidate at the first step ...
     n_replace_final: int = 1         # ... falling linearly to this by the last step (I-GCG's multi-coordinate)
     no_revisit: bool = False         # never evaluate a suffix twice (a per-lane Bloom filter of evaluated suffixes)
+    warm_start_step: int = 0         # 0: off; S: after S steps, unsolved behaviours go on from the suffix (their own
+    #                                  best or one that solved another behaviour) scoring their target best
 
     def __post_init__(self):
         for name in ("search_width", "topk", "suffix_len", "oversample", "n_replace", "n_replace_final"):
             require_int(f"GCGConfig.{name}", getattr(self, name), 1)
         require_int("GCGConfig.buffer_size", self.buffer_size, 0)
+        require_int("GCGConfig.warm_start_step", self.warm_start_step, 0)
         require_choice("GCGConfig.select", self.select, SELECT)
         if max(self.n_replace, self.n_replace_final) > self.suffix_len:
             raise InputError(f"GCGConfig.n_replace: {max(self.n_replace, self.n_replace_final)} positions per "

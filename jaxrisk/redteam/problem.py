@@ -17,14 +17,20 @@ lanes x B candidate evaluations per step). Per step and lane:
    shapes never change and little compute is wasted;
 5. exact evaluation of all B candidates, ranked by loss (or, with
    select="matches", first by the target tokens the argmax gets right); the
-   best becomes the current suffix (or, with a buffer, enters the K best kept
-   and the search goes on from the best of them), the best ever is kept, and
-   the lane stops once the greedy continuation equals the target
-   (teacher-forced argmax at every target position).
+   best (a candidate whose greedy continuation is the target, if any is)
+   becomes the current suffix (or, with a buffer, enters the K best kept and
+   the search goes on from the best of them), the best ever is kept, and the
+   lane stops once the greedy continuation equals the target (teacher-forced
+   argmax at every target position).
+
+A lane may start from a suffix of its own (lane input `start`: a warm start
+from a suffix that solved another behaviour, see gcg_run); its first step then
+evaluates the start itself as well.
 
 Loss = -log p(target) (mean over tokens, or mellowmax) - sum_i w_i * extra_i,
 where the extras are scorers of the request (goal + suffix), e.g. plausibility
-or a danger probe; they enter the gradient too.
+or a danger probe; they enter the gradient too. The weights w_i are per lane,
+so one program can sweep them.
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ class GCGState(NamedTuple):
     buffer_loss: jax.Array   # [K] their losses (inf: empty slot)
     buffer_matched: jax.Array  # [K] int32 their matched target tokens
     seen: jax.Array          # [S] bool Bloom filter of evaluated suffixes (no_revisit; else one unused bit)
+    extra_weights: jax.Array  # [E] float32 this lane's weight of each extra scorer (a sweep: one per lane)
 
 
 @struct.dataclass
@@ -144,15 +151,20 @@ class GCGProblem:
         return 1 << max(10, (16 * self.max_steps * self.cfg.search_width - 1).bit_length())
 
     def init(self, key, lane):
+        """A lane's first state. Optional lane inputs: `start` [Ls] replaces the initial suffix (a warm start);
+        `extra_weights` [E] replaces the extras' own weights (a sweep of them as lanes)."""
         del key
+        lane = dict(lane)
+        start = lane.pop("start", self.init_suffix)
+        weights = lane.pop("extra_weights", jnp.asarray([w for w, _ in self.extras], jnp.float32).reshape(-1))
         k, ls = max(self.cfg.buffer_size, 1), self.init_suffix.shape[0]
-        return GCGState(**lane, current=self.init_suffix, best=self.init_suffix,
+        return GCGState(**lane, current=start, best=start,
                         best_loss=jnp.asarray(jnp.inf, jnp.float32), success=jnp.asarray(False),
                         n_evals=jnp.asarray(0, jnp.int32), step=jnp.asarray(0, jnp.int32),
                         best_matched=jnp.asarray(-1, jnp.int32),
-                        buffer=jnp.broadcast_to(self.init_suffix, (k, ls)),
+                        buffer=jnp.broadcast_to(start, (k, ls)),
                         buffer_loss=jnp.full((k,), jnp.inf, jnp.float32), buffer_matched=jnp.full((k,), -1, jnp.int32),
-                        seen=jnp.zeros((self.seen_bits,), bool))
+                        seen=jnp.zeros((self.seen_bits,), bool), extra_weights=jnp.asarray(weights, jnp.float32))
 
     def _order(self, loss, matched):
         """Indices best first: by loss, or with select='matches' by more target tokens right, then loss."""
@@ -205,8 +217,8 @@ class GCGProblem:
             request = jnp.concatenate([jnp.broadcast_to(goal[None], (b,) + goal.shape), suffix], axis=1)
             rvalid = jnp.concatenate([jnp.broadcast_to(lane.goal_valid, (b, g)), jnp.ones((b, suffix.shape[1]), bool)],
                                      1)
-            for weight, scorer in self.extras:
-                loss = loss - weight * scorer(request, rvalid)
+            for n, (_, scorer) in enumerate(self.extras):
+                loss = loss - lane.extra_weights[n] * scorer(request, rvalid)
         return loss, matched
 
     def _candidates(self, state: GCGState, top, key):
@@ -253,11 +265,16 @@ class GCGProblem:
         top = jax.lax.top_k(-grad, cfg.topk)[1]                                        # [Ls, k]
 
         cands, ok = self._candidates(state, top, key)
+        if cfg.warm_start_step:   # a warm start may already succeed: its first step evaluates the start itself too
+            first = state.step == 0
+            cands, ok = cands.at[0].set(jnp.where(first, state.current, cands[0])), ok.at[0].set(ok[0] | first)
         loss, matched = self._losses(model, cache, state, cands)
         loss = jnp.where(ok, loss, jnp.inf)
         matched = jnp.where(ok, matched, -1)
         match = matched == state.target_valid.sum()
-        i = self._order(loss, matched)[0]
+        # the step's best: a candidate that succeeds if any does (the lowest-loss one of those), else the first
+        # in the ranking (a success must not be lost to a lower-loss candidate that misses a target token)
+        i = jnp.where(match.any(), jnp.argmin(jnp.where(match, loss, jnp.inf)), self._order(loss, matched)[0])
         moved = jnp.isfinite(loss[i])
         better = moved & self._ranked_before(loss[i], matched[i], state.best_loss, state.best_matched)
         # a success is always the best: report the suffix that succeeded

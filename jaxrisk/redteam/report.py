@@ -59,7 +59,7 @@ def read_results(path: Path, settings: dict) -> list[dict]:
         if row["run"] != settings:
             changed = sorted(k for k in settings if row["run"].get(k) != settings[k]) if isinstance(row["run"], dict) \
                 else ["all"]
-            raise InputError(f"{path}:{n}: a result of a different run (other {', '.join(changed)}); resuming would mix "
-                             "the two: choose another --out or move the file away")
+            raise InputError(f"{path}:{n}: a result of a different run (other {', '.join(changed)}); resuming would "
+                             "mix the two: choose another --out or move the file away")
         rows.append(row)
     return rows

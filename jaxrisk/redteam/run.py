@@ -16,12 +16,12 @@ from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import MAX_SEED, InputError, require_int
 from jaxrisk.redteam.arca_run import check_extras, encode_arca, run_arca_group
 from jaxrisk.redteam.config import RedteamConfig
-from jaxrisk.redteam.gcg_run import run_group
+from jaxrisk.redteam.gcg_run import run_group, warm_dir
 from jaxrisk.redteam.lanes import encode_behaviors
 from jaxrisk.redteam.report import RedteamResult, read_results, run_settings, write_results
 from jaxrisk.search import engine
 
-_GROUP_DIR = re.compile(r"group-\d+")
+_GROUP_DIR = re.compile(r"group-\d+(-warm)?")   # a group's engine checkpoint (and its warm start's)
 
 
 def _group_checkpoints(root: Path, finished: int) -> None:
@@ -76,6 +76,7 @@ def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), 
         if path is not None:
             write_results(path, done)
             engine.remove_checkpoint(ckpt)
+            engine.remove_checkpoint(warm_dir(ckpt))
     if root is not None and root.is_dir() and not any(root.iterdir()):
         root.rmdir()
     return RedteamResult(done)

@@ -36,6 +36,12 @@ class SequenceScorer:
     bos: jax.Array                                          # [1] int, or [0] for models without BOS
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
 
+    @classmethod
+    def of(cls, lm) -> "SequenceScorer":
+        """The scorer of a loaded `LanguageModel` (from its BOS token, where its tokenizer has one)."""
+        bos = lm.tokenizer.bos_token_id
+        return cls(params=lm.params, bos=jnp.asarray([] if bos is None else [bos], jnp.int32), graphdef=lm.graphdef)
+
     def __call__(self, tokens, valid_bl) -> jax.Array:
         model = nnx.merge(self.graphdef, self.params)
         b = valid_bl.shape[0]

@@ -252,7 +252,7 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
                     _save(manager, chunks, _saved(table, status, history, seconds, time.perf_counter() - t0), mesh)
                 failed = int((table["failed_at"] >= 0).sum())
                 bar.set_postfix(done=f"{int((status == FINISHED).sum())}/{n_items}", failed=failed, refresh=False)
-                bar.update(config.chunk_steps)
+                bar.update(min(config.chunk_steps, bar.total - bar.n))   # the last chunk may run past the budget
                 if on_chunk is not None:
                     on_chunk(chunks * config.chunk_steps, {"done": status == FINISHED, "failed": failed})
                 stop_if_requested(chunks)

@@ -120,3 +120,102 @@ def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
 def test_bad_search_parts_are_clear_errors(kw, expected):
     with pytest.raises(InputError, match=expected):
         GCGConfig(**kw)
+
+
+def test_warm_start_takes_the_suffix_that_solves_its_target_and_reproduces_the_solution():
+    from jaxrisk.models.lm import LanguageModel
+    from jaxrisk.redteam.gcg_run import _warm_starts
+
+    lm = LanguageModel.random(tiny_llama_config(), seed=0)
+    # one suffix token: the start is a candidate only if the first step evaluates it (swaps always change it)
+    before, solution, other = np.asarray([1, 9, 10]), np.asarray([37], np.int32), np.asarray([6], np.int32)
+    target = np.asarray(lm.generate([np.concatenate([before, solution])], max_new_tokens=6)[0], np.int32)
+    assert lm.generate([np.concatenate([before, other])], max_new_tokens=6)[0] != target.tolist()
+    lanes = dict(before=np.stack([before, before]), before_valid=np.ones((2, 3), bool),
+                 goal=np.asarray([[9, 10]] * 2), goal_valid=np.ones((2, 2), bool),
+                 target=np.stack([target, target]), target_valid=np.ones((2, 6), bool))
+    after = np.zeros((0,), np.int32)
+    # lane 1 is unsolved: it takes lane 0's solved suffix over its own best, and says where it came from
+    starts, sources = _warm_starts(lm, lanes, after, np.stack([solution, other]), np.asarray([0]), np.asarray([1]))
+    np.testing.assert_array_equal(starts, [solution])
+    assert sources.tolist() == [0]
+    # its own best wins when that is the suffix scoring its target higher
+    starts, sources = _warm_starts(lm, lanes, after, np.stack([other, solution]), np.asarray([0]), np.asarray([1]))
+    np.testing.assert_array_equal(starts, [solution])
+    assert sources.tolist() == [1]
+
+    # the warm-started lane's first step evaluates the start itself, finds it succeeds, and stops there with it
+    cfg = dataclasses.replace(TINY, suffix_len=1, early_stop=True, warm_start_step=5)
+    problem = GCGProblem(params=lm.params, after=jnp.asarray(after), allowed=jnp.ones((64,), bool),
+                         init_suffix=jnp.asarray(other), graphdef=lm.graphdef, cfg=cfg, max_steps=10)
+    lane = {k: jnp.asarray(v[1]) for k, v in lanes.items()} | {"start": jnp.asarray(solution)}
+    state, _ = jax.jit(problem.step)(problem.init(None, lane), jax.random.key(0))
+    assert bool(state.success) and bool(problem.done(state))
+    np.testing.assert_array_equal(state.best, solution)
+
+
+@pytest.mark.slow   # whole runs through the driver
+def test_warm_start_carries_a_solved_suffix_to_an_unsolved_behaviour_and_resumes(tiny_lm_dir, tmp_path, monkeypatch):
+    """Four behaviours with one target on a tiny random model: after one step 'The kite' is the one left unsolved;
+    it goes on from another behaviour's solution and succeeds at its next step (3 steps without the warm start).
+    Interrupted in its second round, the run resumes to the same rows."""
+    from conftest import interrupt_engine_run
+
+    from jaxrisk import redteam
+    from jaxrisk.data.prompts import Behavior
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.redteam import RedteamConfig
+    from jaxrisk.search import RunConfig
+
+    lm = load_pretrained(tiny_lm_dir)
+    behaviors = [Behavior(goal, "a a a", i) for i, goal in enumerate(["Lily had", "Tom saw", "The kite", "Tom had"])]
+    gcg = GCGConfig(search_width=16, topk=8, suffix_len=3, init_token="ball")
+    run = RunConfig(max_steps=6, chunk_steps=2, progress=False)
+    cold = redteam.run(lm, behaviors, RedteamConfig(run=run, gcg=gcg)).rows
+    assert [r["steps"] for r in cold] == [1, 1, 3, 1] and all(r["success"] for r in cold)
+
+    config = RedteamConfig(run=run, gcg=dataclasses.replace(gcg, warm_start_step=1))
+    warm = redteam.run(lm, behaviors, config, out_dir=tmp_path / "whole").rows
+    assert [r["steps"] for r in warm] == [1, 1, 2, 1] and all(r["success"] for r in warm)
+    assert [r["warm_start_from"] for r in warm] == [None, None, "Lily had", None]
+    for bh, row in zip(behaviors, warm):   # success: the greedy continuation of the prompt text, re-tokenised
+        assert lm.decode(lm.generate(row["prompt"], 3)[0]).strip() == bh.target
+    assert not (tmp_path / "whole" / "checkpoint").exists()
+
+    restore = interrupt_engine_run(monkeypatch, run=2, at_step=1)   # stopped in the warm-started round
+    with pytest.raises(KeyboardInterrupt):
+        redteam.run(lm, behaviors, config, out_dir=tmp_path / "cut")
+    restore()
+    assert (tmp_path / "cut" / "checkpoint" / "group-0-warm").is_dir()
+    resumed = redteam.run(lm, behaviors, config, out_dir=tmp_path / "cut").rows
+    for a, b in zip(warm, resumed):
+        for key in ("suffix_ids", "loss", "steps", "success", "warm_start_from", "candidates_evaluated"):
+            assert a[key] == b[key], key
+
+
+@pytest.mark.slow   # whole runs through the driver
+def test_plausibility_weight_swept_as_lanes_of_one_run_trades_target_for_plausibility(tiny_lm_dir, monkeypatch):
+    from jaxrisk.data.prompts import Behavior
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.redteam.gcg_run import run_group
+    from jaxrisk.scorers import SequenceScorer
+    from jaxrisk.search import RunConfig, engine
+
+    lm = load_pretrained(tiny_lm_dir)
+    runs = []
+    real_run = engine.run
+    monkeypatch.setattr(engine, "run", lambda problem, lanes, *a, **k: runs.append(len(lanes["before"]))
+                        or real_run(problem, lanes, *a, **k))
+    behaviors = [Behavior("Lily had", "a red ball", 1), Behavior("Tom saw", "the park", 2)]
+    cfg = GCGConfig(search_width=16, topk=8, suffix_len=4, init_token="ball", early_stop=False)
+    extras = [(0.0, SequenceScorer.of(lm))]
+    rows = run_group(lm, behaviors, cfg, RunConfig(max_steps=10, chunk_steps=5, progress=False), extras=extras,
+                     weight_grid=[[0.0], [3.0]])
+    assert runs == [4]   # 2 behaviours x 2 weights, one program
+    assert [(r["behavior"], r["extra_weights"]) for r in rows] == [
+        ("Lily had", [0.0]), ("Lily had", [3.0]), ("Tom saw", [0.0]), ("Tom saw", [3.0])]
+    for free, weighted in zip(rows[::2], rows[1::2]):   # the weighted lane's request is the more plausible one
+        assert weighted["scores"]["SequenceScorer_0"] > free["scores"]["SequenceScorer_0"] + 0.2
+        assert weighted["scores"]["target_logprob"] < free["scores"]["target_logprob"]
+    with pytest.raises(InputError, match="weight_grid"):
+        run_group(lm, behaviors, cfg, RunConfig(max_steps=1, progress=False), extras=extras, weight_grid=[0.0, 3.0])
