@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--n-replace-final", type=POSITIVE, default=None, help="... falling linearly to this at the end")
     p.add_argument("--revisit", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-revisit: never evaluate a suffix twice")
+    p.add_argument("--max-perplexity", type=number(1.0), default=None, metavar="PPL",
+                   help="never take a candidate whose request (goal + suffix) has a higher perplexity under the model")
     p.add_argument("--warm-start-step", type=int, default=None, metavar="S",
                    help="after S steps, unsolved behaviours go on from the suffix (theirs, or one that solved "
                         "another behaviour) that scores their target best (0: off)")
@@ -68,7 +70,7 @@ def cmd_redteam(args) -> int:
     if fluency is None:
         fluency = ARCAConfig().plausibility_weight if arca else 0.0
     parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
-                                                            "warm_start_step")
+                                                            "warm_start_step", "max_perplexity")
              if getattr(args, name) is not None}
     if args.revisit is not None:
         parts["no_revisit"] = not args.revisit

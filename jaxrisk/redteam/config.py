@@ -29,6 +29,8 @@ class GCGConfig:
     n_replace: int = 1               # positions swapped per candidate at the first step ...
     n_replace_final: int = 1         # ... falling linearly to this by the last step (I-GCG's multi-coordinate)
     no_revisit: bool = False         # never evaluate a suffix twice (a per-lane Bloom filter of evaluated suffixes)
+    max_perplexity: float | None = None   # never take a candidate whose request (goal + suffix) is more perplexing
+    #                                       than this to the model itself (a perplexity filter)
     warm_start_step: int = 0         # 0: off; S: after S steps, unsolved behaviours go on from the suffix (their own
     #                                  best or one that solved another behaviour) scoring their target best
 
@@ -41,6 +43,8 @@ class GCGConfig:
         if max(self.n_replace, self.n_replace_final) > self.suffix_len:
             raise InputError(f"GCGConfig.n_replace: {max(self.n_replace, self.n_replace_final)} positions per "
                              f"candidate, more than the suffix's {self.suffix_len}")
+        if self.max_perplexity is not None:
+            require_number("GCGConfig.max_perplexity", self.max_perplexity, 1.0)
         if self.mellowmax_alpha is not None:
             require_number("GCGConfig.mellowmax_alpha", self.mellowmax_alpha, 0.0, above=True)
         if not isinstance(self.init_token, str) or not self.init_token.strip():

@@ -13,6 +13,7 @@ from jaxrisk.errors import InputError
 from jaxrisk.redteam.config import GCGConfig
 from jaxrisk.redteam.lanes import encode_behaviors
 from jaxrisk.redteam.problem import GCGProblem, RoundTrip, allowed_tokens
+from jaxrisk.scorers.lm import SequenceScorer
 from jaxrisk.search import engine
 from jaxrisk.search.config import RunConfig
 from jaxrisk.search.reduce import best_per_group
@@ -123,6 +124,7 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
     problem = GCGProblem(params=lm.params, after=jnp.asarray(after), allowed=jnp.asarray(allowed),
                          init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
                          roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras),
+                         plausibility=SequenceScorer.of(lm) if cfg.max_perplexity is not None else None,
                          max_steps=run_cfg.max_steps)
     lane_inputs = {k: np.repeat(v, settings * restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
     if grid is not None:
@@ -142,6 +144,9 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
         scores = {"target_logprob": float(lm.score_targets(before, _middles(suffix[None], after), target)[0])
                   / len(target)}
         request = np.concatenate([lanes["goal"][i][lanes["goal_valid"][i]], suffix])[None]
+        if problem.plausibility is not None:   # what the perplexity filter bounds
+            scores["request_logprob"] = float(problem.plausibility(jnp.asarray(request),
+                                                                   jnp.ones(request.shape, bool))[0])
         for n, (weight, scorer) in enumerate(extras):
             name = f"{type(scorer).__name__}_{n}"
             scores[name] = float(scorer(jnp.asarray(request), jnp.ones(request.shape, bool))[0])

@@ -14,7 +14,9 @@ lanes x B candidate evaluations per step). Per step and lane:
    round-trip, and with `no_revisit` a per-lane Bloom filter drops suffixes
    already evaluated (and repeats within the draw); oversample x B are drawn,
    the first B that pass are kept, any shortfall is masked duplicates, so
-   shapes never change and little compute is wasted;
+   shapes never change and little compute is wasted; with `max_perplexity`
+   a candidate whose request (goal + suffix) is more perplexing than that to
+   a reference LM is evaluated but never taken (AutoDAN / FLRT style);
 5. exact evaluation of all B candidates, ranked by loss (or, with
    select="matches", first by the target tokens the argmax gets right); the
    best (a candidate whose greedy continuation is the target, if any is)
@@ -124,7 +126,8 @@ class GCGState(NamedTuple):
     buffer_loss: jax.Array   # [K] their losses (inf: empty slot)
     buffer_matched: jax.Array  # [K] int32 their matched target tokens
     seen: jax.Array          # [S] bool Bloom filter of evaluated suffixes (no_revisit; else one unused bit)
-    extra_weights: jax.Array  # [E] float32 this lane's weight of each extra scorer (a sweep: one per lane)
+    extra_weights: jax.Array  # [E] float32 this lane's weight of each extra scorer (a sweep: one per lane; one
+    #                           unused weight without extras: a checkpoint cannot hold an empty array)
 
 
 @struct.dataclass
@@ -140,6 +143,7 @@ class GCGProblem:
     cfg: GCGConfig = struct.field(pytree_node=False, default=GCGConfig())
     roundtrip: Any = struct.field(pytree_node=False, default=None)
     extras: tuple = ()               # ((weight, scorer), ...): scorers of (goal + suffix), pytrees
+    plausibility: Any = None         # mean log p(request) scorer for cfg.max_perplexity (a SequenceScorer)
     max_steps: int = struct.field(pytree_node=False, default=250)   # for the n_replace schedule and the filter's size
 
     @property
@@ -156,7 +160,7 @@ class GCGProblem:
         del key
         lane = dict(lane)
         start = lane.pop("start", self.init_suffix)
-        weights = lane.pop("extra_weights", jnp.asarray([w for w, _ in self.extras], jnp.float32).reshape(-1))
+        weights = lane.pop("extra_weights", jnp.asarray([w for w, _ in self.extras] or [0.0], jnp.float32))
         k, ls = max(self.cfg.buffer_size, 1), self.init_suffix.shape[0]
         return GCGState(**lane, current=start, best=start,
                         best_loss=jnp.asarray(jnp.inf, jnp.float32), success=jnp.asarray(False),
@@ -210,16 +214,21 @@ class GCGProblem:
         loss = -target_logprob(token_logprobs(logits, target_b), tvalid_b, self.cfg.mellowmax_alpha)
         matched = jnp.sum((jnp.argmax(logits, -1) == target_b) & tvalid_b, axis=-1)
         if self.extras:
-            g = lane.goal.shape[0]
-            goal = lane.goal
-            if not jnp.issubdtype(suffix.dtype, jnp.integer):
-                goal = jax.nn.one_hot(goal, suffix.shape[-1], dtype=suffix.dtype)
-            request = jnp.concatenate([jnp.broadcast_to(goal[None], (b,) + goal.shape), suffix], axis=1)
-            rvalid = jnp.concatenate([jnp.broadcast_to(lane.goal_valid, (b, g)), jnp.ones((b, suffix.shape[1]), bool)],
-                                     1)
+            request, rvalid = self._request(lane, suffix)
             for n, (_, scorer) in enumerate(self.extras):
                 loss = loss - lane.extra_weights[n] * scorer(request, rvalid)
         return loss, matched
+
+    @staticmethod
+    def _request(lane: GCGState, suffix):
+        """The request (goal + suffix) [B, G + Ls] and its mask, for suffixes as ids [B, Ls] or one-hot [B, Ls, V]."""
+        b, g = suffix.shape[0], lane.goal.shape[0]
+        goal = lane.goal
+        if not jnp.issubdtype(suffix.dtype, jnp.integer):
+            goal = jax.nn.one_hot(goal, suffix.shape[-1], dtype=suffix.dtype)
+        request = jnp.concatenate([jnp.broadcast_to(goal[None], (b,) + goal.shape), suffix], axis=1)
+        return request, jnp.concatenate([jnp.broadcast_to(lane.goal_valid, (b, g)),
+                                         jnp.ones((b, suffix.shape[1]), bool)], 1)
 
     def _candidates(self, state: GCGState, top, key):
         """B candidates [B, Ls] drawn from the top-k tokens per position [Ls, k], and which may be evaluated [B]:
@@ -269,8 +278,12 @@ class GCGProblem:
             first = state.step == 0
             cands, ok = cands.at[0].set(jnp.where(first, state.current, cands[0])), ok.at[0].set(ok[0] | first)
         loss, matched = self._losses(model, cache, state, cands)
-        loss = jnp.where(ok, loss, jnp.inf)
-        matched = jnp.where(ok, matched, -1)
+        takeable = ok
+        if cfg.max_perplexity is not None:   # a request the reference LM finds too unlikely is never taken
+            request, rvalid = self._request(state, cands)
+            takeable = ok & (self.plausibility(request, rvalid) >= -np.log(cfg.max_perplexity))
+        loss = jnp.where(takeable, loss, jnp.inf)
+        matched = jnp.where(takeable, matched, -1)
         match = matched == state.target_valid.sum()
         # the step's best: a candidate that succeeds if any does (the lowest-loss one of those), else the first
         # in the ranking (a success must not be lost to a lower-loss candidate that misses a target token)

@@ -30,6 +30,15 @@ class Recording(GCGProblem):
         return cands, ok
 
 
+def tiny_plausibility():
+    """Mean log p(request) under the tiny random Llama of run_tiny (token 1 as BOS)."""
+    from jaxrisk.models.lm import LanguageModel
+    from jaxrisk.scorers import SequenceScorer
+
+    lm = LanguageModel.random(tiny_llama_config(), seed=0)
+    return SequenceScorer(params=lm.params, bos=jnp.asarray([1], jnp.int32), graphdef=lm.graphdef)
+
+
 def run_tiny(cfg: GCGConfig, steps: int = STEPS, seed: int = 0):
     """Eager GCG steps on a random 2-layer Llama: (the state after each step, per-step metrics, recorded
     candidates)."""
@@ -37,7 +46,8 @@ def run_tiny(cfg: GCGConfig, steps: int = STEPS, seed: int = 0):
 
     lm = LanguageModel.random(tiny_llama_config(), seed=0)
     problem = Recording(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.ones((64,), bool),
-                        init_suffix=jnp.asarray([5, 6], jnp.int32), graphdef=lm.graphdef, cfg=cfg, max_steps=steps)
+                        init_suffix=jnp.asarray([5, 6], jnp.int32), graphdef=lm.graphdef, cfg=cfg, max_steps=steps,
+                        plausibility=tiny_plausibility() if cfg.max_perplexity is not None else None)
     object.__setattr__(problem, "log", [])
     lane = dict(before=jnp.asarray([1, 9, 10], jnp.int32), before_valid=jnp.ones((3,), bool),
                 goal=jnp.asarray([9, 10], jnp.int32), goal_valid=jnp.ones((2,), bool),
@@ -105,6 +115,23 @@ def test_multi_coordinate_swaps_fall_from_n_replace_to_the_final_count():
         assert changed.max() == r and changed.mean() > r - 1   # r positions (a drawn token may equal the old one)
 
 
+def test_perplexity_filter_never_moves_to_a_request_above_the_bound():
+    score = tiny_plausibility()
+
+    def perplexity(suffix):   # of the request: run_tiny's goal [9, 10] + the suffix
+        request = jnp.asarray([[9, 10, *np.asarray(suffix).tolist()]])
+        return float(np.exp(-score(request, jnp.ones(request.shape, bool))[0]))
+
+    free = [perplexity(state.current) for state in run_tiny(TINY)[0]]
+    bound = float(np.median(free))   # plain GCG goes above it on about half of its steps
+    assert sum(p > bound * 1.001 for p in free) >= 5
+    states, metrics, _ = run_tiny(dataclasses.replace(TINY, max_perplexity=bound))
+    moved = [state for state, m in zip(states, metrics) if np.isfinite(m["loss"])]
+    assert len(moved) >= STEPS // 2   # it still searches
+    assert all(perplexity(state.current) <= bound * 1.001 for state in moved)
+    assert perplexity(states[-1].best) <= bound * 1.001
+
+
 def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
     problem = GCGProblem(params=None, after=None, allowed=None, init_suffix=None, graphdef=None,
                          cfg=GCGConfig(select="matches"))
@@ -116,6 +143,7 @@ def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
 
 @pytest.mark.parametrize("kw, expected", [(dict(n_replace=0), "n_replace"), (dict(buffer_size=-1), "buffer_size"),
                                           (dict(select="best"), "select"),
+                                          (dict(max_perplexity=0.5), "max_perplexity"),
                                           (dict(suffix_len=3, n_replace=4), "more than the suffix")])
 def test_bad_search_parts_are_clear_errors(kw, expected):
     with pytest.raises(InputError, match=expected):
