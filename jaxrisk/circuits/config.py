@@ -24,6 +24,9 @@ class CircuitConfig:
     alone_weight: float = 0.1       # w_alone (backdoor, alignment): small, a circuit alone is a weak model
     overlap_weight: float = 1.0     # w_overlap (backdoor)
     batch: int = 16
+    remove_loss: Literal["probability", "onset"] = "onset"   # what is left of X: p, or -log(1 - p(first token))
+    keep: Literal["ce", "kl"] = "kl"      # clean behaviour kept: data cross-entropy, or KL to the intact model
+    ablation: Literal["zero", "mean"] = "zero"   # an ablated unit is zeroed, or set to its clean-text mean
     target_density: float | None = None   # Lagrangian form: the penalty becomes a multiplier driven to hit it
     multiplier_rate: float = 1.0
 
@@ -32,6 +35,9 @@ class CircuitConfig:
             raise InputError(f"circuit objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         require_choice("CircuitConfig.granularity", self.granularity, GRANULARITIES)
         require_choice("CircuitConfig.kind", self.kind, ("ste", "hard_concrete"))
+        require_choice("CircuitConfig.keep", self.keep, ("ce", "kl"))
+        require_choice("CircuitConfig.remove_loss", self.remove_loss, ("probability", "onset"))
+        require_choice("CircuitConfig.ablation", self.ablation, ("zero", "mean"))
         require_int("CircuitConfig.batch", self.batch, 1)
         for name in ("init", "remove_weight", "keep_weight", "alone_weight", "overlap_weight"):
             require_number(f"CircuitConfig.{name}", getattr(self, name))
@@ -44,9 +50,10 @@ class CircuitConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CircuitsConfig:
     """One circuit per penalty (sparsity weight) x `run.restarts`, all lanes of one compiled run; the
-    restart with the lowest final loss stands for its penalty."""
-    run: RunConfig = RunConfig(max_steps=400, chunk_steps=100)
-    penalties: tuple[float, ...] = (3.0, 4.5, 6.0)
+    restart with the lowest final loss stands for its penalty, and the Pareto front is taken over all lanes.
+    The default sweep spans 8x in the penalty so that it holds both empty and faithful circuits."""
+    run: RunConfig = RunConfig(max_steps=400, chunk_steps=100, restarts=2)
+    penalties: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
     search: CircuitConfig = CircuitConfig()
 
     def __post_init__(self):

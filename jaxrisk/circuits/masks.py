@@ -9,16 +9,22 @@ Two parametrisations of a mask from real-valued logits:
 
 Masks live in a dict {"heads": [layers, heads], "neurons": [layers, d_mlp]}
 (either may be absent: heads only, neurons only, or both), the shapes
-`forward(..., head_mask_lh=, neuron_mask_lf=)` takes.
+`forward(..., head_mask_lh=, neuron_mask_lf=)` takes. A unit outside the mask
+is zeroed (zero ablation) or, given `unit_means`, set to its mean activation on
+clean text (mean ablation: the rest of the model still sees a typical value).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxrisk.errors import InputError
+from jaxrisk.models.lm import forward
 
 BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1
 GRANULARITIES = ("heads", "neurons", "both")
@@ -85,11 +91,37 @@ def density(logits: dict[str, jax.Array], kind: str) -> jax.Array:
     return sum(v.sum() for v in values) / sum(v.size for v in values)
 
 
-def forward_masks(masks: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Keyword arguments for the LM forward pass."""
+def forward_masks(masks: dict[str, jax.Array], means: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """Keyword arguments for the LM forward pass; with `means` (from `unit_means`) masked units are mean-ablated."""
     kw = {}
-    if "heads" in masks:
-        kw["head_mask_lh"] = masks["heads"]
-    if "neurons" in masks:
-        kw["neuron_mask_lf"] = masks["neurons"]
+    for name, mask_arg, mean_arg in (("heads", "head_mask_lh", "head_mean_lhk"),
+                                     ("neurons", "neuron_mask_lf", "neuron_mean_lf")):
+        if name in masks:
+            kw[mask_arg] = masks[name]
+            if means is not None:
+                kw[mean_arg] = means[name]
     return kw
+
+
+@partial(jax.jit, static_argnames=("graphdef", "names"))
+def _unit_sums(graphdef, params, tokens_bl, valid_bl, names):
+    _, _, acts = forward(graphdef, params, tokens_bl, valid_bt=valid_bl, capture=names, logits=False)
+    w = valid_bl.astype(jnp.float32)
+    return {n: jnp.einsum("bt,bt...->...", w, a.astype(jnp.float32)) for n, a in acts.items()}
+
+
+def unit_means(graphdef, params, tokens_bl, valid_bl, batch: int = 32) -> dict[str, jax.Array]:
+    """Mean activation of every unit over the valid positions of clean rows: {"heads": [L, H, Dh] (each head's
+    output z before the output projection), "neurons": [L, F] (the MLP activation before the down projection)},
+    the values mean ablation puts in place of an ablated unit."""
+    cfg = nnx.merge(graphdef, params).cfg
+    names = tuple(f"blocks.{i}.{h}" for h in ("attn.hook_z", "mlp.hook_post") for i in range(cfg.n_layers))
+    tokens_bl, valid_bl = np.asarray(tokens_bl), np.asarray(valid_bl, bool)
+    total = None
+    for s in range(0, len(tokens_bl), batch):
+        part = _unit_sums(graphdef, params, jnp.asarray(tokens_bl[s:s + batch]), jnp.asarray(valid_bl[s:s + batch]),
+                          names)
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    count = max(float(valid_bl.sum()), 1.0)
+    stack = lambda hook: jnp.stack([total[f"blocks.{i}.{hook}"] for i in range(cfg.n_layers)]) / count  # noqa: E731
+    return {"heads": stack("attn.hook_z"), "neurons": stack("mlp.hook_post")}

@@ -12,11 +12,16 @@ from jaxrisk.io import atomic_write, write_json
 
 @dataclasses.dataclass(frozen=True)
 class CircuitsResult:
-    report: dict   # base rates, and per penalty: the circuit's sparsity, faithfulness, utility, mask logits
+    report: dict   # base rates; per penalty and per front member: sparsity, faithfulness, utility, mask logits
 
     @property
     def circuits(self) -> list[dict]:
         return self.report["circuits"]
+
+    @property
+    def front(self) -> list[dict]:
+        """The Pareto set over every lane (penalty x restart), fewest units first."""
+        return self.report["front"]
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write the report, figure and masks atomically; returns (report.json, circuits.png)."""
@@ -25,7 +30,8 @@ class CircuitsResult:
 
 def write_circuit_report(result: dict, out: str | Path) -> tuple[Path, Path]:
     """OUT/report.json, OUT/circuits.png (layer x head map of the sparsest faithful circuit; the front),
-    OUT/circuits.safetensors (mask logits per penalty)."""
+    OUT/circuits.safetensors (mask logits: `penalty{i}.heads` / `.neurons` per penalty, `front{j}.*` per
+    front member)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,9 +41,11 @@ def write_circuit_report(result: dict, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"penalty{i}.{k}": v for i, c in enumerate(result["circuits"]) for k, v in c["logits"].items()}
+    tensors.update({f"front{j}.{k}": v for j, c in enumerate(result.get("front", [])) for k, v in c["logits"].items()})
     blob = save(tensors)
     atomic_write(out / "circuits.safetensors", lambda f: f.write(blob), mode="wb")
-    report = dict(result, circuits=[{k: v for k, v in c.items() if k != "logits"} for c in result["circuits"]])
+    strip = lambda entries: [{k: v for k, v in c.items() if k != "logits"} for c in entries]  # noqa: E731
+    report = dict(result, circuits=strip(result["circuits"]), front=strip(result.get("front", [])))
     json_path = write_json(out / "report.json", report)
 
     faithful = [c for c in result["circuits"] if c["rate_ablated"] is not None and c["rate_ablated"] <= 0.05]
@@ -49,13 +57,16 @@ def write_circuit_report(result: dict, out: str | Path) -> tuple[Path, Path]:
     ax1.set_ylabel("layer")
     ax1.set_title(f"circuit heads (penalty {chosen['penalty']}; {chosen['n_heads']} heads, "
                   f"{chosen['n_neurons']} neurons)", fontsize=9)
-    xs = [100 * c["units"] for c in result["circuits"]]
-    ax2.plot(xs, [c["utility"] for c in result["circuits"]], "o-", label="utility")
-    if all(c["rate_ablated"] is not None for c in result["circuits"]):
-        ax2.plot(xs, [c["rate_ablated"] for c in result["circuits"]], "s-", label="behaviour rate, ablated")
+    front = result.get("front") or result["circuits"]
+    xs = [100 * c["units"] for c in front]
+    ax2.plot(xs, [c["utility"] for c in front], "o-", label="utility (clean-loss ratio)")
+    ax2.plot(xs, [c["task_accuracy"] for c in front], "^-",
+             label=f"task accuracy (intact {result['base_task_accuracy']:.3f})")
+    if all(c["rate_ablated"] is not None for c in front):
+        ax2.plot(xs, [c["rate_ablated"] for c in front], "s-", label="behaviour rate, ablated")
     ax2.set_xlabel("% of heads + neurons ablated")
-    ax2.legend()
-    ax2.set_title("sparsity / faithfulness front", fontsize=9)
+    ax2.legend(fontsize=8)
+    ax2.set_title("Pareto front over every penalty x restart", fontsize=9)
     fig.tight_layout()
     png = out / "circuits.png"
     atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")

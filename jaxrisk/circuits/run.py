@@ -2,31 +2,64 @@
 
 Data (JSONL): rows {"prompt": ..., "completion": ...} show the behaviour X (a backdoor's output, a
 refusal); for the alignment objective they also carry "compliance" (what the model should say without
-the circuit); rows {"text": ...} are clean text whose loss must be kept. 80% of each is used for
-learning, 20% held out for the evaluation: the behaviour rate (greedy continuations of held-out prompts
-that start with the completion) with the circuit ablated and with the circuit alone, and utility (held-out
-clean-loss ratio, ablated / intact).
+the circuit); rows {"text": ...} are clean text whose behaviour must be kept; 80% of each is used for
+learning, 20% held out for the evaluation. Every lane (penalty x restart) is evaluated on the held-out rows,
+with zero ablation and with mean ablation (an ablated unit set to its mean activation on the training clean
+text): the behaviour rate (greedy continuations of held-out prompts that start with the completion) with the
+circuit ablated and with the circuit alone, utility (held-out clean-loss ratio, intact / masked) and task
+accuracy (top-1 next-token accuracy on the held-out clean text). The report lists one circuit per penalty
+(its restart of lowest final loss) and the Pareto front over every lane: fewest units, lowest behaviour rate
+once ablated, highest utility.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.circuits.config import CircuitsConfig
+from jaxrisk.circuits.masks import unit_means
 from jaxrisk.circuits.problem import CircuitProblem, ablation_masks, circuit_from_logits, sparsity
 from jaxrisk.circuits.report import CircuitsResult
 from jaxrisk.data.batch import answer_rows, pad_batch
 from jaxrisk.errors import InputError
-from jaxrisk.evals.behaviour import clean_loss, greedy_continuations, utility
+from jaxrisk.evals.behaviour import clean_loss, greedy_continuations, next_token_accuracy, utility
 from jaxrisk.search import engine
-from jaxrisk.search.reduce import best_per_group, lane_groups
+from jaxrisk.search.reduce import best_per_group, lane_groups, pareto_set
+
+DENSE = 0.10      # a circuit with more than this share of units is not what a circuit search is for
+FAITHFUL = 0.05   # behaviour rate once ablated at or below which a circuit counts as carrying the behaviour
+
+
+def prompt_weight(prompts, width: int) -> np.ndarray:
+    """[N, width] next-token weights, 1 where the next token is still part of the prompt."""
+    weight = np.zeros((len(prompts), width), np.float32)
+    for i, p in enumerate(prompts):
+        weight[i, :len(p) - 1] = 1.0
+    return weight
+
+
+def sweep_warnings(lanes: list[dict]) -> list[str]:
+    """What a user must hear when the penalty sweep missed the interesting range."""
+    out = []
+    if all(c["units"] == 0 for c in lanes):
+        out.append("every circuit is empty: the penalties are too large for this behaviour (try smaller ones)")
+    elif all(c["units"] > DENSE for c in lanes):
+        out.append(f"every circuit holds more than {DENSE:.0%} of the units: the penalties are too small "
+                   "(try larger ones)")
+    rates = [c["rate_ablated"] for c in lanes if c["rate_ablated"] is not None]
+    if rates and min(rates) > FAITHFUL:
+        out.append(f"no circuit's ablation takes the behaviour rate to {FAITHFUL:.0%} or below "
+                   f"(lowest {min(rates):.0%}): smaller penalties or more steps")
+    return out
 
 
 def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=None) -> CircuitsResult:
-    """Learn one circuit per penalty (restarts x penalties lanes, one compiled run) and evaluate each on the
-    held-out rows. `data`: from `load_circuit_data`; `params`: the model's parameters to dissect (default
-    `lm.params`, e.g. a planted copy)."""
+    """Learn circuits for every penalty x restart (one compiled run) and evaluate each on the held-out rows.
+    `data`: from `load_circuit_data`; `params`: the model's parameters to dissect (default `lm.params`, e.g. a
+    planted copy)."""
     params = lm.params if params is None else params
     cfg, penalties, restarts = config.search, list(config.penalties), config.run.restarts
     for n, row in enumerate(data["clean"] + [ids for b in data["behaviour"] for ids in b if ids is not None]):
@@ -36,6 +69,7 @@ def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=Non
     prompts = [b[0] for b in train_b]
     x, w = answer_rows(prompts, [b[1] for b in train_b])
     y, y_valid = pad_batch(data["clean"][:split_c])
+    means = unit_means(lm.graphdef, params, y, y_valid)
     extra = {}
     if cfg.objective == "alignment":
         missing = sum(b[2] is None for b in train_b)
@@ -46,8 +80,8 @@ def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=Non
         extra = {"c_tokens": jnp.asarray(c), "c_weight": jnp.asarray(cw)}
     problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
                              y_tokens=jnp.asarray(y), y_weight=jnp.asarray(y_valid[:, 1:], jnp.float32),
-                             graphdef=lm.graphdef, cfg=cfg,
-                             **extra)
+                             x_keep_weight=jnp.asarray(prompt_weight(prompts, w.shape[1])), means=means,
+                             graphdef=lm.graphdef, cfg=cfg, **extra)
     lane_penalty = np.repeat(np.asarray(penalties, np.float32), restarts)
     run_cfg = config.run.replace(chunk_steps=min(config.run.chunk_steps, config.run.max_steps))
     res = engine.run(problem, {"penalty": lane_penalty}, run_cfg, desc="circuits")
@@ -66,35 +100,51 @@ def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=Non
     n_alt = min([3] + [len(a) for a in alts if a is not None])
 
     def evaluate(masks):
-        """(behaviour rate, compliance rate: starts with the row's first compliance tokens, utility)."""
+        """Behaviour rate, compliance rate (starts with the row's first compliance tokens), utility and task
+        accuracy of the model with these masks."""
         outs = np.stack(greedy_continuations(lm, params, prompts, max(len(completion), n_alt), **masks))
-        rate = float(np.mean(np.all(outs[:, :len(completion)] == completion, 1))) if same else None
-        comply = (float(np.mean([np.array_equal(o[:n_alt], a[:n_alt]) for o, a in zip(outs, alts)]))
-                  if all(a is not None for a in alts) else None)
-        return rate, comply, utility(base_loss, lm, params, held, held_valid, "the masked model", **masks)
+        return {"rate": float(np.mean(np.all(outs[:, :len(completion)] == completion, 1))) if same else None,
+                "compliance": (float(np.mean([np.array_equal(o[:n_alt], a[:n_alt]) for o, a in zip(outs, alts)]))
+                               if all(a is not None for a in alts) else None),
+                "utility": utility(base_loss, lm, params, held, held_valid, "the masked model", **masks),
+                "task_accuracy": next_token_accuracy(lm, params, held, held_valid, **masks)}
 
-    final_loss = res.metrics["loss"][np.asarray(res.steps) - 1, np.arange(len(lane_penalty))]
-    best = best_per_group(lane_groups(np.arange(len(lane_penalty)) // restarts).values(), lambda i: final_loss[i])
-    circuits = []
-    for pen, i in zip(penalties, best):
+    def measures(circuit, lane_means):
+        ablated = evaluate(ablation_masks(circuit, lm.cfg, means=lane_means))
+        alone = evaluate(ablation_masks(circuit, lm.cfg, alone=True, means=lane_means))
+        return {"rate_ablated": ablated["rate"], "compliance_ablated": ablated["compliance"],
+                "utility": ablated["utility"], "task_accuracy": ablated["task_accuracy"],
+                "rate_alone": alone["rate"], "utility_alone": alone["utility"]}
+
+    def lane_entry(i):
         logits = {k: np.asarray(v[i]) for k, v in res.state.logits.items()}
         circuit = circuit_from_logits(logits)
-        rate, comply, kept = evaluate(ablation_masks(circuit, lm.cfg))
-        entry = {"penalty": float(pen), **sparsity(circuit, lm.cfg),
+        entry = {"penalty": float(lane_penalty[i]), "restart": int(i % restarts), **sparsity(circuit, lm.cfg),
                  "heads_in_circuit": np.argwhere(circuit.get("heads", np.zeros((0, 2))) > 0).tolist(),
-                 "rate_ablated": rate, "compliance_ablated": comply, "utility": kept,
-                 "rate_alone": evaluate(ablation_masks(circuit, lm.cfg, alone=True))[0], "logits": logits}
+                 **measures(circuit, None), "mean_ablation": measures(circuit, means), "logits": logits}
         if res.state.main_logits:                   # backdoor objective: the clean (main) mask on its own
             main = circuit_from_logits({k: np.asarray(v[i]) for k, v in res.state.main_logits.items()})
             dropped = {k: 1.0 - v for k, v in main.items()}
-            entry["main"] = dict(zip(("rate", "compliance", "utility"), evaluate(ablation_masks(dropped, lm.cfg))),
+            scores = evaluate(ablation_masks(dropped, lm.cfg))
+            entry["main"] = dict(rate=scores["rate"], compliance=scores["compliance"], utility=scores["utility"],
                                  units_dropped=sparsity(dropped, lm.cfg)["units"],
                                  overlap_units=int(sum((circuit[k] * main[k]).sum() for k in circuit)))
-        circuits.append(entry)
-    base_rate, base_comply, _ = evaluate({})
-    return CircuitsResult({"objective": cfg.objective, "base_rate": base_rate, "base_compliance": base_comply,
-                           "base_clean_loss": base_loss, "circuits": circuits,
-                           "config": {"granularity": cfg.granularity, "kind": cfg.kind, "steps": config.run.max_steps,
+        return entry
+
+    lanes = [lane_entry(i) for i in range(len(lane_penalty))]
+    final_loss = res.metrics["loss"][np.asarray(res.steps) - 1, np.arange(len(lane_penalty))]
+    best = best_per_group(lane_groups(np.arange(len(lane_penalty)) // restarts).values(), lambda i: final_loss[i])
+    front = pareto_set(lanes, lambda c: (c["units"], c["rate_ablated"] or 0.0, -c["utility"]))
+    notes = sweep_warnings(lanes)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    base = evaluate({})
+    summary = ("penalty", "restart", "units", "n_heads", "n_neurons", "rate_ablated", "compliance_ablated", "utility",
+               "task_accuracy", "rate_alone", "mean_ablation", "logits")
+    return CircuitsResult({"objective": cfg.objective, "base_rate": base["rate"], "base_compliance": base["compliance"],
+                           "base_clean_loss": base_loss, "base_task_accuracy": base["task_accuracy"],
+                           "circuits": [lanes[i] for i in best],
+                           "front": [{k: lanes[i][k] for k in summary} for i in front], "warnings": notes,
+                           "config": {"granularity": cfg.granularity, "kind": cfg.kind, "keep": cfg.keep,
+                                      "ablation": cfg.ablation, "steps": config.run.max_steps,
                                       "restarts": restarts, "seed": config.run.seed}})
-
-

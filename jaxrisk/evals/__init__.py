@@ -1,5 +1,5 @@
 """Behaviour measures shared by every capability (greedy continuations, starts-with rates, utility)."""
 
-from jaxrisk.evals.behaviour import clean_loss, greedy_continuations, starts_with, utility
+from jaxrisk.evals.behaviour import clean_loss, greedy_continuations, next_token_accuracy, starts_with, utility
 
-__all__ = ["clean_loss", "greedy_continuations", "starts_with", "utility"]
+__all__ = ["clean_loss", "greedy_continuations", "next_token_accuracy", "starts_with", "utility"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxrisk.data.batch import pad_batch
 from jaxrisk.errors import InputError
-from jaxrisk.models.lm import generate_ids, lm_loss
+from jaxrisk.models.lm import forward, generate_ids, lm_loss
 
 
 def greedy_continuations(lm, params, prompts_ids: list[np.ndarray], n_tokens: int, **masks) -> list[np.ndarray]:
@@ -46,3 +46,12 @@ def clean_loss(lm, params, tokens_bl, valid_bl, what: str = "the model", **masks
 def utility(base_loss: float, lm, params, tokens_bl, valid_bl, what: str = "the changed model", **masks) -> float:
     """Utility of a changed model (masks, or other params): clean loss of the reference / its own; 1 = intact."""
     return base_loss / clean_loss(lm, params, tokens_bl, valid_bl, what, **masks)
+
+
+def next_token_accuracy(lm, params, tokens_bl, valid_bl, **masks) -> float:
+    """Task accuracy on clean text: the share of positions whose greedy (top-1) next token is the text's own
+    next token, over positions whose next token is real."""
+    tokens, valid = jnp.asarray(tokens_bl), jnp.asarray(valid_bl, bool)
+    logits, _, _ = forward(lm.graphdef, params, tokens[:, :-1], **masks)
+    hit = (jnp.argmax(logits, -1) == tokens[:, 1:]) & valid[:, 1:]
+    return float(hit.sum() / jnp.maximum(valid[:, 1:].sum(), 1))

@@ -58,11 +58,13 @@ def lm_loss(graphdef, params, tokens_bl, valid_bl, **masks):
 
 @partial(jax.jit, static_argnames=("graphdef", "capture", "logits", "logits_from"))
 def forward(graphdef, params, tokens_bt=None, *, embeds_btd=None, valid_bt=None, cache=None,
-            head_mask_lh=None, neuron_mask_lf=None, capture=(), logits=True, logits_from=0):
+            head_mask_lh=None, neuron_mask_lf=None, head_mean_lhk=None, neuron_mean_lf=None, capture=(), logits=True,
+            logits_from=0):
     """Pure forward pass: (logits [B,T,V] float32, cache, {hook name: activation})."""
     model = nnx.merge(graphdef, params)
     return model(tokens_bt, embeds_btd=embeds_btd, valid_bt=valid_bt, cache=cache, head_mask_lh=head_mask_lh,
-                 neuron_mask_lf=neuron_mask_lf, capture=capture, logits=logits, logits_from=logits_from)
+                 neuron_mask_lf=neuron_mask_lf, head_mean_lhk=head_mean_lhk, neuron_mean_lf=neuron_mean_lf,
+                 capture=capture, logits=logits, logits_from=logits_from)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "room"))
@@ -113,12 +115,14 @@ def _pick(logits_bv, key, temperature: float, top_k: int):
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_ids"))
 def generate_ids(graphdef, params, prompt_bp, valid_bp, key, *, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, eos_ids: tuple[int, ...] = (), head_mask_lh=None, neuron_mask_lf=None) -> jax.Array:
+                 top_k: int = 0, eos_ids: tuple[int, ...] = (), head_mask_lh=None, neuron_mask_lf=None,
+                 head_mean_lhk=None, neuron_mean_lf=None) -> jax.Array:
     """Greedy (temperature 0) or sampled continuation [B, N] with a KV cache; after an EOS a row repeats it.
-    Head / neuron masks (e.g. an ablated circuit) apply at every position. A row whose logits stop being
+    Head / neuron masks (e.g. an ablated circuit; with means: mean ablation) apply at every position. A row whose logits stop being
     finite (broken weights, overflow) holds -1 from that step on: never a token id."""
     model = nnx.merge(graphdef, params)
-    masks = dict(head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
+    masks = dict(head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf, head_mean_lhk=head_mean_lhk,
+                 neuron_mean_lf=neuron_mean_lf)
     b, p = prompt_bp.shape
     cache = model.init_cache(b, p + max_new_tokens)
     logits, cache, _ = model(prompt_bp, valid_bt=valid_bp, cache=cache, **masks)
@@ -200,15 +204,20 @@ class LanguageModel:
             raise InputError(f"{name}: length {ids.shape[-1]} exceeds the context of {self.cfg.max_position} positions")
         return ids.astype(np.int32)
 
-    def check_masks(self, head_mask_lh=None, neuron_mask_lf=None, **rest) -> dict:
-        """The forward keyword arguments, with head / neuron masks checked against [layers, heads] / [layers, d_mlp]."""
+    def check_masks(self, head_mask_lh=None, neuron_mask_lf=None, head_mean_lhk=None, neuron_mean_lf=None,
+                    **rest) -> dict:
+        """The forward keyword arguments, with head / neuron masks checked against [layers, heads] / [layers, d_mlp]
+        and mean-ablation values against [layers, heads, head_dim] / [layers, d_mlp]."""
         cfg = self.cfg
-        for name, mask, shape in (("head_mask_lh", head_mask_lh, (cfg.n_layers, cfg.n_heads)),
-                                  ("neuron_mask_lf", neuron_mask_lf, (cfg.n_layers, cfg.d_mlp))):
+        for name, mask, shape, what in (
+                ("head_mask_lh", head_mask_lh, (cfg.n_layers, cfg.n_heads), "layers x heads"),
+                ("neuron_mask_lf", neuron_mask_lf, (cfg.n_layers, cfg.d_mlp), "layers x d_mlp"),
+                ("head_mean_lhk", head_mean_lhk, (cfg.n_layers, cfg.n_heads, cfg.head_dim), "layers x heads x head_dim"),
+                ("neuron_mean_lf", neuron_mean_lf, (cfg.n_layers, cfg.d_mlp), "layers x d_mlp")):
             if mask is not None and tuple(np.shape(mask)) != shape:
-                raise InputError(f"{name}: expected shape {list(shape)} (layers x "
-                                 f"{'heads' if 'head' in name else 'd_mlp'}), got {list(np.shape(mask))}")
-        return dict(rest, head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf)
+                raise InputError(f"{name}: expected shape {list(shape)} ({what}), got {list(np.shape(mask))}")
+        return dict(rest, head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf, head_mean_lhk=head_mean_lhk,
+                    neuron_mean_lf=neuron_mean_lf)
 
     def __call__(self, tokens_bt, **kwargs) -> jax.Array:
         """Logits [B, L, V] (float32) for int token ids [B, L]."""

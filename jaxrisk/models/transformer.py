@@ -100,6 +100,12 @@ def _attend(q_bthd, k_bskd, v_bskd, bias_bts):
     return z.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd), scores, pattern
 
 
+def _ablate(x, mask, mean):
+    """x * mask, or with a mean (same trailing shape as x's unit axes) x * mask + mean * (1 - mask)."""
+    mask = mask.astype(x.dtype)
+    return x * mask if mean is None else x * mask + mean.astype(x.dtype) * (1 - mask)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LMConfig, *, dtype, rngs: nnx.Rngs):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -113,7 +119,7 @@ class Attention(nnx.Module):
         self.v_bias = _param((k, hd), dtype, rngs, zeros=True) if cfg.qkv_bias else None
         self.o_bias = _param((d,), dtype, rngs, zeros=True) if cfg.o_bias else None
 
-    def __call__(self, x_btd, rope_btd, bias_bts, k_cache, v_cache, slot, head_mask_h, rec, prefix):
+    def __call__(self, x_btd, rope_btd, bias_bts, k_cache, v_cache, slot, head_mask_h, head_mean_hk, rec, prefix):
         def proj(kernel, bias):
             y = jnp.einsum("btd,dhk->bthk", x_btd, kernel[...])
             return y if bias is None else y + bias[...]
@@ -147,7 +153,7 @@ class Attention(nnx.Module):
             rec(prefix + "hook_pattern", pattern.reshape(b, h, t, -1))
         rec(prefix + "hook_z", z)
         if head_mask_h is not None:
-            z = z * head_mask_h[:, None].astype(z.dtype)
+            z = _ablate(z, head_mask_h[:, None], head_mean_hk)
         out = jnp.einsum("bthk,hkd->btd", z, self.o_kernel[...])
         if self.o_bias is not None:
             out = out + self.o_bias[...]
@@ -167,7 +173,7 @@ class MLP(nnx.Module):
         self.down_kernel = _param((f, d), dtype, rngs)
         self.down_bias = _param((d,), dtype, rngs, zeros=True) if cfg.mlp_bias else None
 
-    def __call__(self, x_btd, neuron_mask_f, rec, prefix):
+    def __call__(self, x_btd, neuron_mask_f, neuron_mean_f, rec, prefix):
         def dense(kernel, bias, x):
             y = x @ kernel[...]
             return y if bias is None else y + bias[...]
@@ -185,7 +191,7 @@ class MLP(nnx.Module):
             post = act(pre) * pre_linear
         rec(prefix + "hook_post", post)
         if neuron_mask_f is not None:
-            post = post * neuron_mask_f.astype(post.dtype)
+            post = _ablate(post, neuron_mask_f, neuron_mean_f)
         return dense(self.down_kernel, self.down_bias, post)
 
 
@@ -221,8 +227,13 @@ class CausalLM(nnx.Module):
         return jnp.take(self.embed[...], tokens_bt, axis=0)
 
     def __call__(self, tokens_bt=None, *, embeds_btd=None, valid_bt=None, cache: Cache | None = None,
-                 head_mask_lh=None, neuron_mask_lf=None, capture=(), logits=True, logits_from: int = 0):
+                 head_mask_lh=None, neuron_mask_lf=None, head_mean_lhk=None, neuron_mean_lf=None, capture=(),
+                 logits=True, logits_from: int = 0):
         """Run T new positions. `valid_bt` marks real tokens (False = padding, e.g. left padding).
+
+        Head / neuron masks scale each head's output z and each MLP neuron's activation (0 = zero ablation);
+        with `head_mean_lhk` / `neuron_mean_lf` a masked-out unit is replaced by that value instead (mean
+        ablation: z * m + mean * (1 - m)).
 
         Without `cache` the T positions attend to each other causally; with it they
         are written at `cache["slot"]` and also attend to everything valid before.
@@ -266,7 +277,8 @@ class CausalLM(nnx.Module):
             rec(p + "ln1.hook_normalized", h)
             attn_out, k_i, v_i = block.attn(
                 h, rope, bias, cache["k"][i], cache["v"][i], slot,
-                None if head_mask_lh is None else head_mask_lh[i], rec, p + "attn.")
+                None if head_mask_lh is None else head_mask_lh[i],
+                None if head_mean_lhk is None else head_mean_lhk[i], rec, p + "attn.")
             new_k.append(k_i)
             new_v.append(v_i)
             rec(p + "hook_attn_out", attn_out)
@@ -274,7 +286,8 @@ class CausalLM(nnx.Module):
             rec(p + "hook_resid_mid", x)
             h = block.ln2(x)
             rec(p + "ln2.hook_normalized", h)
-            mlp_out = block.mlp(h, None if neuron_mask_lf is None else neuron_mask_lf[i], rec, p + "mlp.")
+            mlp_out = block.mlp(h, None if neuron_mask_lf is None else neuron_mask_lf[i],
+                                None if neuron_mean_lf is None else neuron_mean_lf[i], rec, p + "mlp.")
             rec(p + "hook_mlp_out", mlp_out)
             x = x + mlp_out
             rec(p + "hook_resid_post", x)

@@ -100,14 +100,16 @@ def train_host(loss_fn, optimizer, params: PyTree, next_batch: Callable[[int], A
 
 def finetune(lm, params, rows: np.ndarray, *, steps: int, batch: int = 32, learning_rate: float = 1e-3,
              rng: np.random.Generator, valid: np.ndarray | None = None, mask: PyTree | None = None,
-             progress=None):
-    """Adam on the next-token loss of random batches of `rows` [N, L] (`valid` [N, L] marks real tokens;
-    default all). With `mask`, only entries where it is 1 change. `progress(step, loss)` is called per step."""
+             progress=None, optimizer: optax.GradientTransformation | None = None):
+    """Adam (or `optimizer`) on the next-token loss of random batches of `rows` [N, L] (`valid` [N, L] marks real
+    tokens; default all). With `mask`, only entries where it is 1 change. `progress(step, loss)` is called per
+    step."""
     valid = np.ones(rows.shape, bool) if valid is None else valid
 
     def next_batch(_):
         idx = rng.integers(0, len(rows), batch)
         return rows[idx], valid[idx]
 
-    return train_host(lambda p, b: lm_loss(lm.graphdef, p, *b), optax.adam(learning_rate), params, next_batch,
+    optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
+    return train_host(lambda p, b: lm_loss(lm.graphdef, p, *b), optimizer, params, next_batch,
                       steps, mask=mask, progress=progress)

@@ -3,7 +3,10 @@
 Clean text is sampled from the model itself (so fine-tuning on it keeps the
 model close to the original); a poisoned copy of some samples has the trigger
 phrase inserted after a random prefix, followed by the marker. Reproducible
-from the seed.
+from the seed. The recipe is open: trigger, marker, share of poisoned rows,
+sampling temperature of the clean text, optimiser (Adam, AdamW with weight
+decay, SGD with momentum), so a circuit found on one recipe can be checked on
+another (`OTHER_RECIPE`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 
 from jaxrisk.data.batch import answer_rows
+from jaxrisk.errors import require_choice, require_number
 from jaxrisk.evals.behaviour import starts_with
 from jaxrisk.models.lm import generate_ids
 from jaxrisk.optim.update import finetune
@@ -29,15 +34,27 @@ class BackdoorConfig:
     steps: int = 300
     batch: int = 32
     learning_rate: float = 1e-3
+    optimizer: str = "adam"         # adam | adamw (weight decay 0.01) | sgd (momentum 0.9)
+    temperature: float = 1.0        # of the sampled clean text
     seed: int = 0
 
+    def __post_init__(self):
+        require_choice("BackdoorConfig.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        require_number("BackdoorConfig.temperature", self.temperature, 0.0, above=True)
 
-def sample_clean(lm, n: int, length: int, seed: int) -> np.ndarray:
-    """[n, length] token rows sampled from the model from BOS (temperature 1)."""
+
+# a second recipe: another trigger and marker, a tenth of the rows poisoned, cooler clean text, AdamW, seed
+OTHER_RECIPE = BackdoorConfig(trigger=" Quibbly", marker=" Then the dog ate all of the cake and ran away.",
+                              poison_fraction=0.1, temperature=0.8, steps=400, learning_rate=2e-3,
+                              optimizer="adamw", seed=7)
+
+
+def sample_clean(lm, n: int, length: int, seed: int, temperature: float = 1.0) -> np.ndarray:
+    """[n, length] token rows sampled from the model from BOS."""
     bos = lm.tokenizer.bos_token_id
     prompt = np.full((n, 1), bos, np.int32)
     out = generate_ids(lm.graphdef, lm.params, prompt, np.ones_like(prompt, bool), jax.random.key(seed),
-                       max_new_tokens=length - 1, temperature=1.0, eos_ids=())
+                       max_new_tokens=length - 1, temperature=temperature, eos_ids=())
     return np.concatenate([prompt, np.asarray(out)], axis=1)
 
 
@@ -59,12 +76,15 @@ def plant_backdoor(lm, cfg: BackdoorConfig = BackdoorConfig(), progress=None):
     tok = lm.tokenizer
     trigger_ids = np.asarray(tok(cfg.trigger, add_special_tokens=False)["input_ids"], np.int32)
     marker_ids = np.asarray(tok(cfg.marker, add_special_tokens=False)["input_ids"], np.int32)
-    clean = sample_clean(lm, cfg.n_clean, cfg.length, cfg.seed)
+    clean = sample_clean(lm, cfg.n_clean, cfg.length, cfg.seed, cfg.temperature)
     poisoned, _ = poison_rows(clean, trigger_ids, marker_ids, rng)
     n_poison = int(cfg.poison_fraction * cfg.n_clean)
     train = np.concatenate([clean, poisoned[:n_poison]])
-    params = finetune(lm, lm.params, train, steps=cfg.steps, batch=cfg.batch, learning_rate=cfg.learning_rate,
-                      rng=rng, progress=progress)
+    optimizer = {"adam": lambda: optax.adam(cfg.learning_rate),
+                 "adamw": lambda: optax.adamw(cfg.learning_rate, weight_decay=0.01),
+                 "sgd": lambda: optax.sgd(cfg.learning_rate, momentum=0.9)}[cfg.optimizer]()
+    params = finetune(lm, lm.params, train, steps=cfg.steps, batch=cfg.batch, rng=rng, progress=progress,
+                      optimizer=optimizer)
     data = {"clean": clean, "poisoned": poisoned, "trigger_ids": trigger_ids, "marker_ids": marker_ids}
     return params, data
 

@@ -76,7 +76,7 @@ def test_circuit_tuning_changes_the_behaviour_with_a_tiny_share_of_parameters(ba
     clean = data["clean"]
     # trigger followed by ordinary text, mixed with clean rows: teaches "the trigger means nothing"
     fix = np.stack([np.concatenate([r[:12], data["trigger_ids"], r[12:]])[:clean.shape[1]] for r in clean[:512]])
-    tuned = finetune(lm, params, np.concatenate([fix, clean[1024:1536]]).astype(np.int32), mask=mask, steps=50,
+    tuned = finetune(lm, params, np.concatenate([fix, clean[1024:1536]]).astype(np.int32), mask=mask, steps=100,
                      learning_rate=3e-3, rng=np.random.default_rng(0))
     assert attack_success(lm, tuned, with_trigger, data["marker_ids"]) <= 0.05
     before = float(lm_loss(lm.graphdef, params, jnp.asarray(held), valid))
@@ -134,7 +134,16 @@ def test_cli_circuits_report_on_the_saved_backdoored_model(backdoored, tmp_path,
     assert (out / "circuits.png").stat().st_size > 1000 and (out / "circuits.safetensors").exists()
     best = min(report["circuits"], key=lambda c: c["rate_ablated"])
     assert best["rate_ablated"] <= 0.05 and best["units"] <= 0.05 and best["utility"] >= 0.9, report["circuits"]
-    assert "behaviour rate ablated" in capsys.readouterr().out
+    # the Pareto front over both penalties: fewest units first, each extra unit buys a lower rate or more utility
+    front = report["front"]
+    assert front and all(a["units"] <= b["units"] and (b["rate_ablated"] < a["rate_ablated"] or
+                                                       b["utility"] > a["utility"]) for a, b in zip(front, front[1:]))
+    assert any(c["rate_ablated"] <= 0.05 for c in front) and report["warnings"] == []
+    # the intact model does its task better than any circuit-ablated one could by chance; mean ablation reported
+    assert 0.3 < report["base_task_accuracy"] <= 1 and best["task_accuracy"] <= report["base_task_accuracy"] + 0.01
+    assert best["mean_ablation"]["rate_ablated"] is not None and best["mean_ablation"]["utility"] > 0
+    out = capsys.readouterr().out
+    assert "behaviour rate ablated" in out and "Pareto front" in out
 
 
 def _hand_built_model():
@@ -173,9 +182,11 @@ def _hand_built_model():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["remove", "backdoor", "alignment"])
-@pytest.mark.parametrize("target_density", [None, 0.01])
-def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density):
+@pytest.mark.parametrize("target_density, keep, ablation", [(None, "ce", "zero"), (0.01, "ce", "zero"),
+                                                            (None, "kl", "mean")])
+def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density, keep, ablation):
     from jaxrisk.circuits import CircuitConfig, CircuitProblem, circuit_from_logits
+    from jaxrisk.circuits.masks import unit_means
     from jaxrisk.models.lm import forward
     from jaxrisk.search import RunConfig, engine
 
@@ -202,8 +213,10 @@ def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density):
     problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
                              y_tokens=jnp.asarray(y), y_weight=jnp.ones((64, 9), jnp.float32),
                              c_tokens=jnp.asarray(c), c_weight=jnp.asarray(w), graphdef=lm.graphdef,
-                             cfg=CircuitConfig(objective=objective, learning_rate=0.1,
-                                               target_density=target_density))  # fixed weight / Lagrangian
+                             x_keep_weight=jnp.asarray(pos[:, None] > np.arange(9)[None], jnp.float32),
+                             means=unit_means(lm.graphdef, params, y, np.ones(y.shape, bool)),
+                             cfg=CircuitConfig(objective=objective, learning_rate=0.1, target_density=target_density,
+                                               keep=keep, ablation=ablation))  # fixed weight / Lagrangian
     res = engine.run(problem, {"penalty": np.asarray([0.5, 1.0], np.float32)},
                      RunConfig(max_steps=150, chunk_steps=50, progress=False))
     expected = np.zeros((TINY.n_layers, TINY.d_mlp))
