@@ -125,7 +125,8 @@ def main() -> None:
             print(f"{case} keep={keep}: {seconds:.0f} s, base rate {row['base_rate']}, front "
                   + "; ".join(f"{100 * c['units']:.2f}%/{c['rate_ablated']}/{c['utility']:.3f}" for c in result.front))
             print("   headline:", None if h is None else
-                  f"{h['n_heads']} heads + {h['n_neurons']} neurons ({100 * h['units']:.2f}%), rate {h['rate_ablated']}, "
+                  f"{h['n_heads']} heads + {h['n_neurons']} neurons ({100 * h['units']:.2f}%), "
+                  f"rate {h['rate_ablated']}, "
                   f"utility {h['utility']:.3f}, task acc {h['task_accuracy']:.3f} vs {row['base_task_accuracy']:.3f}, "
                   f"alone zero/mean {h['rate_alone']}/{h['mean_ablation']['rate_alone']}"
                   + (f", benign kept {h['benign_kept']} vs {row['base_benign_kept']}" if "benign_kept" in h else ""),

@@ -15,10 +15,10 @@ zeroed or (`ablation="mean"`) set to its mean activation on clean text. Objectiv
       w_x * CE(compliance | ablated) + w_y * Keep(ablated) + w_alone * CE(refusal | circuit alone)
 
 Left(X) is the unlikelihood -log(1 - p) of X's first token (`remove_loss="onset"`), or the mean probability of
-all its tokens (`"probability"`), see `removal_loss`. Keep is either the cross-entropy of the clean rows Y (`keep="ce"`: the data's own next tokens), or the KL
-divergence from the intact model's next-token distributions (`keep="kl"`: faithfulness to the model, not to
-the data) on the clean rows and on the prompt positions of the behaviour rows (the trigger is there, the
-behaviour is not yet); KL is zero exactly when the masked model predicts what the intact one does.
+all its tokens (`"probability"`), see `removal_loss`. Keep is either the cross-entropy of the clean rows Y
+(`keep="ce"`: the data's own next tokens), or the KL divergence from the intact model's next-token
+distributions (`keep="kl"`: faithfulness to the model, not to the data) on the clean rows and on the prompt
+positions of the behaviour rows (the trigger is there, the behaviour is not yet); KL is zero exactly when the masked model predicts what the intact one does.
 
 plus the sparsity term lam * density(c) with a fixed lam per lane, or, with `target_density` t, the
 Lagrangian lam * (density - t), lam >= 0 raised by dual ascent while the circuit is larger than t (the
@@ -95,7 +95,7 @@ def removal_loss(logprobs, weight, cfg):
 
 
 def remove_objective(model, circuit, batch, cfg, means=None):
-    """Ablating the circuit removes X (mean p of its tokens) and keeps clean behaviour (`keep_term`)."""
+    """Ablating the circuit removes X (`removal_loss`) and keeps clean behaviour (`keep_term`)."""
     rest = _complement(circuit)
     x_logits = _next_logits(model, batch["x"], rest, means)
     remove = removal_loss(_logprobs(x_logits, batch["x"]), batch["x_w"], cfg)

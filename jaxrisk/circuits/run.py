@@ -146,5 +146,6 @@ def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=Non
                            "circuits": [lanes[i] for i in best],
                            "front": [{k: lanes[i][k] for k in summary} for i in front], "warnings": notes,
                            "config": {"granularity": cfg.granularity, "kind": cfg.kind, "keep": cfg.keep,
-                                      "ablation": cfg.ablation, "steps": config.run.max_steps,
+                                      "remove_loss": cfg.remove_loss, "ablation": cfg.ablation,
+                                      "steps": config.run.max_steps,
                                       "restarts": restarts, "seed": config.run.seed}})

@@ -118,8 +118,8 @@ def generate_ids(graphdef, params, prompt_bp, valid_bp, key, *, max_new_tokens: 
                  top_k: int = 0, eos_ids: tuple[int, ...] = (), head_mask_lh=None, neuron_mask_lf=None,
                  head_mean_lhk=None, neuron_mean_lf=None) -> jax.Array:
     """Greedy (temperature 0) or sampled continuation [B, N] with a KV cache; after an EOS a row repeats it.
-    Head / neuron masks (e.g. an ablated circuit; with means: mean ablation) apply at every position. A row whose logits stop being
-    finite (broken weights, overflow) holds -1 from that step on: never a token id."""
+    Head / neuron masks (e.g. an ablated circuit; with means: mean ablation) apply at every position. A row
+    whose logits stop being finite (broken weights, overflow) holds -1 from that step on: never a token id."""
     model = nnx.merge(graphdef, params)
     masks = dict(head_mask_lh=head_mask_lh, neuron_mask_lf=neuron_mask_lf, head_mean_lhk=head_mean_lhk,
                  neuron_mean_lf=neuron_mean_lf)
@@ -212,7 +212,8 @@ class LanguageModel:
         for name, mask, shape, what in (
                 ("head_mask_lh", head_mask_lh, (cfg.n_layers, cfg.n_heads), "layers x heads"),
                 ("neuron_mask_lf", neuron_mask_lf, (cfg.n_layers, cfg.d_mlp), "layers x d_mlp"),
-                ("head_mean_lhk", head_mean_lhk, (cfg.n_layers, cfg.n_heads, cfg.head_dim), "layers x heads x head_dim"),
+                ("head_mean_lhk", head_mean_lhk, (cfg.n_layers, cfg.n_heads, cfg.head_dim),
+                 "layers x heads x head_dim"),
                 ("neuron_mean_lf", neuron_mean_lf, (cfg.n_layers, cfg.d_mlp), "layers x d_mlp")):
             if mask is not None and tuple(np.shape(mask)) != shape:
                 raise InputError(f"{name}: expected shape {list(shape)} ({what}), got {list(np.shape(mask))}")
