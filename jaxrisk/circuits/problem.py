@@ -18,7 +18,8 @@ Left(X) is the unlikelihood -log(1 - p) of X's first token (`remove_loss="onset"
 all its tokens (`"probability"`), see `removal_loss`. Keep is either the cross-entropy of the clean rows Y
 (`keep="ce"`: the data's own next tokens), or the KL divergence from the intact model's next-token
 distributions (`keep="kl"`: faithfulness to the model, not to the data) on the clean rows and on the prompt
-positions of the behaviour rows (the trigger is there, the behaviour is not yet); KL is zero exactly when the masked model predicts what the intact one does.
+positions of the behaviour rows (the trigger is there, the behaviour is not yet); KL is zero exactly when the
+masked model predicts what the intact one does.
 
 plus the sparsity term lam * density(c) with a fixed lam per lane, or, with `target_density` t, the
 Lagrangian lam * (density - t), lam >= 0 raised by dual ascent while the circuit is larger than t (the
