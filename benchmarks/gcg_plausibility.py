@@ -26,6 +26,7 @@ from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
 from jaxrisk.redteam import GCGConfig
 from jaxrisk.redteam.gcg_run import run_group
+from jaxrisk.redteam.report import plot_plausibility_front
 from jaxrisk.scorers import SequenceScorer
 from jaxrisk.search import RunConfig
 
@@ -36,28 +37,10 @@ def perplexity(scorer, tokenizer, text: str) -> float:
 
 
 def plot(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    weights = record["weights"]
-    x = [w["median_request_perplexity"] for w in weights]
-    y = [100 * w["success_rate"] for w in weights]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(x, y, "o-")
-    for w, xi, yi in zip(weights, x, y):
-        ax.annotate(f"w={w['weight']:g}", (xi, yi), textcoords="offset points", xytext=(5, 5))
-    ax.axvline(record["median_goal_perplexity"], color="grey", ls="--", label="the goals alone")
-    ax.set_xscale("log")
-    ax.set_ylim(-3, 103)
-    ax.set_xlabel("median request perplexity (goal + suffix, under the model)")
-    ax.set_ylabel("attack success (%)")
     b = record["budget"]
-    ax.set_title(f"GCG plausibility front: {record['behaviours']} targets, {b['steps']} steps x {b['search_width']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_plausibility_front([dict(w, weights=[w["weight"]]) for w in record["weights"]], path,
+                            f"GCG plausibility front: {record['behaviours']} targets, {b['steps']} steps x "
+                            f"{b['search_width']}", reference=record["median_goal_perplexity"])
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, load_lm, number, run_config
+from jaxrisk.cli.common import POSITIVE, add_model_flags, add_run_flags, comma_list, load_lm, number, run_config
 from jaxrisk.errors import InputError
 from jaxrisk.io import prepare_out_dir
 
@@ -26,6 +26,10 @@ def add_parser(sub) -> None:
                    help="mellowmax target loss")
     p.add_argument("--fluency-weight", type=number(), default=None,
                    help="weight of log p(request) in the objective (default 0; arca: 1, its plausibility weight)")
+    p.add_argument("--fluency-weights", type=comma_list(number(), "numbers", "0,0.3,1"), default=None,
+                   metavar="W,W,...", help="gcg: sweep the weight of log p(request) as lanes of one program; one "
+                   "result row per behaviour and weight, and the front (success vs request perplexity) in "
+                   "OUT/front.json and OUT/front.png")
     p.add_argument("--danger-probe-data", metavar="FILE",
                    help="JSONL of {text, label}: train a linear danger probe and add its log-score")
     p.add_argument("--danger-weight", type=number(), default=1.0)
@@ -66,7 +70,11 @@ def cmd_redteam(args) -> int:
     run_cfg = run_config(args, RedteamConfig().run)
     lm = load_lm(args, run_cfg)
     arca = args.method == "arca"
-    fluency = args.fluency_weight
+    sweep = args.fluency_weights
+    if sweep is not None and (arca or args.fluency_weight is not None):
+        raise InputError("--fluency-weights sweeps GCG's weight of log p(request): not with --method arca or "
+                         "--fluency-weight")
+    fluency = 0.0 if sweep is not None else args.fluency_weight
     if fluency is None:
         fluency = ARCAConfig().plausibility_weight if arca else 0.0
     parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
@@ -80,21 +88,39 @@ def cmd_redteam(args) -> int:
     config = RedteamConfig(run=run_cfg, method=args.method, group=args.group, gcg=gcg, system_prompt=args.system_prompt,
                            arca=ARCAConfig(request_len=args.request_len, output_len=args.output_len,
                                            candidates=args.candidates, plausibility_weight=fluency,
-                                           danger_weight=args.danger_weight))
+                                           danger_weight=args.danger_weight),
+                           weight_grid=None if sweep is None else
+                           [[w] + [args.danger_weight] * bool(args.danger_probe_data) for w in sweep])
     # gcg: (weight, scorer) terms of the objective; arca: scorers by position (plausibility, then danger),
     # weighted by config.arca alone (ARCA multiplies in the pair's weight: 1.0)
     extras = []
-    if fluency or arca:
+    if fluency or arca or sweep is not None:
         extras.append((1.0 if arca else fluency, SequenceScorer.of(lm)))
     if args.danger_probe_data:
         extras.append((1.0 if arca else args.danger_weight, _probe_from_file(lm, args.danger_probe_data)))
     rows = run(lm, behaviors, config, out_dir=out, extras=extras, source=args.behaviors).rows
+    if sweep is not None:
+        _write_front(rows, out, config)
     ok = sum(r["success"] for r in rows)
     broken = sum("error" in r for r in rows)
     print(f"{ok}/{len(rows)} behaviours succeeded (greedy output starts with the target)"
           f"{f'; {broken} have no result (every restart turned NaN: see error in the file)' if broken else ''} -> "
           f"{out / 'results.jsonl'}")
     return 0
+
+
+def _write_front(rows, out, config) -> None:
+    """OUT/front.json and OUT/front.png: attack success vs median request perplexity per swept weight."""
+    from jaxrisk.io import write_json
+    from jaxrisk.redteam.report import plausibility_front, plot_plausibility_front
+
+    front = plausibility_front(rows)
+    for point in front:
+        print(f"weight of log p(request) {point['weights'][0]:g}: {point['successes']}/{point['behaviours']} "
+              f"succeeded, median request perplexity {point['median_request_perplexity']:.1f}")
+    write_json(out / "front.json", front)
+    plot_plausibility_front(front, out / "front.png", f"GCG plausibility front: {front[0]['behaviours']} "
+                            f"behaviours, {config.run.max_steps} steps x {config.gcg.search_width} candidates")
 
 
 def _probe_from_file(lm, path):

@@ -75,9 +75,20 @@ class RedteamConfig:
     gcg: GCGConfig = GCGConfig()
     arca: ARCAConfig = ARCAConfig()
     system_prompt: str | None = None   # chat models: a system turn before the user's (goal + suffix)
+    # GCG: settings of the extra scorers' weights swept as lanes of one program, [settings][extras] (e.g. the
+    # weight of log p(request): ((0.0,), (0.3,), (1.0,))); one result row per behaviour and setting
+    weight_grid: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self):
         require_choice("RedteamConfig.method", self.method, METHODS)
+        if self.weight_grid is not None:
+            if self.method != "gcg":
+                raise InputError("RedteamConfig.weight_grid: only GCG sweeps the extras' weights as lanes")
+            try:
+                grid = tuple(tuple(float(w) for w in setting) for setting in self.weight_grid)
+            except (TypeError, ValueError):
+                raise InputError(f"RedteamConfig.weight_grid: expected rows of numbers, got {self.weight_grid!r}")
+            object.__setattr__(self, "weight_grid", grid)
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise InputError(f"RedteamConfig.system_prompt: expected text or None, got {self.system_prompt!r}")
         require_int("RedteamConfig.group", self.group, 1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from jaxrisk.data.text import jsonl_rows
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write, json_text
@@ -29,14 +31,63 @@ class RedteamResult:
 RESULT_KEYS = ("behavior", "target", "prompt", "suffix_ids", "success", "run")
 
 
+def plausibility_front(rows: list[dict]) -> list[dict]:
+    """Per swept weight setting (rows of a `weight_grid` run): attack success and the median perplexity of the
+    requests (goal + suffix), exp(-mean log p) from the run's `SequenceScorer`."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "extra_weights" in row and "error" not in row:
+            groups.setdefault(tuple(row["extra_weights"]), []).append(row)
+    front = []
+    for weights, mine in groups.items():
+        logp = [next((v for k, v in r["scores"].items() if k.startswith("SequenceScorer_")), None) for r in mine]
+        front.append({"weights": list(weights), "successes": sum(bool(r["success"]) for r in mine),
+                      "behaviours": len(mine), "success_rate": sum(bool(r["success"]) for r in mine) / len(mine),
+                      "median_request_perplexity": (float(np.median(np.exp(-np.asarray(logp))))
+                                                    if None not in logp else None)})
+    return front
+
+
+def plot_plausibility_front(front: list[dict], path: Path, title: str, reference: float | None = None) -> Path:
+    """PNG: attack success against median request perplexity, one point per weight setting; `reference`: the
+    perplexity of natural requests (e.g. the goals alone), drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in front if p["median_request_perplexity"] is not None]
+    x = [p["median_request_perplexity"] for p in points]
+    y = [100 * p["success_rate"] for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(x, y, "o-")
+    for p, xi, yi in zip(points, x, y):
+        ax.annotate("w=" + ",".join(f"{w:g}" for w in p["weights"]), (xi, yi), textcoords="offset points",
+                    xytext=(5, 5))
+    if reference is not None:
+        ax.axvline(reference, color="grey", ls="--", label="the goals alone")
+        ax.legend()
+    ax.set_xscale("log")
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("median request perplexity (goal + suffix, under the model)")
+    ax.set_ylabel("attack success (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+    return path
+
+
 def run_settings(lm, config: RedteamConfig, extras=()) -> dict:
     """What makes two redteam runs the same run: each result row carries it, and a resume checks it."""
     run = config.run
     settings = {"model": str(Path(lm.path).resolve()) if lm.path else None, "gcg": dataclasses.asdict(config.gcg),
                 "restarts": run.restarts, "max_steps": run.max_steps, "seed": run.seed,
                 "extras": [[float(w), type(scorer).__name__] for w, scorer in extras]}
-    if config.system_prompt is not None:   # only when set: results written before this setting still resume
+    if config.system_prompt is not None:   # only when set: results written before these settings still resume
         settings["system_prompt"] = config.system_prompt
+    if config.weight_grid is not None:
+        settings["weight_grid"] = [list(setting) for setting in config.weight_grid]   # as JSON reads it back
     if config.method != "gcg":
         settings.update(method=config.method, arca=dataclasses.asdict(config.arca))
         del settings["gcg"]

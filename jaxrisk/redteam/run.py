@@ -56,7 +56,7 @@ def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), 
     else:
         check = lambda todo: encode_behaviors(lm, todo, config.gcg.suffix_len, source, system)  # noqa: E731
         search = lambda chunk, cfg: run_group(lm, chunk, config.gcg, cfg, extras=extras, source=source,  # noqa: E731
-                                              system_prompt=system)
+                                              system_prompt=system, weight_grid=config.weight_grid)
     run_cfg = config.run
     require_int("RunConfig.seed", run_cfg.seed, 0, MAX_SEED - len(behaviors))   # each group's seed is offset
     settings = run_settings(lm, config, extras)
@@ -66,12 +66,14 @@ def run(lm, behaviors: list[Behavior], config: RedteamConfig = RedteamConfig(), 
     todo = [b for b in behaviors if (b.goal, b.target) not in finished]
     if todo:
         check(todo)   # every bad behaviour is reported before any work starts
+    per_behaviour = 1 if config.weight_grid is None else len(config.weight_grid)   # result rows per behaviour
     root = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if root is not None:
-        _group_checkpoints(root, len(done))
+        _group_checkpoints(root, len(done) // per_behaviour)
     for g in range(0, len(todo), config.group):
-        ckpt = root / f"group-{len(done)}" if root is not None else None
-        rows = search(todo[g:g + config.group], run_cfg.replace(seed=run_cfg.seed + len(done), checkpoint_dir=ckpt))
+        n_done = len(done) // per_behaviour
+        ckpt = root / f"group-{n_done}" if root is not None else None
+        rows = search(todo[g:g + config.group], run_cfg.replace(seed=run_cfg.seed + n_done, checkpoint_dir=ckpt))
         done.extend(dict(row, run=settings) for row in rows)
         if path is not None:
             write_results(path, done)

@@ -247,3 +247,39 @@ def test_plausibility_weight_swept_as_lanes_of_one_run_trades_target_for_plausib
         assert weighted["scores"]["target_logprob"] < free["scores"]["target_logprob"]
     with pytest.raises(InputError, match="weight_grid"):
         run_group(lm, behaviors, cfg, RunConfig(max_steps=1, progress=False), extras=extras, weight_grid=[0.0, 3.0])
+
+
+@pytest.mark.slow   # whole runs through the command line
+def test_cli_sweeps_the_plausibility_weight_and_writes_the_front(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from jaxrisk.cli import main
+    from jaxrisk.search import engine
+
+    behaviors = tmp_path / "b.jsonl"
+    behaviors.write_text('{"goal": "Lily had", "target": "a red ball"}\n{"goal": "Tom saw", "target": "the park"}\n')
+    args = ["redteam", "--model", str(tiny_lm_dir), "--behaviors", str(behaviors), "--out", str(tmp_path / "out"),
+            "--steps", "10", "--search-width", "16", "--topk", "8", "--suffix-len", "4", "--group", "1",
+            "--no-early-stop", "--no-progress"]
+    assert main(args + ["--fluency-weights", "0,3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["behavior"], r["extra_weights"]) for r in rows] == [
+        ("Lily had", [0.0]), ("Lily had", [3.0]), ("Tom saw", [0.0]), ("Tom saw", [3.0])]
+    front = json.loads((tmp_path / "out" / "front.json").read_text())
+    assert [p["weights"] for p in front] == [[0.0], [3.0]] and all(p["behaviours"] == 2 for p in front)
+    for p, weight in zip(front, (0.0, 3.0)):   # the front is what the rows say
+        mine = [r for r in rows if r["extra_weights"] == [weight]]
+        assert p["successes"] == sum(r["success"] for r in mine)
+        assert p["median_request_perplexity"] == pytest.approx(
+            float(np.median([np.exp(-r["scores"]["SequenceScorer_0"]) for r in mine])))
+    assert front[1]["median_request_perplexity"] < front[0]["median_request_perplexity"]   # weighted: plausible
+    assert (tmp_path / "out" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "weight of log p(request) 3: " in capsys.readouterr().out
+
+    calls = []
+    monkeypatch.setattr(engine, "run", lambda *a, **k: calls.append(1))
+    assert main(args + ["--fluency-weights", "0,3"]) == 0 and calls == []   # resumed: every behaviour is done
+    assert main(args + ["--fluency-weights", "0,1"]) != 0                    # another sweep: not mixed in
+    assert "weight_grid" in capsys.readouterr().err
+    assert main(args + ["--fluency-weights", "0,1", "--method", "arca"]) != 0
+    assert "--fluency-weights" in capsys.readouterr().err
