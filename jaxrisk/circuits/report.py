@@ -28,6 +28,12 @@ class CircuitsResult:
         return write_circuit_report(self.report, out_dir)
 
 
+def learned_measures(entry: dict, ablation: str) -> dict:
+    """A circuit's behaviour rates, utility and task accuracy under the ablation its masks were learned with
+    (zero-ablation fields at the entry's top level; mean ablation under "mean_ablation")."""
+    return entry["mean_ablation"] if ablation == "mean" else entry
+
+
 def write_circuit_report(result: dict, out: str | Path) -> tuple[Path, Path]:
     """OUT/report.json, OUT/circuits.png (layer x head map of the sparsest faithful circuit; the front),
     OUT/circuits.safetensors (mask logits: `penalty{i}.heads` / `.neurons` per penalty, `front{j}.*` per
@@ -41,14 +47,16 @@ def write_circuit_report(result: dict, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"penalty{i}.{k}": v for i, c in enumerate(result["circuits"]) for k, v in c["logits"].items()}
-    tensors.update({f"front{j}.{k}": v for j, c in enumerate(result.get("front", [])) for k, v in c["logits"].items()})
+    tensors.update({f"front{j}.{k}": v for j, c in enumerate(result["front"]) for k, v in c["logits"].items()})
     blob = save(tensors)
     atomic_write(out / "circuits.safetensors", lambda f: f.write(blob), mode="wb")
     strip = lambda entries: [{k: v for k, v in c.items() if k != "logits"} for c in entries]  # noqa: E731
-    report = dict(result, circuits=strip(result["circuits"]), front=strip(result.get("front", [])))
+    report = dict(result, circuits=strip(result["circuits"]), front=strip(result["front"]))
     json_path = write_json(out / "report.json", report)
 
-    faithful = [c for c in result["circuits"] if c["rate_ablated"] is not None and c["rate_ablated"] <= 0.05]
+    ablation = result["config"]["ablation"]
+    rates = [learned_measures(c, ablation)["rate_ablated"] for c in result["circuits"]]
+    faithful = [c for c, rate in zip(result["circuits"], rates) if rate is not None and rate <= 0.05]
     chosen = min(faithful, key=lambda c: c["units"]) if faithful else result["circuits"][0]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     heads = (chosen["logits"]["heads"] > 0).astype(float) if "heads" in chosen["logits"] else np.zeros((1, 1))
@@ -57,14 +65,14 @@ def write_circuit_report(result: dict, out: str | Path) -> tuple[Path, Path]:
     ax1.set_ylabel("layer")
     ax1.set_title(f"circuit heads (penalty {chosen['penalty']}; {chosen['n_heads']} heads, "
                   f"{chosen['n_neurons']} neurons)", fontsize=9)
-    front = result.get("front") or result["circuits"]
-    xs = [100 * c["units"] for c in front]
+    xs = [100 * c["units"] for c in result["front"]]
+    front = [learned_measures(c, ablation) for c in result["front"]]
     ax2.plot(xs, [c["utility"] for c in front], "o-", label="utility (clean-loss ratio)")
     ax2.plot(xs, [c["task_accuracy"] for c in front], "^-",
              label=f"task accuracy (intact {result['base_task_accuracy']:.3f})")
     if all(c["rate_ablated"] is not None for c in front):
         ax2.plot(xs, [c["rate_ablated"] for c in front], "s-", label="behaviour rate, ablated")
-    ax2.set_xlabel("% of heads + neurons ablated")
+    ax2.set_xlabel(f"% of heads + neurons ablated ({ablation} ablation)")
     ax2.legend(fontsize=8)
     ax2.set_title("Pareto front over every penalty x restart", fontsize=9)
     fig.tight_layout()

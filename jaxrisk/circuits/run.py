@@ -22,7 +22,7 @@ import numpy as np
 from jaxrisk.circuits.config import CircuitsConfig
 from jaxrisk.circuits.masks import unit_means
 from jaxrisk.circuits.problem import CircuitProblem, ablation_masks, circuit_from_logits, sparsity
-from jaxrisk.circuits.report import CircuitsResult
+from jaxrisk.circuits.report import CircuitsResult, learned_measures
 from jaxrisk.data.batch import answer_rows, pad_batch
 from jaxrisk.errors import InputError
 from jaxrisk.evals.behaviour import clean_loss, greedy_continuations, next_token_accuracy, utility
@@ -33,23 +33,16 @@ DENSE = 0.10      # a circuit with more than this share of units is not what a c
 FAITHFUL = 0.05   # behaviour rate once ablated at or below which a circuit counts as carrying the behaviour
 
 
-def prompt_weight(prompts, width: int) -> np.ndarray:
-    """[N, width] next-token weights, 1 where the next token is still part of the prompt."""
-    weight = np.zeros((len(prompts), width), np.float32)
-    for i, p in enumerate(prompts):
-        weight[i, :len(p) - 1] = 1.0
-    return weight
-
-
-def sweep_warnings(lanes: list[dict]) -> list[str]:
-    """What a user must hear when the penalty sweep missed the interesting range."""
+def sweep_warnings(lanes: list[dict], ablation: str = "zero") -> list[str]:
+    """What a user must hear when the penalty sweep missed the interesting range (rates under `ablation`)."""
     out = []
     if all(c["units"] == 0 for c in lanes):
         out.append("every circuit is empty: the penalties are too large for this behaviour (try smaller ones)")
     elif all(c["units"] > DENSE for c in lanes):
         out.append(f"every circuit holds more than {DENSE:.0%} of the units: the penalties are too small "
                    "(try larger ones)")
-    rates = [c["rate_ablated"] for c in lanes if c["rate_ablated"] is not None]
+    rates = [learned_measures(c, ablation)["rate_ablated"] for c in lanes]
+    rates = [r for r in rates if r is not None]
     if rates and min(rates) > FAITHFUL:
         out.append(f"no circuit's ablation takes the behaviour rate to {FAITHFUL:.0%} or below "
                    f"(lowest {min(rates):.0%}): smaller penalties or more steps")
@@ -80,7 +73,7 @@ def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=Non
         extra = {"c_tokens": jnp.asarray(c), "c_weight": jnp.asarray(cw)}
     problem = CircuitProblem(params=params, x_tokens=jnp.asarray(x), x_weight=jnp.asarray(w),
                              y_tokens=jnp.asarray(y), y_weight=jnp.asarray(y_valid[:, 1:], jnp.float32),
-                             x_keep_weight=jnp.asarray(prompt_weight(prompts, w.shape[1])), means=means,
+                             x_keep_weight=jnp.asarray(np.cumsum(w, 1) == 0, jnp.float32), means=means,
                              graphdef=lm.graphdef, cfg=cfg, **extra)
     lane_penalty = np.repeat(np.asarray(penalties, np.float32), restarts)
     run_cfg = config.run.replace(chunk_steps=min(config.run.chunk_steps, config.run.max_steps))
@@ -134,8 +127,10 @@ def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=Non
     lanes = [lane_entry(i) for i in range(len(lane_penalty))]
     final_loss = res.metrics["loss"][np.asarray(res.steps) - 1, np.arange(len(lane_penalty))]
     best = best_per_group(lane_groups(np.arange(len(lane_penalty)) // restarts).values(), lambda i: final_loss[i])
-    front = pareto_set(lanes, lambda c: (c["units"], c["rate_ablated"] or 0.0, -c["utility"]))
-    notes = sweep_warnings(lanes)
+    scores = [learned_measures(c, cfg.ablation) for c in lanes]
+    front = pareto_set(list(range(len(lanes))),
+                       lambda i: (lanes[i]["units"], scores[i]["rate_ablated"] or 0.0, -scores[i]["utility"]))
+    notes = sweep_warnings(lanes, cfg.ablation)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     base = evaluate({})

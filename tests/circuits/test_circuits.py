@@ -230,16 +230,25 @@ def test_learned_mask_recovers_a_hand_built_circuit(objective, target_density, k
             assert main["neurons"][layer, neuron] == 0
 
 
-def test_alignment_objective_needs_the_compliance_rows():
+@pytest.mark.parametrize("settings, missing", [({"objective": "alignment"}, "compliance"),
+                                               ({"ablation": "mean"}, "unit_means")])
+def test_problem_refuses_to_start_without_the_data_its_objective_needs(settings, missing):
     from jaxrisk.circuits import CircuitConfig, CircuitProblem
     from jaxrisk.search import RunConfig, engine
 
     lm, params, *_ = _hand_built_model()
     rows = jnp.zeros((4, 6), jnp.int32)
     problem = CircuitProblem(params=params, x_tokens=rows, x_weight=jnp.ones((4, 5)), y_tokens=rows,
-                             y_weight=jnp.ones((4, 5)), graphdef=lm.graphdef, cfg=CircuitConfig(objective="alignment"))
-    with pytest.raises(InputError, match="compliance"):
+                             y_weight=jnp.ones((4, 5)), graphdef=lm.graphdef, cfg=CircuitConfig(**settings))
+    with pytest.raises(InputError, match=missing):
         engine.run(problem, {"penalty": np.asarray([1.0], np.float32)},
                    RunConfig(max_steps=2, chunk_steps=1, progress=False))
-    with pytest.raises(InputError, match="objective"):
-        CircuitConfig(objective="jailbreak")
+
+
+@pytest.mark.parametrize("settings, field", [({"objective": "jailbreak"}, "objective"),
+                                             ({"keep": "mse"}, "CircuitConfig.keep")])
+def test_unknown_circuit_settings_are_refused(settings, field):
+    from jaxrisk.circuits import CircuitConfig
+
+    with pytest.raises(InputError, match=field):
+        CircuitConfig(**settings)

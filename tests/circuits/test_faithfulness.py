@@ -127,21 +127,6 @@ def test_mean_ablation_values_of_the_wrong_shape_are_refused():
            head_mean_lhk=np.zeros((TINY.n_layers, TINY.n_heads)))
 
 
-def test_mean_ablation_objective_needs_the_means():
-    from jaxrisk.circuits import CircuitConfig, CircuitProblem
-    from jaxrisk.search import RunConfig, engine
-
-    lm = _tiny_lm()
-    rows = jnp.ones((4, 6), jnp.int32)
-    problem = CircuitProblem(params=lm.params, x_tokens=rows, x_weight=jnp.ones((4, 5)), y_tokens=rows,
-                             y_weight=jnp.ones((4, 5)), graphdef=lm.graphdef, cfg=CircuitConfig(ablation="mean"))
-    with pytest.raises(InputError, match="unit_means"):
-        engine.run(problem, {"penalty": np.asarray([1.0], np.float32)},
-                   RunConfig(max_steps=2, chunk_steps=1, progress=False))
-    with pytest.raises(InputError, match="CircuitConfig.keep"):
-        CircuitConfig(keep="mse")
-
-
 def test_next_token_accuracy_counts_only_real_next_tokens():
     from jaxrisk.evals import next_token_accuracy
     from jaxrisk.models.lm import forward
@@ -198,3 +183,7 @@ def test_sweep_warnings_name_the_missed_range():
     assert any("too small" in w for w in sweep_warnings(dense))
     good = [{"units": 0.0, "rate_ablated": 1.0}, {"units": 0.01, "rate_ablated": 0.0}]
     assert sweep_warnings(good) == []
+    # circuits learned for mean ablation are judged by their mean-ablation rates, not the zero-ablation ones
+    learned_mean = [{"units": 0.01, "rate_ablated": 0.6, "mean_ablation": {"rate_ablated": 0.0}}]
+    assert sweep_warnings(learned_mean, "mean") == []
+    assert any("no circuit" in w for w in sweep_warnings(learned_mean, "zero"))
