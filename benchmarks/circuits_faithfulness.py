@@ -28,6 +28,9 @@ import jax
 import numpy as np
 
 from jaxrisk.circuits import CircuitConfig, CircuitsConfig, ablation_masks, circuit_from_logits, run
+from jaxrisk.circuits.masks import unit_means
+from jaxrisk.circuits.report import learned_measures
+from jaxrisk.data.batch import pad_batch
 from jaxrisk.evals import greedy_continuations
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
@@ -39,17 +42,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "assets" / "models" / "tinyllamas-stories260K"
 
 
-def backdoor_case(lm, recipe: BackdoorConfig, n: int = 320) -> tuple:
+def backdoor_case(lm, recipe: BackdoorConfig, objective: str = "remove", n: int = 320) -> tuple:
     params, planted = plant_backdoor(lm, recipe)
     clean = planted["clean"]
     behaviour = [(np.concatenate([r[:12], planted["trigger_ids"]]).tolist(), planted["marker_ids"].tolist(), None)
                  for r in clean[:n]]
-    return params, {"behaviour": behaviour, "clean": [r.tolist() for r in clean[1024:1024 + n]]}, "remove", None
+    return params, {"behaviour": behaviour, "clean": [r.tolist() for r in clean[1024:1024 + n]]}, objective, None
 
 
-def refusal_case(lm, n_train: int = 192) -> tuple:
+def refusal_case(lm, objective: str = "alignment", n_benign: int = 0, n_train: int = 192) -> tuple:
     """Harmful training requests (a seeded sample) then every held-out harmful request: run()'s 80/20 split
-    holds out exactly the unseen names and frames."""
+    holds out exactly the unseen names and frames. Clean text: sampled stories, the first `n_benign` of them
+    replaced by training benign requests with the planted model's own greedy answers (so that keeping clean
+    behaviour includes answering benign requests as before); the held-out stories stay the same."""
     params, planted = plant_refusal(lm, RefusalConfig(seed=0))
     train, held = planted["train"], planted["held_out"]
     rows = [(p, c) for p, c, h in zip(train["prompts"], train["compliance"], train["harmful"]) if h]
@@ -59,19 +64,43 @@ def refusal_case(lm, n_train: int = 192) -> tuple:
     refusal = planted["refusal_ids"].tolist()
     behaviour = [(p.tolist(), refusal, c.tolist()) for p, c in [rows[i] for i in order] + held_rows]
     benign = [(p, c) for p, c, h in zip(held["prompts"], held["compliance"], held["harmful"]) if not h]
-    return (params, {"behaviour": behaviour, "clean": [r.tolist() for r in planted["clean"][:400]]}, "alignment",
-            benign)
+    asked = [p for p, h in zip(train["prompts"], train["harmful"]) if not h]
+    asked = [asked[i] for i in np.random.default_rng(1).permutation(len(asked))[:n_benign]]
+    answers = greedy_continuations(lm, params, asked, 12) if asked else []
+    answered = [np.concatenate([p, a]).tolist() for p, a in zip(asked, answers)]
+    clean = answered + [r.tolist() for r in planted["clean"][n_benign:400]]
+    return params, {"behaviour": behaviour, "clean": clean}, objective, benign
 
 
-def benign_kept(lm, params, benign, masks) -> float:
-    """Share of held-out benign requests whose first 3 greedy tokens stay the original model's answer."""
+def benign_kept(lm, params, benign, masks, intact: list | None = None) -> float:
+    """Share of held-out benign requests whose first 3 greedy tokens stay the intact planted model's (`intact`;
+    default: the original model's answer, which fine-tuning has already moved)."""
     outs = greedy_continuations(lm, params, [p for p, _ in benign], 3, **masks)
-    return float(np.mean([np.array_equal(o, c[:3]) for o, (_, c) in zip(outs, benign)]))
+    ref = [c[:3] for _, c in benign] if intact is None else intact
+    return float(np.mean([np.array_equal(o, r) for o, r in zip(outs, ref)]))
 
 
-def headline(front: list[dict]) -> dict | None:
-    ok = [c for c in front if c["units"] <= 0.01 and c["rate_ablated"] is not None and c["rate_ablated"] <= 0.05]
-    return max(ok, key=lambda c: c["utility"]) if ok else None
+def benign_measures(lm, params, benign, circuit, means, n_random: int = 20) -> dict:
+    """Benign answers kept with the circuit ablated (vs the intact planted model and vs the original model),
+    and, as the control, kept with random circuits of as many heads and neurons (mean over `n_random`)."""
+    intact = greedy_continuations(lm, params, [p for p, _ in benign], 3)
+    out = {"benign_kept": benign_kept(lm, params, benign, ablation_masks(circuit, lm.cfg, means=means), intact),
+           "benign_as_original": benign_kept(lm, params, benign, ablation_masks(circuit, lm.cfg, means=means))}
+    rng, kept = np.random.default_rng(0), []
+    for _ in range(n_random):
+        random = {k: np.zeros_like(v) for k, v in circuit.items()}
+        for k, v in random.items():
+            v.flat[rng.choice(v.size, int(circuit[k].sum()), replace=False)] = 1.0
+        kept.append(benign_kept(lm, params, benign, ablation_masks(random, lm.cfg, means=means), intact))
+    return {**out, "benign_kept_random_circuits": float(np.mean(kept))}
+
+
+def headline(front: list[dict], ablation: str) -> dict | None:
+    """The front member of <= 1% of units whose ablation (as learned) leaves the behaviour on <= 5% of
+    held-out prompts, with the highest utility."""
+    rates = [learned_measures(c, ablation)["rate_ablated"] for c in front]
+    ok = [c for c, rate in zip(front, rates) if c["units"] <= 0.01 and rate is not None and rate <= 0.05]
+    return max(ok, key=lambda c: learned_measures(c, ablation)["utility"]) if ok else None
 
 
 def main() -> None:
@@ -84,18 +113,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--ablation", default="zero", choices=["zero", "mean"])
     ap.add_argument("--remove-loss", default="onset", choices=["onset", "probability"])
+    ap.add_argument("--objective", choices=["remove", "backdoor", "alignment"],
+                    help="default: remove for the backdoors, alignment for the refusal (which alone has compliances)")
+    ap.add_argument("--granularity", default="both", choices=["heads", "neurons", "both"])
+    ap.add_argument("--benign-in-clean", type=int, default=0, metavar="N",
+                    help="refusal: N of the clean rows are training benign requests with the model's own answers")
     ap.add_argument("--out", default="runs/bench_circuits_faithfulness.json")
     args = ap.parse_args()
 
     warnings.simplefilter("ignore")   # the sweep's warnings are in the record
     lm = load_pretrained(args.model)
-    builders = {"own": lambda: backdoor_case(lm, BackdoorConfig(seed=0)),
-                "other": lambda: backdoor_case(lm, OTHER_RECIPE), "refusal": lambda: refusal_case(lm)}
+    chosen = {} if args.objective is None else {"objective": args.objective}
+    builders = {"own": lambda: backdoor_case(lm, BackdoorConfig(seed=0), **chosen),
+                "other": lambda: backdoor_case(lm, OTHER_RECIPE, **chosen),
+                "refusal": lambda: refusal_case(lm, n_benign=args.benign_in_clean, **chosen)}
     penalties = tuple(float(p) for p in args.penalties.split(","))
     record = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0]), "machine": platform.machine(),
               "penalties": penalties, "restarts": args.restarts, "steps": args.steps, "ablation": args.ablation,
-              "remove_loss": args.remove_loss,
-              "cases": {}}
+              "remove_loss": args.remove_loss, "objective": args.objective,
+              "benign_in_clean": args.benign_in_clean, "granularity": args.granularity, "cases": {}}
     for case in args.cases.split(","):
         t = time.perf_counter()
         params, data, objective, benign = builders[case]()
@@ -105,32 +141,41 @@ def main() -> None:
                                                   progress=False),
                                     penalties=penalties,
                                     search=CircuitConfig(objective=objective, keep=keep, ablation=args.ablation,
+                                                         granularity=args.granularity,
                                                          remove_loss=args.remove_loss,
                                                          learning_rate=0.05))
             t = time.perf_counter()
             result = run(lm, data, config, params=params)
             seconds = time.perf_counter() - t
-            best = headline(result.front)
+            best = headline(result.front, args.ablation)
+            means = None
+            if args.ablation == "mean":       # as run() computes them: the training split's clean rows
+                means = unit_means(lm.graphdef, params, *pad_batch(data["clean"][:int(0.8 * len(data["clean"]))]))
             row = {"seconds": seconds, "base_rate": result.report["base_rate"],
                    "base_task_accuracy": result.report["base_task_accuracy"], "warnings": result.report["warnings"],
                    "front": [{k: v for k, v in c.items() if k != "logits"} for c in result.front],
-                   "headline": None if best is None else {k: v for k, v in best.items() if k != "logits"}}
-            if benign is not None:
-                row["base_benign_kept"] = benign_kept(lm, params, benign, {})
-                if best is not None:
-                    masks = ablation_masks(circuit_from_logits(best["logits"]), lm.cfg)
-                    row["headline"]["benign_kept"] = benign_kept(lm, params, benign, masks)
+                   "headline": None}
+            for member, c in zip(row["front"], result.front):
+                circuit = circuit_from_logits(c["logits"])
+                member.update({f"{k}_in_circuit": np.argwhere(v > 0).tolist() for k, v in circuit.items()})
+                if benign is not None:
+                    member.update(benign_measures(lm, params, benign, circuit, means))
+            if best is not None:
+                row["headline"] = next(m for m, c in zip(row["front"], result.front) if c is best)
             record["cases"][case][keep] = row
             h = row["headline"]
-            print(f"{case} keep={keep}: {seconds:.0f} s, base rate {row['base_rate']}, front "
-                  + "; ".join(f"{100 * c['units']:.2f}%/{c['rate_ablated']}/{c['utility']:.3f}" for c in result.front))
-            print("   headline:", None if h is None else
-                  f"{h['n_heads']} heads + {h['n_neurons']} neurons ({100 * h['units']:.2f}%), "
-                  f"rate {h['rate_ablated']}, "
-                  f"utility {h['utility']:.3f}, task acc {h['task_accuracy']:.3f} vs {row['base_task_accuracy']:.3f}, "
-                  f"alone zero/mean {h['rate_alone']}/{h['mean_ablation']['rate_alone']}"
-                  + (f", benign kept {h['benign_kept']} vs {row['base_benign_kept']}" if "benign_kept" in h else ""),
-                  flush=True)
+
+            def line(c):
+                m = c["mean_ablation"]
+                return (f"{c['n_heads']} heads + {c['n_neurons']} neurons ({100 * c['units']:.2f}%): zero / mean "
+                        f"ablation rate {c['rate_ablated']} / {m['rate_ablated']}, utility {c['utility']:.3f} / "
+                        f"{m['utility']:.3f}, task acc {c['task_accuracy']:.3f} / {m['task_accuracy']:.3f}, alone "
+                        f"{c['rate_alone']} / {m['rate_alone']}"
+                        + (f", benign kept {c['benign_kept']:.2f} (random circuits "
+                           f"{c['benign_kept_random_circuits']:.2f})" if "benign_kept" in c else ""))
+            print(f"{case} keep={keep}: {seconds:.0f} s, base rate {row['base_rate']}, task acc "
+                  f"{row['base_task_accuracy']:.3f}; front:\n    " + "\n    ".join(map(line, row["front"])))
+            print("  headline:", None if h is None else line(h), flush=True)
             write_json(args.out, record)
     print(f"-> {args.out}")
 
