@@ -119,8 +119,9 @@ def _write_front(rows, out, config) -> None:
         print(f"weight of log p(request) {point['weights'][0]:g}: {point['successes']}/{point['behaviours']} "
               f"succeeded, median request perplexity {point['median_request_perplexity']:.1f}")
     write_json(out / "front.json", front)
-    plot_plausibility_front(front, out / "front.png", f"GCG plausibility front: {front[0]['behaviours']} "
-                            f"behaviours, {config.run.max_steps} steps x {config.gcg.search_width} candidates")
+    if front:   # empty only when every behaviour's search turned NaN (the rows say so)
+        plot_plausibility_front(front, out / "front.png", f"GCG plausibility front: {front[0]['behaviours']} "
+                                f"behaviours, {config.run.max_steps} steps x {config.gcg.search_width} candidates")
 
 
 def _probe_from_file(lm, path):
