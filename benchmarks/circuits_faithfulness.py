@@ -28,9 +28,7 @@ import jax
 import numpy as np
 
 from jaxrisk.circuits import CircuitConfig, CircuitsConfig, ablation_masks, circuit_from_logits, run
-from jaxrisk.circuits.masks import unit_means
 from jaxrisk.circuits.report import learned_measures
-from jaxrisk.data.batch import pad_batch
 from jaxrisk.evals import greedy_continuations
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
@@ -80,12 +78,13 @@ def benign_kept(lm, params, benign, masks, intact: list | None = None) -> float:
     return float(np.mean([np.array_equal(o, r) for o, r in zip(outs, ref)]))
 
 
-def benign_measures(lm, params, benign, circuit, means, n_random: int = 20) -> dict:
-    """Benign answers kept with the circuit ablated (vs the intact planted model and vs the original model),
-    and, as the control, kept with random circuits of as many heads and neurons (mean over `n_random`)."""
-    intact = greedy_continuations(lm, params, [p for p, _ in benign], 3)
-    out = {"benign_kept": benign_kept(lm, params, benign, ablation_masks(circuit, lm.cfg, means=means), intact),
-           "benign_as_original": benign_kept(lm, params, benign, ablation_masks(circuit, lm.cfg, means=means))}
+def benign_measures(lm, params, benign, intact, circuit, means, n_random: int = 20) -> dict:
+    """Benign answers kept with the circuit ablated (vs the intact planted model's answers `intact`, and vs the
+    original model's), and, as the control, kept with random circuits of as many heads and neurons (mean over
+    `n_random`)."""
+    masks = ablation_masks(circuit, lm.cfg, means=means)
+    out = {"benign_kept": benign_kept(lm, params, benign, masks, intact),
+           "benign_as_original": benign_kept(lm, params, benign, masks)}
     rng, kept = np.random.default_rng(0), []
     for _ in range(n_random):
         random = {k: np.zeros_like(v) for k, v in circuit.items()}
@@ -148,9 +147,8 @@ def main() -> None:
             result = run(lm, data, config, params=params)
             seconds = time.perf_counter() - t
             best = headline(result.front, args.ablation)
-            means = None
-            if args.ablation == "mean":       # as run() computes them: the training split's clean rows
-                means = unit_means(lm.graphdef, params, *pad_batch(data["clean"][:int(0.8 * len(data["clean"]))]))
+            means = result.means if args.ablation == "mean" else None
+            intact = None if benign is None else greedy_continuations(lm, params, [p for p, _ in benign], 3)
             row = {"seconds": seconds, "base_rate": result.report["base_rate"],
                    "base_task_accuracy": result.report["base_task_accuracy"], "warnings": result.report["warnings"],
                    "front": [{k: v for k, v in c.items() if k != "logits"} for c in result.front],
@@ -159,7 +157,7 @@ def main() -> None:
                 circuit = circuit_from_logits(c["logits"])
                 member.update({f"{k}_in_circuit": np.argwhere(v > 0).tolist() for k, v in circuit.items()})
                 if benign is not None:
-                    member.update(benign_measures(lm, params, benign, circuit, means))
+                    member.update(benign_measures(lm, params, benign, intact, circuit, means))
             if best is not None:
                 row["headline"] = next(m for m, c in zip(row["front"], result.front) if c is best)
             record["cases"][case][keep] = row

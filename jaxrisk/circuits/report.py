@@ -13,6 +13,7 @@ from jaxrisk.io import atomic_write, write_json
 @dataclasses.dataclass(frozen=True)
 class CircuitsResult:
     report: dict   # base rates; per penalty and per front member: sparsity, faithfulness, utility, mask logits
+    means: dict | None = None   # what mean ablation put in place of a unit (`masks.unit_means` of the clean rows)
 
     @property
     def circuits(self) -> list[dict]:

@@ -143,4 +143,4 @@ def run(lm, data: dict, config: CircuitsConfig = CircuitsConfig(), *, params=Non
                            "config": {"granularity": cfg.granularity, "kind": cfg.kind, "keep": cfg.keep,
                                       "remove_loss": cfg.remove_loss, "ablation": cfg.ablation,
                                       "steps": config.run.max_steps,
-                                      "restarts": restarts, "seed": config.run.seed}})
+                                      "restarts": restarts, "seed": config.run.seed}}, means=means)

@@ -41,8 +41,9 @@ def plausibility_front(rows: list[dict]) -> list[dict]:
     front = []
     for weights, mine in groups.items():
         logp = [next((v for k, v in r["scores"].items() if k.startswith("SequenceScorer_")), None) for r in mine]
-        front.append({"weights": list(weights), "successes": sum(bool(r["success"]) for r in mine),
-                      "behaviours": len(mine), "success_rate": sum(bool(r["success"]) for r in mine) / len(mine),
+        successes = sum(bool(r["success"]) for r in mine)
+        front.append({"weights": list(weights), "successes": successes, "behaviours": len(mine),
+                      "success_rate": successes / len(mine),
                       "median_request_perplexity": (float(np.median(np.exp(-np.asarray(logp))))
                                                     if None not in logp else None)})
     return front
