@@ -26,14 +26,14 @@ def _problem(lm, params, data, kind="ste"):
 
 @pytest.fixture(scope="module")
 def learned(backdoored):
-    """Five sparsity weights in one compiled run; each circuit evaluated on held-out prompts."""
+    """Two sparsity weights in one compiled run; each circuit evaluated on held-out prompts."""
     from jaxrisk.circuits import ablation_masks, circuit_from_logits, sparsity
     from jaxrisk.evals import clean_loss, utility
     from jaxrisk.search import RunConfig, engine
     from jaxrisk.zoo.lm_backdoor import attack_success, held_out_prompts
 
     lm, params, data = backdoored
-    penalties = np.asarray([3.0, 3.75, 4.5, 5.25, 6.0], np.float32)
+    penalties = np.asarray([3.0, 6.0], np.float32)
     res = engine.run(_problem(lm, params, data), {"penalty": penalties},
                      RunConfig(max_steps=250, chunk_steps=50, progress=False))
     held, with_trigger, _ = held_out_prompts(lm, data)
@@ -53,9 +53,10 @@ def learned(backdoored):
 @pytest.mark.slow
 def test_learned_circuit_ablation_removes_the_backdoor_and_keeps_utility(learned):
     # the seed's headline in miniature: a circuit of about 1% of heads + neurons whose
-    # ablation takes attack success from 100% to <= 5% while keeping >= 95% of utility (clean-loss ratio);
-    # measured: 1.3% and 1.0% of units at weights 4.5 and 5.25 (utility 0.97, attack success 0)
-    good = [f for f in learned if f["units"] <= 0.015 and f["asr"] <= 0.05 and f["utility"] >= 0.95]
+    # ablation takes attack success from 100% to <= 5% while keeping >= 97% of utility (clean-loss ratio);
+    # measured (KL keep, 250 steps): 1.33% and 1.22% of units at weights 3 and 6, attack success 0, utility
+    # 0.986 and 0.977
+    good = [f for f in learned if f["units"] <= 0.015 and f["asr"] <= 0.05 and f["utility"] >= 0.97]
     assert good, [(f["units"], f["asr"], f["utility"]) for f in learned]
 
 

@@ -22,14 +22,15 @@ def test_cli_alignment_circuit_ablation_turns_refusal_into_compliance(refusing, 
     path = tmp_path / "alignment.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
+    # the smallest circuit found by the remove objective (refusal's onset), one restart per penalty: SafeSeek's
+    # alignment result in miniature. Measured (200 steps): penalty 8 -> 2 heads + 11 neurons (1.44% of units),
+    # refusal 100% -> 0%, utility 0.951, 61% of ablated answers start as the original model's compliance;
+    # penalty 4 -> 2.0%, 0.955. The full sweep (400 steps, 8 lanes) finds 0.44-0.67%: BENCHMARKS.md
     assert main(["circuits", "--model", str(save_pretrained(lm, params, tmp_path / "refusing")), "--data", str(path),
-                 "--objective", "alignment", "--out", str(out), "--penalties", "4,8", "--steps", "200",
-                 "--no-progress"]) == 0
+                 "--objective", "remove", "--out", str(out), "--penalties", "4,8", "--restarts", "1",
+                 "--steps", "200", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["base_rate"] >= 0.95 and report["base_compliance"] == 0.0
-    c = min(report["circuits"], key=lambda c: c["rate_ablated"])
-    # measured on the full train split (penalty 8, 400 steps): 4.2% of units, ablated it refuses none of
-    # the held-out harmful requests, utility 0.946; on the CLI's smaller split, 400 steps, 0.83 (at penalty 12
-    # the circuit is too small: 58% still refused); the bars hold at 200 steps too
-    assert c["units"] <= 0.1 and c["rate_ablated"] <= 0.05 and c["utility"] >= 0.8, c
+    c = min(report["circuits"], key=lambda c: (c["rate_ablated"], c["units"]))
+    assert c["units"] <= 0.03 and c["rate_ablated"] <= 0.05 and c["utility"] >= 0.93, c
     assert c["compliance_ablated"] > report["base_compliance"], c   # answers now start as the original's
