@@ -104,6 +104,17 @@ def _weight_grid(weight_grid, extras) -> np.ndarray | None:
     return grid
 
 
+def _same_scorer(scorer, extras) -> int | None:
+    """The index of the extra that scores as `scorer` does (same class, model and BOS), if any."""
+    if scorer is None:
+        return None
+    for n, (_, extra) in enumerate(extras):
+        if (type(extra) is type(scorer) and extra.graphdef == scorer.graphdef and extra.params is scorer.params
+                and np.array_equal(np.asarray(extra.bos), np.asarray(scorer.bos))):
+            return n
+    return None
+
+
 def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig, *, extras=(),
               source: str = "behaviours", system_prompt: str | None = None, weight_grid=None) -> list[dict]:
     """GCG for these behaviours x `run_cfg.restarts` in one engine run (two with a warm start); one result dict
@@ -121,10 +132,11 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
     allowed = allowed_tokens(tok, lm.cfg.vocab_size, cfg.allow_non_ascii)
     if allowed.sum() < cfg.topk:
         raise InputError(f"only {int(allowed.sum())} tokens are allowed, fewer than topk={cfg.topk}")
+    plausibility = SequenceScorer.of(lm) if cfg.max_perplexity is not None else None
     problem = GCGProblem(params=lm.params, after=jnp.asarray(after), allowed=jnp.asarray(allowed),
                          init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
                          roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras),
-                         plausibility=SequenceScorer.of(lm) if cfg.max_perplexity is not None else None,
+                         plausibility=plausibility, plausibility_extra=_same_scorer(plausibility, extras),
                          max_steps=run_cfg.max_steps)
     lane_inputs = {k: np.repeat(v, settings * restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
     if grid is not None:

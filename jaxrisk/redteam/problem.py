@@ -144,6 +144,8 @@ class GCGProblem:
     roundtrip: Any = struct.field(pytree_node=False, default=None)
     extras: tuple = ()               # ((weight, scorer), ...): scorers of (goal + suffix), pytrees
     plausibility: Any = None         # mean log p(request) scorer for cfg.max_perplexity (a SequenceScorer)
+    plausibility_extra: int | None = struct.field(pytree_node=False, default=None)   # the extra that is that
+    #                                  same scorer: the filter reuses its scores instead of computing them again
     max_steps: int = struct.field(pytree_node=False, default=250)   # for the n_replace schedule and the filter's size
 
     @property
@@ -199,8 +201,8 @@ class GCGProblem:
         return jnp.stack(idx, -1).astype(jnp.int32)
 
     def _losses(self, model, cache, lane: GCGState, suffix):
-        """Loss [B] and the target tokens the argmax gets right [B], for suffixes given as ids [B, Ls] or one-hot
-        [B, Ls, V]."""
+        """Loss [B], the target tokens the argmax gets right [B] and each extra scorer's scores ([E] of [B]), for
+        suffixes given as ids [B, Ls] or one-hot [B, Ls, V]."""
         b = suffix.shape[0]
         t = lane.target.shape[0]
         target_b = jnp.broadcast_to(lane.target, (b, t))
@@ -213,11 +215,13 @@ class GCGProblem:
         logits, _, _ = model(embeds_btd=middle, cache=broadcast_cache(cache, b), logits_from=m - 1)
         loss = -target_logprob(token_logprobs(logits, target_b), tvalid_b, self.cfg.mellowmax_alpha)
         matched = jnp.sum((jnp.argmax(logits, -1) == target_b) & tvalid_b, axis=-1)
+        scores = []
         if self.extras:
             request, rvalid = self._request(lane, suffix)
-            for n, (_, scorer) in enumerate(self.extras):
-                loss = loss - lane.extra_weights[n] * scorer(request, rvalid)
-        return loss, matched
+            scores = [scorer(request, rvalid) for _, scorer in self.extras]
+            for n, score in enumerate(scores):
+                loss = loss - lane.extra_weights[n] * score
+        return loss, matched, scores
 
     @staticmethod
     def _request(lane: GCGState, suffix):
@@ -277,11 +281,14 @@ class GCGProblem:
         if cfg.warm_start_step:   # a warm start may already succeed: its first step evaluates the start itself too
             first = state.step == 0
             cands, ok = cands.at[0].set(jnp.where(first, state.current, cands[0])), ok.at[0].set(ok[0] | first)
-        loss, matched = self._losses(model, cache, state, cands)
+        loss, matched, scores = self._losses(model, cache, state, cands)
         takeable = ok
         if cfg.max_perplexity is not None:   # a request the reference LM finds too unlikely is never taken
-            request, rvalid = self._request(state, cands)
-            takeable = ok & (self.plausibility(request, rvalid) >= -np.log(cfg.max_perplexity))
+            if self.plausibility_extra is not None:
+                plausible = scores[self.plausibility_extra]
+            else:
+                plausible = self.plausibility(*self._request(state, cands))
+            takeable = ok & (plausible >= -np.log(cfg.max_perplexity))
         loss = jnp.where(takeable, loss, jnp.inf)
         matched = jnp.where(takeable, matched, -1)
         match = matched == state.target_valid.sum()

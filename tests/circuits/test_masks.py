@@ -56,6 +56,7 @@ def test_all_ones_masks_change_nothing_and_one_head_changes_its_own_output():
     off = masks["heads"].at[1, 2].set(0.0)
     _, acts = lm.run_with_cache(tokens, names=["blocks.1.hook_resid_pre"], head_mask_lh=off)
     _, ref = lm.run_with_cache(tokens, names=["blocks.1.hook_resid_pre"])
-    np.testing.assert_array_equal(np.asarray(acts["blocks.1.hook_resid_pre"]), np.asarray(ref["blocks.1.hook_resid_pre"]))
+    np.testing.assert_array_equal(np.asarray(acts["blocks.1.hook_resid_pre"]),
+                                  np.asarray(ref["blocks.1.hook_resid_pre"]))
     assert float(jnp.abs(lm(tokens, head_mask_lh=off) - lm(tokens)).max()) > 1e-4
     del nnx

@@ -39,15 +39,15 @@ def tiny_plausibility():
     return SequenceScorer(params=lm.params, bos=jnp.asarray([1], jnp.int32), graphdef=lm.graphdef)
 
 
-def run_tiny(cfg: GCGConfig, steps: int = STEPS, seed: int = 0):
+def run_tiny(cfg: GCGConfig, steps: int = STEPS, seed: int = 0, **fields):
     """Eager GCG steps on a random 2-layer Llama: (the state after each step, per-step metrics, recorded
-    candidates)."""
+    candidates). `fields`: more GCGProblem fields (extras, plausibility_extra)."""
     from jaxrisk.models.lm import LanguageModel
 
     lm = LanguageModel.random(tiny_llama_config(), seed=0)
     problem = Recording(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.ones((64,), bool),
                         init_suffix=jnp.asarray([5, 6], jnp.int32), graphdef=lm.graphdef, cfg=cfg, max_steps=steps,
-                        plausibility=tiny_plausibility() if cfg.max_perplexity is not None else None)
+                        plausibility=tiny_plausibility() if cfg.max_perplexity is not None else None, **fields)
     object.__setattr__(problem, "log", [])
     lane = dict(before=jnp.asarray([1, 9, 10], jnp.int32), before_valid=jnp.ones((3,), bool),
                 goal=jnp.asarray([9, 10], jnp.int32), goal_valid=jnp.ones((2,), bool),
@@ -130,6 +130,35 @@ def test_perplexity_filter_never_moves_to_a_request_above_the_bound():
     assert len(moved) >= STEPS // 2   # it still searches
     assert all(perplexity(state.current) <= bound * 1.001 for state in moved)
     assert perplexity(states[-1].best) <= bound * 1.001
+
+
+def test_perplexity_filter_reuses_the_fluency_terms_scores_and_searches_the_same(monkeypatch):
+    """With log p(request) in the objective and the perplexity filter on, the filter takes the extra's scores
+    (one scorer pass per step fewer) and the search is the same step for step."""
+    from jaxrisk.redteam.gcg_run import _same_scorer
+    from jaxrisk.scorers import SequenceScorer
+
+    fluency = tiny_plausibility()
+    assert _same_scorer(fluency, [(0.5, fluency)]) == 0 and _same_scorer(fluency, []) is None
+    assert _same_scorer(fluency, [(0.5, tiny_plausibility())]) is None   # other weights: not the same scorer
+    calls = []
+    real = SequenceScorer.__call__
+    monkeypatch.setattr(SequenceScorer, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    extras = ((0.5, fluency),)
+    free = run_tiny(TINY, steps=8, extras=extras)[0]
+    perplexity = [float(np.exp(-fluency(r, jnp.ones(r.shape, bool))[0]))
+                  for r in (jnp.asarray([[9, 10, *np.asarray(st.current).tolist()]]) for st in free)]
+    cfg = dataclasses.replace(TINY, max_perplexity=float(np.median(perplexity)))   # binds on about half the steps
+    runs = {}
+    for reuse in (None, 0):
+        calls.clear()
+        runs[reuse] = run_tiny(cfg, steps=8, extras=extras, plausibility_extra=reuse)
+        runs[reuse] += (len(calls),)   # scorer calls traced in the one compiled step
+    assert runs[None][3] == 3 and runs[0][3] == 2   # gradient + candidates (+ the filter's own pass)
+    for a, b in zip(runs[None][0], runs[0][0]):
+        np.testing.assert_array_equal(a.current, b.current)
+        np.testing.assert_array_equal(a.best, b.best)
+    assert any(not np.array_equal(a.current, b.current) for a, b in zip(free, runs[0][0]))   # the filter acted
 
 
 def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():

@@ -43,6 +43,22 @@ def test_eight_devices_equal_one():
     np.testing.assert_array_equal(r1.metrics["loss"], r8.metrics["loss"])
 
 
+@pytest.mark.parametrize("lanes, used", [(2, 2), (6, 6), (10, 5), (9, 5), (16, 8), (17, 6)])
+def test_devices_left_to_the_run_hold_no_idle_lanes(lanes, used):
+    """8 devices, devices left to the run: as many as keep the lanes per device at what 8 would give."""
+    from jaxrisk.mesh import RESTARTS
+    from jaxrisk.search.engine import _fitted_mesh
+
+    assert _fitted_mesh(cfg(devices=None), lanes).shape[RESTARTS] == used
+    assert _fitted_mesh(cfg(devices=8), lanes).shape[RESTARTS] == 8   # a mesh the user asked for is kept
+
+
+def test_a_fitted_mesh_gives_the_results_of_one_device():
+    r1, fitted = run(PROBLEM, LANES, cfg(devices=1)), run(PROBLEM, LANES, cfg(devices=None))
+    np.testing.assert_array_equal(r1.state.x, fitted.state.x)
+    np.testing.assert_array_equal(r1.metrics["loss"], fitted.metrics["loss"])
+
+
 def test_chunk_size_does_not_change_results():
     a, b = run(PROBLEM, LANES, cfg(chunk_steps=16)), run(PROBLEM, LANES, cfg(chunk_steps=5))
     np.testing.assert_array_equal(a.state.x, b.state.x)
