@@ -132,6 +132,7 @@ def test_perplexity_filter_never_moves_to_a_request_above_the_bound():
     assert perplexity(states[-1].best) <= bound * 1.001
 
 
+@pytest.mark.slow   # three compiled searches
 def test_perplexity_filter_reuses_the_fluency_terms_scores_and_searches_the_same(monkeypatch):
     """With log p(request) in the objective and the perplexity filter on, the filter takes the extra's scores
     (one scorer pass per step fewer) and the search is the same step for step."""
