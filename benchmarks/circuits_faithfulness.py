@@ -7,7 +7,8 @@ penalty x restart a lane of one program; the report's Pareto front over all lane
   AdamW with weight decay, another seed);
 - the planted refusal (alignment objective: ablated, the model answers harmful requests as the original did),
   evaluated on held-out harmful requests (unseen names and frames), and on held-out benign requests (their
-  greedy answer must stay the intact model's).
+  answers against the intact model's: the first 3 greedy tokens, and the KL of the answers' next-token
+  distributions, each beside random circuits of the same size).
 Per case and keep term: the headline circuit = among front members of <= 1% of units whose ablation takes the
 behaviour rate to <= 5%, the one of highest utility (clean-loss ratio); its task accuracy (top-1 next token on
 held-out clean text) against the intact model's; the behaviour rate of the circuit alone with zero and with
@@ -25,19 +26,23 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxrisk.circuits import CircuitConfig, CircuitsConfig, ablation_masks, circuit_from_logits, run
 from jaxrisk.circuits.report import learned_measures
+from jaxrisk.data.batch import answer_rows
 from jaxrisk.evals import greedy_continuations
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
+from jaxrisk.models.lm import forward
 from jaxrisk.search import RunConfig
 from jaxrisk.zoo.lm_backdoor import OTHER_RECIPE, BackdoorConfig, plant_backdoor
 from jaxrisk.zoo.lm_refusal import RefusalConfig, plant_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "assets" / "models" / "tinyllamas-stories260K"
+FORWARD = jax.jit(forward, static_argnums=0)   # logits of (graphdef, params, tokens, **masks)
 
 
 def backdoor_case(lm, recipe: BackdoorConfig, objective: str = "remove", n: int = 320) -> tuple:
@@ -78,20 +83,44 @@ def benign_kept(lm, params, benign, masks, intact: list | None = None) -> float:
     return float(np.mean([np.array_equal(o, r) for o, r in zip(outs, ref)]))
 
 
-def benign_measures(lm, params, benign, intact, circuit, means, n_random: int = 20) -> dict:
-    """Benign answers kept with the circuit ablated (vs the intact planted model's answers `intact`, and vs the
-    original model's), and, as the control, kept with random circuits of as many heads and neurons (mean over
+def benign_answers(lm, params, benign, n_tokens: int = 8) -> dict:
+    """The intact planted model's greedy answers to the benign requests, as teacher-forced rows with their
+    next-token log-probabilities: what `benign_divergence` compares an ablated model with."""
+    prompts = [np.asarray(p) for p, _ in benign]
+    answers = greedy_continuations(lm, params, prompts, n_tokens)
+    tokens, weight = answer_rows(prompts, answers)
+    logits = FORWARD(lm.graphdef, params, jnp.asarray(tokens[:, :-1]))[0]
+    return {"first3": [a[:3] for a in answers], "tokens": tokens, "weight": weight,
+            "logp": jax.nn.log_softmax(logits, -1)}
+
+
+def benign_divergence(lm, params, answers, masks) -> float:
+    """Mean KL(intact || ablated) of the next-token distributions over the intact model's benign answers (nats
+    per answer token): how far benign answers move, continuous where 'the same first 3 greedy tokens' flips."""
+    logp = jax.nn.log_softmax(FORWARD(lm.graphdef, params, jnp.asarray(answers["tokens"][:, :-1]), **masks)[0], -1)
+    kl = jnp.sum(jnp.exp(answers["logp"]) * (answers["logp"] - logp), -1)
+    return float(jnp.sum(kl * answers["weight"]) / answers["weight"].sum())
+
+
+def benign_measures(lm, params, benign, answers, circuit, means, n_random: int = 20) -> dict:
+    """Benign answers kept with the circuit ablated (first 3 greedy tokens vs the intact planted model's
+    `answers`, and vs the original model's; the KL of the answers' next-token distributions to the intact
+    model's), and, as the control, the same with random circuits of as many heads and neurons (mean over
     `n_random`)."""
     masks = ablation_masks(circuit, lm.cfg, means=means)
-    out = {"benign_kept": benign_kept(lm, params, benign, masks, intact),
-           "benign_as_original": benign_kept(lm, params, benign, masks)}
-    rng, kept = np.random.default_rng(0), []
+    out = {"benign_kept": benign_kept(lm, params, benign, masks, answers["first3"]),
+           "benign_as_original": benign_kept(lm, params, benign, masks),
+           "benign_kl": benign_divergence(lm, params, answers, masks)}
+    rng, kept, kl = np.random.default_rng(0), [], []
     for _ in range(n_random):
         random = {k: np.zeros_like(v) for k, v in circuit.items()}
         for k, v in random.items():
             v.flat[rng.choice(v.size, int(circuit[k].sum()), replace=False)] = 1.0
-        kept.append(benign_kept(lm, params, benign, ablation_masks(random, lm.cfg, means=means), intact))
-    return {**out, "benign_kept_random_circuits": float(np.mean(kept))}
+        masks = ablation_masks(random, lm.cfg, means=means)
+        kept.append(benign_kept(lm, params, benign, masks, answers["first3"]))
+        kl.append(benign_divergence(lm, params, answers, masks))
+    return {**out, "benign_kept_random_circuits": float(np.mean(kept)),
+            "benign_kl_random_circuits": float(np.mean(kl)), "benign_kl_random_circuits_max": float(np.max(kl))}
 
 
 def headline(front: list[dict], ablation: str) -> dict | None:
@@ -148,7 +177,7 @@ def main() -> None:
             seconds = time.perf_counter() - t
             best = headline(result.front, args.ablation)
             means = result.means if args.ablation == "mean" else None
-            intact = None if benign is None else greedy_continuations(lm, params, [p for p, _ in benign], 3)
+            answers = None if benign is None else benign_answers(lm, params, benign)
             row = {"seconds": seconds, "base_rate": result.report["base_rate"],
                    "base_task_accuracy": result.report["base_task_accuracy"], "warnings": result.report["warnings"],
                    "front": [{k: v for k, v in c.items() if k != "logits"} for c in result.front],
@@ -157,7 +186,7 @@ def main() -> None:
                 circuit = circuit_from_logits(c["logits"])
                 member.update({f"{k}_in_circuit": np.argwhere(v > 0).tolist() for k, v in circuit.items()})
                 if benign is not None:
-                    member.update(benign_measures(lm, params, benign, intact, circuit, means))
+                    member.update(benign_measures(lm, params, benign, answers, circuit, means))
             if best is not None:
                 row["headline"] = next(m for m, c in zip(row["front"], result.front) if c is best)
             record["cases"][case][keep] = row
@@ -170,7 +199,9 @@ def main() -> None:
                         f"{m['utility']:.3f}, task acc {c['task_accuracy']:.3f} / {m['task_accuracy']:.3f}, alone "
                         f"{c['rate_alone']} / {m['rate_alone']}"
                         + (f", benign kept {c['benign_kept']:.2f} (random circuits "
-                           f"{c['benign_kept_random_circuits']:.2f})" if "benign_kept" in c else ""))
+                           f"{c['benign_kept_random_circuits']:.2f}), benign KL {c['benign_kl']:.4f} (random "
+                           f"{c['benign_kl_random_circuits']:.4f}, max {c['benign_kl_random_circuits_max']:.4f})"
+                           if "benign_kept" in c else ""))
             print(f"{case} keep={keep}: {seconds:.0f} s, base rate {row['base_rate']}, task acc "
                   f"{row['base_task_accuracy']:.3f}; front:\n    " + "\n    ".join(map(line, row["front"])))
             print("  headline:", None if h is None else line(h), flush=True)
