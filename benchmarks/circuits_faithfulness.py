@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--objective", choices=["remove", "backdoor", "alignment"],
                     help="default: remove for the backdoors, alignment for the refusal (which alone has compliances)")
     ap.add_argument("--granularity", default="both", choices=["heads", "neurons", "both"])
+    ap.add_argument("--alone-weight", type=float, default=CircuitConfig().alone_weight,
+                    help="weight of the circuit-alone term (backdoor / alignment objectives)")
     ap.add_argument("--benign-in-clean", type=int, default=0, metavar="N",
                     help="refusal: N of the clean rows are training benign requests with the model's own answers")
     ap.add_argument("--out", default="runs/bench_circuits_faithfulness.json")
@@ -159,7 +161,8 @@ def main() -> None:
     record = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0]), "machine": platform.machine(),
               "penalties": penalties, "restarts": args.restarts, "steps": args.steps, "ablation": args.ablation,
               "remove_loss": args.remove_loss, "objective": args.objective,
-              "benign_in_clean": args.benign_in_clean, "granularity": args.granularity, "cases": {}}
+              "benign_in_clean": args.benign_in_clean, "granularity": args.granularity,
+              "alone_weight": args.alone_weight, "cases": {}}
     for case in args.cases.split(","):
         t = time.perf_counter()
         params, data, objective, benign = builders[case]()
@@ -170,6 +173,7 @@ def main() -> None:
                                     penalties=penalties,
                                     search=CircuitConfig(objective=objective, keep=keep, ablation=args.ablation,
                                                          granularity=args.granularity,
+                                                         alone_weight=args.alone_weight,
                                                          remove_loss=args.remove_loss,
                                                          learning_rate=0.05))
             t = time.perf_counter()
