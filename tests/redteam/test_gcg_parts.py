@@ -141,7 +141,7 @@ def test_perplexity_filter_reuses_the_fluency_terms_scores_and_searches_the_same
 
     fluency = tiny_plausibility()
     assert _same_scorer(fluency, [(0.5, fluency)]) == 0 and _same_scorer(fluency, []) is None
-    assert _same_scorer(fluency, [(0.5, tiny_plausibility())]) is None   # other weights: not the same scorer
+    assert _same_scorer(fluency, [(0.5, tiny_plausibility())]) is None   # a copy of the weights: judged by identity
     calls = []
     real = SequenceScorer.__call__
     monkeypatch.setattr(SequenceScorer, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
