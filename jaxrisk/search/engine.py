@@ -190,9 +190,10 @@ def run(problem: SearchProblem, items: PyTree, config: RunConfig = RunConfig(), 
     if len(sizes) != 1 or None in sizes:
         raise InputError(f"every item input needs the same leading (restart) axis; found sizes {sizes}")
     (n_items,) = sizes
-    mesh = _fitted_mesh(config, min(config.lanes or n_items, n_items))
+    at_once = min(config.lanes or n_items, n_items)
+    mesh = _fitted_mesh(config, at_once)
     shards = mesh.shape[RESTARTS]
-    n_lanes = math.ceil(min(config.lanes or n_items, n_items) / shards) * shards
+    n_lanes = math.ceil(at_once / shards) * shards
     item_keys = np.asarray(jax.random.split(key, n_items))
 
     # the item table: every item's carry row (started items hold their progress), its status and its history
