@@ -9,7 +9,8 @@ same budget, in one script.
 Success is checked independently of the search: the returned prompt *text* is tokenised again and the
 model's greedy continuation must start with the target's tokens. nanoGCG needs transformers <= 4.47, so
 it runs in its own venv (see benchmarks/gcg_vs_nanogcg.py); its success is checked the same way (greedy
-generation from goal + its best string, tokenised).
+generation from goal + its best string, tokenised; also reported: success on the ids it optimised, goal and
+suffix tokenised apart, which is what its own early stop checks).
 """
 
 from __future__ import annotations
@@ -40,9 +41,15 @@ BEHAVIOURS = ROOT / "benchmarks" / "data" / "story_targets.jsonl"
 VARIANTS = {
     "gcg": {},
     "matches": {"select": "matches"},
+    "mellowmax": {"mellowmax_alpha": 1.0},   # nanoGCG's use_mellowmax, its default alpha
+    "margin": {"margin": 1.0},
     "buffer": {"buffer_size": 4},
     "multi": {"n_replace": 4, "n_replace_final": 1},
     "no_revisit": {"no_revisit": True},
+    "restart": {"restart_patience": 50},   # back to the start suffix after 50 steps without a better suffix
+    # the model's first layer ranks 256 candidates, the model scores 16 + 32 of them: about plain GCG's compute
+    "probe": {"probe_layers": 1, "search_width": 256},
+    "restart_matches": {"restart_patience": 50, "select": "matches"},
     "warm": {"warm_start_step": 100},   # half of the default budget, then unsolved ones go on from solved suffixes
     "all": {"select": "matches", "buffer_size": 4, "n_replace": 4, "n_replace_final": 1, "no_revisit": True},
 }
@@ -81,6 +88,8 @@ def run_nanogcg(args, behaviours) -> dict:
     wall = time.perf_counter() - t
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {"successes": sum(r["success"] for r in rows), "success_rate": sum(r["success"] for r in rows) / len(rows),
+            "successes_on_its_ids": sum(r["success_ids"] for r in rows),
+            "stopped_early": sum(r["stopped_early"] for r in rows),
             "wall_seconds": round(wall, 1), "candidates": sum(r["candidates"] for r in rows), "rows": rows}
 
 
@@ -117,7 +126,8 @@ def main() -> None:
               f"{v['candidates']} candidates, {v['mean_steps']:.0f} steps on average", flush=True)
     if not args.no_nanogcg:
         record["nanogcg"] = run_nanogcg(args, behaviours)
-        print(f"    nanogcg: {record['nanogcg']['successes']}/{len(behaviours)} landed, "
+        print(f"    nanogcg: {record['nanogcg']['successes']}/{len(behaviours)} landed "
+              f"({record['nanogcg']['successes_on_its_ids']} on the ids it optimised), "
               f"{record['nanogcg']['wall_seconds']} s", flush=True)
     print(f"-> {write_json(args.out, record)}")
 

@@ -4,7 +4,10 @@
         [DEVICE (cpu) [DTYPE (float32)]]
 
 Counts the candidates nanoGCG really evaluates (after its re-tokenisation filter), times each behaviour
-from its start to its stop, and checks success by greedy generation from the optimised ids.
+from its start to its stop, and checks success as jaxrisk's results are checked: greedy generation from the
+returned prompt text (goal + best string) tokenised again; `success_ids` is the same check on the ids it
+optimised (goal and suffix tokenised apart), where the two differ; `stopped_early`: its early stop saw a
+candidate whose argmax matched the target (it then returns its lowest-loss string, which need not be that one).
 """
 
 import json
@@ -39,14 +42,20 @@ def main() -> None:
         t = time.perf_counter()
         result = nanogcg.run(model, tok, bh["goal"], bh["target"], cfg)
         seconds = time.perf_counter() - t
-        goal_ids = tok(bh["goal"])["input_ids"]
-        suffix_ids = tok(result.best_string, add_special_tokens=False)["input_ids"]
+        # the same check as jaxrisk's: the returned prompt *text* (goal + best string) tokenised again
+        prompt_ids = tok(bh["goal"] + result.best_string)["input_ids"]
         target_ids = tok(bh["target"], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = model.generate(torch.tensor([goal_ids + suffix_ids], device=device), max_new_tokens=len(target_ids),
+            out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=len(target_ids),
                                  do_sample=False)
-        success = out[0, len(goal_ids) + len(suffix_ids):].tolist() == target_ids
+        success = out[0, len(prompt_ids):].tolist() == target_ids
+        # and on the ids nanoGCG optimised (goal and suffix tokenised apart), which its own early stop checks
+        ids = tok(bh["goal"])["input_ids"] + tok(result.best_string, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=len(target_ids), do_sample=False)
+        success_ids = out[0, len(ids):].tolist() == target_ids
         print(json.dumps({"behavior": bh["goal"], "target": bh["target"], "success": success,
+                          "success_ids": success_ids, "stopped_early": len(result.losses) < int(steps),
                           "steps": len(result.losses), "seconds": seconds, "candidates": counted["n"],
                           "loss": result.best_loss, "suffix": result.best_string}), flush=True)
 

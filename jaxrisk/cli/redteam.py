@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--group", type=POSITIVE, default=8, help="behaviours per compiled run (x restarts lanes)")
     p.add_argument("--mellowmax", type=number(0.0, above=True), default=None, metavar="ALPHA",
                    help="mellowmax target loss")
+    p.add_argument("--margin", type=number(0.0), default=None, metavar="M",
+                   help="margin target loss: every target token the argmax by at least M logits (0 is greedy success)")
     p.add_argument("--fluency-weight", type=number(), default=None,
                    help="weight of log p(request) in the objective (default 0; arca: 1, its plausibility weight)")
     p.add_argument("--fluency-weights", type=comma_list(number(), "numbers", "0,0.3,1"), default=None,
@@ -46,6 +48,12 @@ def add_parser(sub) -> None:
     p.add_argument("--warm-start-step", type=int, default=None, metavar="S",
                    help="after S steps, unsolved behaviours go on from the suffix (theirs, or one that solved "
                         "another behaviour) that scores their target best (0: off)")
+    p.add_argument("--probe-layers", type=int, default=None, metavar="L",
+                   help="probe sampling: the model's first L layers rank the candidates, the model scores a random "
+                        "1/16 and the draft's best 1/R (0: off)")
+    p.add_argument("--probe-ratio", type=POSITIVE, default=None, metavar="R")
+    p.add_argument("--restart-patience", type=int, default=None, metavar="P",
+                   help="a lane with no better suffix for P steps starts again from its start suffix (0: off)")
     p.add_argument("--system-prompt", metavar="TEXT", help="chat models: a system turn before each request")
     p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
     p.add_argument("--allow-non-ascii", action="store_true")
@@ -78,7 +86,8 @@ def cmd_redteam(args) -> int:
     if fluency is None:
         fluency = ARCAConfig().plausibility_weight if arca else 0.0
     parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
-                                                            "warm_start_step", "max_perplexity")
+                                                            "warm_start_step", "max_perplexity", "margin",
+                                                            "restart_patience", "probe_layers", "probe_ratio")
              if getattr(args, name) is not None}
     if args.revisit is not None:
         parts["no_revisit"] = not args.revisit

@@ -228,7 +228,7 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens_bt=None, *, embeds_btd=None, valid_bt=None, cache: Cache | None = None,
                  head_mask_lh=None, neuron_mask_lf=None, head_mean_lhk=None, neuron_mean_lf=None, capture=(),
-                 logits=True, logits_from: int = 0):
+                 logits=True, logits_from: int = 0, n_layers: int | None = None):
         """Run T new positions. `valid_bt` marks real tokens (False = padding, e.g. left padding).
 
         Head / neuron masks scale each head's output z and each MLP neuron's activation (0 = zero ablation);
@@ -239,6 +239,8 @@ class CausalLM(nnx.Module):
         are written at `cache["slot"]` and also attend to everything valid before.
         Logits are computed for positions `logits_from:` only (all by default), none
         with `logits=False`: scoring a short target needs a small slice of [B, T, V].
+        `n_layers`: only the first n blocks run, then the final norm and head (a cheaper draft of the model;
+        the returned cache then holds those n layers).
         """
         cfg = self.cfg
         rec = Recorder(capture)
@@ -271,6 +273,8 @@ class CausalLM(nnx.Module):
             rope = (jnp.cos(angles), jnp.sin(angles))
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
+            if n_layers is not None and i >= n_layers:
+                break
             p = f"blocks.{i}."
             rec(p + "hook_resid_pre", x)
             h = block.ln1(x)

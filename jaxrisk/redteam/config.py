@@ -19,6 +19,8 @@ class GCGConfig:
     suffix_len: int = 20
     init_token: str = "!"            # the suffix starts as "! ! ! ..."
     mellowmax_alpha: float | None = None
+    margin: float | None = None      # None: cross-entropy target loss; m: the margin loss (each target token the
+    #                                  argmax by at least m logits; see problem.target_margin_loss)
     early_stop: bool = True
     filter_retokenization: bool = True
     oversample: int = 2              # draw oversample x B swaps so ~B survive the round-trip filter
@@ -31,6 +33,10 @@ class GCGConfig:
     no_revisit: bool = False         # never evaluate a suffix twice (a per-lane Bloom filter of evaluated suffixes)
     max_perplexity: float | None = None   # never take a candidate whose request (goal + suffix) is more perplexing
     #                                       than this to the model itself (a perplexity filter)
+    probe_layers: int = 0            # 0: off; L: probe sampling, the model's first L layers draft-rank the B candidates
+    probe_ratio: int = 8             # ... and the model scores B/16 random ones and the draft's best B/probe_ratio
+    restart_patience: int = 0        # 0: off; P: a lane whose best since its last restart has not improved for P steps
+    #                                  starts again from its start suffix (the best ever is kept)
     warm_start_step: int = 0         # 0: off; S: after S steps, unsolved behaviours go on from the suffix (their own
     #                                  best or one that solved another behaviour) scoring their target best
 
@@ -39,12 +45,20 @@ class GCGConfig:
             require_int(f"GCGConfig.{name}", getattr(self, name), 1)
         require_int("GCGConfig.buffer_size", self.buffer_size, 0)
         require_int("GCGConfig.warm_start_step", self.warm_start_step, 0)
+        require_int("GCGConfig.restart_patience", self.restart_patience, 0)
+        require_int("GCGConfig.probe_layers", self.probe_layers, 0)
+        require_int("GCGConfig.probe_ratio", self.probe_ratio, 1)
         require_choice("GCGConfig.select", self.select, SELECT)
         if max(self.n_replace, self.n_replace_final) > self.suffix_len:
             raise InputError(f"GCGConfig.n_replace: {max(self.n_replace, self.n_replace_final)} positions per "
                              f"candidate, more than the suffix's {self.suffix_len}")
         if self.max_perplexity is not None:
             require_number("GCGConfig.max_perplexity", self.max_perplexity, 1.0)
+        if self.margin is not None:
+            require_number("GCGConfig.margin", self.margin, 0.0)
+            if self.mellowmax_alpha is not None:
+                raise InputError("GCGConfig.margin: the margin loss replaces the cross-entropy that mellowmax "
+                                 "reweights; set one of margin and mellowmax_alpha")
         if self.mellowmax_alpha is not None:
             require_number("GCGConfig.mellowmax_alpha", self.mellowmax_alpha, 0.0, above=True)
         if not isinstance(self.init_token, str) or not self.init_token.strip():

@@ -71,7 +71,7 @@ def _search(lm, problem: GCGProblem, lane_inputs: dict, after: np.ndarray, cfg: 
     out = dict(best=state.best.copy(), best_loss=state.best_loss.copy(), success=state.success.copy(),
                n_evals=state.n_evals.astype(np.int64), steps=result.steps.astype(np.int64),
                seconds=np.asarray(result.seconds, float), failed_at=result.failed_at.copy(),
-               warm_from=np.full(len(state.success), -1))
+               warm_from=np.full(len(state.success), -1), restarts=state.restarts.astype(np.int64))
     behaviour_solved = np.repeat(state.success.reshape(-1, run_cfg.restarts).any(1), run_cfg.restarts)
     solved, unsolved = np.flatnonzero(state.success), np.flatnonzero(~behaviour_solved & (result.failed_at < 0))
     if first == run_cfg.max_steps or not len(unsolved):
@@ -88,6 +88,7 @@ def _search(lm, problem: GCGProblem, lane_inputs: dict, after: np.ndarray, cfg: 
         out[name][unsolved[took]] = getattr(st, name)[took]
     out["warm_from"][unsolved] = np.where(sources != unsolved, sources, -1)
     out["n_evals"][unsolved] += st.n_evals
+    out["restarts"][unsolved] += st.restarts
     out["steps"][unsolved] += second.steps
     out["seconds"][unsolved] = np.nanmax(out["seconds"]) + second.seconds
     out["failed_at"][unsolved] = np.where(second.failed_at >= 0, first + second.failed_at, -1)
@@ -132,6 +133,9 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
     allowed = allowed_tokens(tok, lm.cfg.vocab_size, cfg.allow_non_ascii)
     if allowed.sum() < cfg.topk:
         raise InputError(f"only {int(allowed.sum())} tokens are allowed, fewer than topk={cfg.topk}")
+    if cfg.probe_layers >= lm.cfg.n_layers:
+        raise InputError(f"GCGConfig.probe_layers: the draft must be fewer layers than the model's "
+                         f"{lm.cfg.n_layers}, got {cfg.probe_layers}")
     plausibility = SequenceScorer.of(lm) if cfg.max_perplexity is not None else None
     problem = GCGProblem(params=lm.params, after=jnp.asarray(after), allowed=jnp.asarray(allowed),
                          init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
@@ -179,6 +183,8 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
         }
         if grid is not None:
             row["extra_weights"] = grid[g % settings].tolist()
+        if cfg.restart_patience:   # how often the reported lane went back to its start suffix
+            row["stall_restarts"] = int(found["restarts"][r])
         if cfg.warm_start_step:   # which behaviour's solved suffix this one went on from (None: its own)
             source_lane = int(found["warm_from"][r])
             row["warm_start_from"] = (behaviors[source_lane // (settings * restarts)].goal if source_lane >= 0

@@ -17,19 +17,22 @@ lanes x B candidate evaluations per step). Per step and lane:
    shapes never change and little compute is wasted; with `max_perplexity`
    a candidate whose request (goal + suffix) is more perplexing than that to
    a reference LM is evaluated but never taken (AutoDAN / FLRT style);
-5. exact evaluation of all B candidates, ranked by loss (or, with
+5. exact evaluation of all B candidates (with probe sampling, of a random
+   B/16 and the B/R that a draft, the model's first layers, ranks best), ranked by loss (or, with
    select="matches", first by the target tokens the argmax gets right); the
    best (a candidate whose greedy continuation is the target, if any is)
    becomes the current suffix (or, with a buffer, enters the K best kept and
    the search goes on from the best of them), the best ever is kept, and the
    lane stops once the greedy continuation equals the target (teacher-forced
-   argmax at every target position).
+   argmax at every target position); with `restart_patience`, a lane whose best
+   since its last restart has not improved for that many steps goes back to
+   its start suffix.
 
 A lane may start from a suffix of its own (lane input `start`: a warm start
 from a suffix that solved another behaviour, see gcg_run); its first step then
 evaluates the start itself as well.
 
-Loss = -log p(target) (mean over tokens, or mellowmax) - sum_i w_i * extra_i,
+Loss = -log p(target) (mean over tokens, or mellowmax; or the margin loss) - sum_i w_i * extra_i,
 where the extras are scorers of the request (goal + suffix), e.g. plausibility
 or a danger probe; they enter the gradient too. The weights w_i are per lane,
 so one program can sweep them.
@@ -107,6 +110,29 @@ def prompt_cache(model, before_p, valid_p, room: int):
     return cache
 
 
+def target_margin_loss(logits_btv, target_bt, valid_bt, margin: float):
+    """Mean over target tokens of max(0, margin - (logit of the target - the largest other logit)): zero exactly
+    when every target token is the argmax by at least `margin` (greedy success), and only the tokens that are not
+    yet carry gradient (a Carlini-Wagner loss; mean cross-entropy can be low while one token is still wrong)."""
+    is_target = jax.nn.one_hot(target_bt, logits_btv.shape[-1], dtype=bool)
+    mine = jnp.sum(jnp.where(is_target, logits_btv, 0.0), -1)
+    other = jnp.max(jnp.where(is_target, -jnp.inf, logits_btv), -1)
+    hinge = jnp.maximum(margin - (mine - other), 0.0)
+    return jnp.sum(jnp.where(valid_bt, hinge, 0.0), -1) / valid_bt.sum(-1)
+
+
+def _spearman(a, b, valid):
+    """Spearman rank correlation of a [n] and b [n] over the valid entries (0 with fewer than two)."""
+    n = valid.sum()
+    rank = lambda x: jnp.argsort(jnp.argsort(jnp.where(valid, x, jnp.inf))).astype(jnp.float32)  # noqa: E731
+    ra, rb = rank(a), rank(b)          # invalid entries rank last in both, and are left out below
+    w = valid.astype(jnp.float32)
+    mean = (n - 1) / 2
+    cov = jnp.sum(w * (ra - mean) * (rb - mean))
+    var = jnp.sum(w * (ra - mean) ** 2)
+    return jnp.where(n > 1, cov / jnp.maximum(var, 1e-9), 0.0)
+
+
 class GCGState(NamedTuple):
     """One lane's state: its inputs (see GCGProblem) and the search's progress."""
     before: jax.Array        # [P] template + goal tokens before the suffix (left-padded)
@@ -128,6 +154,11 @@ class GCGState(NamedTuple):
     seen: jax.Array          # [S] bool Bloom filter of evaluated suffixes (no_revisit; else one unused bit)
     extra_weights: jax.Array  # [E] float32 this lane's weight of each extra scorer (a sweep: one per lane; one
     #                           unused weight without extras: a checkpoint cannot hold an empty array)
+    start: jax.Array         # [Ls] int32 the suffix the lane started from (a restart goes back to it)
+    run_best_loss: jax.Array  # [] the best loss since the last restart (restart_patience)
+    run_best_matched: jax.Array  # [] int32 its matched target tokens
+    stale: jax.Array         # [] int32 steps since the best since the last restart improved
+    restarts: jax.Array      # [] int32 restarts taken
 
 
 @struct.dataclass
@@ -170,7 +201,10 @@ class GCGProblem:
                         best_matched=jnp.asarray(-1, jnp.int32),
                         buffer=jnp.broadcast_to(start, (k, ls)),
                         buffer_loss=jnp.full((k,), jnp.inf, jnp.float32), buffer_matched=jnp.full((k,), -1, jnp.int32),
-                        seen=jnp.zeros((self.seen_bits,), bool), extra_weights=jnp.asarray(weights, jnp.float32))
+                        seen=jnp.zeros((self.seen_bits,), bool), extra_weights=jnp.asarray(weights, jnp.float32),
+                        start=start, run_best_loss=jnp.asarray(jnp.inf, jnp.float32),
+                        run_best_matched=jnp.asarray(-1, jnp.int32), stale=jnp.asarray(0, jnp.int32),
+                        restarts=jnp.asarray(0, jnp.int32))
 
     def _order(self, loss, matched):
         """Indices best first: by loss, or with select='matches' by more target tokens right, then loss."""
@@ -200,9 +234,10 @@ class GCGProblem:
             idx.append(h % jnp.uint32(self.seen_bits))
         return jnp.stack(idx, -1).astype(jnp.int32)
 
-    def _losses(self, model, cache, lane: GCGState, suffix):
+    def _losses(self, model, cache, lane: GCGState, suffix, draft: bool = False):
         """Loss [B], the target tokens the argmax gets right [B] and each extra scorer's scores ([E] of [B]), for
-        suffixes given as ids [B, Ls] or one-hot [B, Ls, V]."""
+        suffixes given as ids [B, Ls] or one-hot [B, Ls, V]. `draft`: the target loss alone, under the model's
+        first `probe_layers` layers (probe sampling's cheap ranking)."""
         b = suffix.shape[0]
         t = lane.target.shape[0]
         target_b = jnp.broadcast_to(lane.target, (b, t))
@@ -212,11 +247,15 @@ class GCGProblem:
                                                    (b, self.after.shape[0], model.cfg.d_model)),
                                   model.embed_tokens(target_b[:, :-1])], axis=1)
         m = suffix.shape[1] + self.after.shape[0]
-        logits, _, _ = model(embeds_btd=middle, cache=broadcast_cache(cache, b), logits_from=m - 1)
-        loss = -target_logprob(token_logprobs(logits, target_b), tvalid_b, self.cfg.mellowmax_alpha)
+        logits, _, _ = model(embeds_btd=middle, cache=broadcast_cache(cache, b), logits_from=m - 1,
+                             n_layers=self.cfg.probe_layers if draft else None)
+        if self.cfg.margin is None:
+            loss = -target_logprob(token_logprobs(logits, target_b), tvalid_b, self.cfg.mellowmax_alpha)
+        else:
+            loss = target_margin_loss(logits, target_b, tvalid_b, self.cfg.margin)
         matched = jnp.sum((jnp.argmax(logits, -1) == target_b) & tvalid_b, axis=-1)
         scores = []
-        if self.extras:
+        if self.extras and not draft:
             request, rvalid = self._request(lane, suffix)
             scores = [scorer(request, rvalid) for _, scorer in self.extras]
             for n, score in enumerate(scores):
@@ -266,6 +305,24 @@ class GCGProblem:
         cands = jnp.where(ok[:, None], cands, state.current[None])                  # masked duplicates
         return cands, ok
 
+    def _probe_sampled(self, model, cache, state: GCGState, cands, ok, must, key):
+        """Probe sampling (Zhao et al. 2024): the draft (the model's first layers) ranks all B candidates; the
+        model scores a random probe set of B/16 and the draft's best B/probe_ratio of the rest (and `must`).
+        Returns _losses' outputs over all B (inf / -1 where not scored), which were scored [B], and the draft's
+        rank agreement with the model on the probe set (Spearman)."""
+        b = cands.shape[0]
+        n_probe, n_top = max(b // 16, 2), max(b // self.cfg.probe_ratio, 1)
+        draft = jnp.where(ok, self._losses(model, cache, state, cands, draft=True)[0], jnp.inf)
+        probe = jax.random.permutation(key, b)[:n_probe]
+        rest = jnp.where(must, -jnp.inf, draft).at[probe].set(jnp.inf)
+        chosen = jnp.concatenate([probe, jnp.argsort(rest)[:n_top]])     # distinct: the probe set ranks last
+        loss, matched, scores = self._losses(model, cache, state, cands[chosen])
+        exact = jnp.zeros((b,), bool).at[chosen].set(ok[chosen])
+        spread = lambda x, fill: jnp.full((b,), fill, x.dtype).at[chosen].set(x)  # noqa: E731
+        agreement = _spearman(draft[probe], loss[:n_probe], ok[probe])
+        return (spread(loss, jnp.inf), spread(matched, -1), [spread(x, -jnp.inf) for x in scores], exact,
+                agreement)
+
     def step(self, state, key):
         cfg = self.cfg
         model = nnx.merge(self.graphdef, self.params)
@@ -278,10 +335,17 @@ class GCGProblem:
         top = jax.lax.top_k(-grad, cfg.topk)[1]                                        # [Ls, k]
 
         cands, ok = self._candidates(state, top, key)
+        must = jnp.zeros(ok.shape, bool)
         if cfg.warm_start_step:   # a warm start may already succeed: its first step evaluates the start itself too
             first = state.step == 0
             cands, ok = cands.at[0].set(jnp.where(first, state.current, cands[0])), ok.at[0].set(ok[0] | first)
-        loss, matched, scores = self._losses(model, cache, state, cands)
+            must = must.at[0].set(first)
+        extra_metrics = {}
+        if cfg.probe_layers:   # the model scores only a probe set and the draft's best: `ok` becomes those
+            loss, matched, scores, ok, extra_metrics["probe_agreement"] = self._probe_sampled(
+                model, cache, state, cands, ok, must, jax.random.fold_in(key, 1))   # the same candidates as without
+        else:
+            loss, matched, scores = self._losses(model, cache, state, cands)
         takeable = ok
         if cfg.max_perplexity is not None:   # a request the reference LM finds too unlikely is never taken
             if self.plausibility_extra is not None:
@@ -311,6 +375,22 @@ class GCGProblem:
             current = buffer[self._order(buffer_loss, buffer_matched)[0]]
         else:
             current = jnp.where(moved, cands[i], state.current)
+        run_best_loss, run_best_matched, stale, restarts = (state.run_best_loss, state.run_best_matched,
+                                                            state.stale, state.restarts)
+        if cfg.restart_patience:   # no better suffix for `restart_patience` steps: start again from the start
+            improved = moved & self._ranked_before(loss[i], matched[i], run_best_loss, run_best_matched)
+            run_best_loss = jnp.where(improved, loss[i], run_best_loss)
+            run_best_matched = jnp.where(improved, matched[i], run_best_matched)
+            stale = jnp.where(improved, 0, stale + 1)
+            again = stale >= cfg.restart_patience
+            current = jnp.where(again, state.start, current)
+            buffer = jnp.where(again, jnp.broadcast_to(state.start, buffer.shape), buffer)
+            buffer_loss = jnp.where(again, jnp.inf, buffer_loss)
+            buffer_matched = jnp.where(again, -1, buffer_matched)
+            run_best_loss = jnp.where(again, jnp.inf, run_best_loss)
+            run_best_matched = jnp.where(again, -1, run_best_matched)
+            stale = jnp.where(again, 0, stale)
+            restarts = restarts + again
         seen = state.seen
         if cfg.no_revisit:
             bits = self._seen_bits(cands)
@@ -318,8 +398,9 @@ class GCGProblem:
         new = state._replace(current=current, best=best, best_loss=best_loss, best_matched=best_matched,
                              success=state.success | (moved & match[i]), n_evals=state.n_evals + ok.sum(),
                              step=state.step + 1, buffer=buffer, buffer_loss=buffer_loss,
-                             buffer_matched=buffer_matched, seen=seen)
-        metrics = {"loss": loss[i], "best_loss": new.best_loss, "kept": ok.mean()}
+                             buffer_matched=buffer_matched, seen=seen, run_best_loss=run_best_loss,
+                             run_best_matched=run_best_matched, stale=stale, restarts=restarts)
+        metrics = {"loss": loss[i], "best_loss": new.best_loss, "kept": ok.mean(), **extra_metrics}
         return new, metrics
 
     def done(self, state):

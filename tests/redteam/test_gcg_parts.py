@@ -162,6 +162,76 @@ def test_perplexity_filter_reuses_the_fluency_terms_scores_and_searches_the_same
     assert any(not np.array_equal(a.current, b.current) for a, b in zip(free, runs[0][0]))   # the filter acted
 
 
+def test_restarts_go_back_to_the_start_after_patience_steps_without_a_better_suffix_and_keep_the_best():
+    patience = 3
+    states, metrics, _ = run_tiny(dataclasses.replace(TINY, restart_patience=patience))
+    start = np.asarray([5, 6])
+    run_best, stale, restarts = np.inf, 0, 0
+    for t, m in enumerate(metrics):   # the rule, replayed on the losses of each step's best
+        run_best, stale = (m["loss"], 0) if m["loss"] < run_best else (run_best, stale + 1)
+        again = stale >= patience
+        if again:
+            run_best, stale, restarts = np.inf, 0, restarts + 1
+        assert int(states[t].restarts) == restarts and float(states[t].run_best_loss) == pytest.approx(run_best)
+        if again:   # the next step searches from the start again
+            np.testing.assert_array_equal(states[t].current, start)
+    assert restarts >= 2                                                      # the setting stalls often
+    assert float(states[-1].best_loss) == pytest.approx(min(m["loss"] for m in metrics))   # best ever kept
+
+
+def test_margin_loss_is_zero_exactly_when_every_target_token_leads_by_the_margin():
+    from jaxrisk.redteam.problem import target_margin_loss
+
+    logits = jnp.asarray([[[3.0, 1.0, 0.0], [0.0, 2.5, 2.0]]])   # [1, 2, 3]: target tokens 0 and 1
+    target, valid = jnp.asarray([[0, 1]]), jnp.ones((1, 2), bool)
+    assert float(target_margin_loss(logits, target, valid, 0.0)[0]) == 0.0      # both are the argmax
+    assert float(target_margin_loss(logits, target, valid, 1.0)[0]) == pytest.approx(0.5 / 2)   # 2nd leads by 0.5
+    wrong = jnp.asarray([[2, 1]])                                               # 1st is 3 below the argmax
+    assert float(target_margin_loss(logits, wrong, valid, 0.0)[0]) == pytest.approx(3.0 / 2)
+    masked = jnp.asarray([[True, False]])                                       # padding never counts
+    assert float(target_margin_loss(logits, wrong, masked, 0.0)[0]) == pytest.approx(3.0)
+    # in GCG on the tiny model: zero (margin 0) exactly for the suffixes whose greedy continuation is the target
+    from flax import nnx
+
+    from jaxrisk.models.lm import LanguageModel
+    from jaxrisk.redteam.problem import prompt_cache
+
+    lm = LanguageModel.random(tiny_llama_config(), seed=0)
+    before = [1, 9, 10]
+    suffixes = np.random.default_rng(0).integers(2, 64, (32, 2)).astype(np.int32)
+    greedy = [tuple(g) for g in lm.generate([np.asarray(before + s.tolist(), np.int32) for s in suffixes], 3)]
+    problem = GCGProblem(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.ones((64,), bool),
+                         init_suffix=jnp.asarray(suffixes[0]), graphdef=lm.graphdef,
+                         cfg=dataclasses.replace(TINY, margin=0.0))
+    lane = problem.init(None, dict(before=jnp.asarray(before), before_valid=jnp.ones((3,), bool),
+                                   goal=jnp.asarray([9, 10]), goal_valid=jnp.ones((2,), bool),
+                                   target=jnp.asarray(greedy[0]), target_valid=jnp.ones((3,), bool)))
+    model = nnx.merge(lm.graphdef, lm.params)
+    loss, matched, _ = problem._losses(model, prompt_cache(model, lane.before, lane.before_valid, room=4), lane,
+                                       jnp.asarray(suffixes))
+    solves = np.asarray([g == greedy[0] for g in greedy])
+    assert 1 <= solves.sum() < len(solves)
+    np.testing.assert_array_equal(np.asarray(loss) == 0.0, solves)
+    np.testing.assert_array_equal(np.asarray(matched) == 3, solves)
+
+
+def test_probe_sampling_with_the_model_as_its_own_draft_searches_as_gcg_scoring_a_fraction():
+    # the tiny Llama has 2 layers: a 2-layer draft is the model, so the draft's best B/R always hold the step's
+    # best candidate and the search moves exactly as plain GCG's, the model scoring B/16 + B/R of B per step
+    cfg = dataclasses.replace(TINY, probe_layers=2, probe_ratio=4)
+    plain, _, _ = run_tiny(TINY, steps=12)
+    probed, metrics, log = run_tiny(cfg, steps=12)
+    for a, b in zip(plain, probed):
+        np.testing.assert_array_equal(a.current, b.current)
+        np.testing.assert_array_equal(a.best, b.best)
+    assert [int(s.n_evals) for s in probed] == [6 * (t + 1) for t in range(12)]   # 16/16 = 1 -> 2 probes + 16/4
+    assert all(m["probe_agreement"] == pytest.approx(1.0) for m in metrics)
+    # a 1-layer draft differs from the model: the model scores what that draft ranks best, and the two disagree
+    cheap, metrics, log = run_tiny(dataclasses.replace(cfg, probe_layers=1), steps=12)
+    assert [int(s.n_evals) for s in cheap] == [6 * (t + 1) for t in range(12)]
+    assert any(m["probe_agreement"] < 1.0 for m in metrics)
+
+
 def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
     problem = GCGProblem(params=None, after=None, allowed=None, init_suffix=None, graphdef=None,
                          cfg=GCGConfig(select="matches"))
@@ -174,7 +244,11 @@ def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
 @pytest.mark.parametrize("kw, expected", [(dict(n_replace=0), "n_replace"), (dict(buffer_size=-1), "buffer_size"),
                                           (dict(select="best"), "select"),
                                           (dict(max_perplexity=0.5), "max_perplexity"),
-                                          (dict(suffix_len=3, n_replace=4), "more than the suffix")])
+                                          (dict(suffix_len=3, n_replace=4), "more than the suffix"),
+                                          (dict(restart_patience=-1), "restart_patience"),
+                                          (dict(probe_layers=-1), "probe_layers"), (dict(probe_ratio=0), "probe_ratio"),
+                                          (dict(margin=-1.0), "margin"),
+                                          (dict(margin=1.0, mellowmax_alpha=1.0), "one of margin")])
 def test_bad_search_parts_are_clear_errors(kw, expected):
     with pytest.raises(InputError, match=expected):
         GCGConfig(**kw)
@@ -313,3 +387,24 @@ def test_cli_sweeps_the_plausibility_weight_and_writes_the_front(tiny_lm_dir, tm
     assert "weight_grid" in capsys.readouterr().err
     assert main(args + ["--fluency-weights", "0,1", "--method", "arca"]) != 0
     assert "--fluency-weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # a whole run through the command line
+def test_cli_restarts_probe_sampling_and_margin_reach_the_search(tiny_lm_dir, tmp_path, capsys):
+    import json
+
+    from jaxrisk.cli import main
+
+    behaviors = tmp_path / "b.jsonl"
+    behaviors.write_text('{"goal": "Lily had", "target": "a red ball"}\n')
+    args = ["redteam", "--model", str(tiny_lm_dir), "--behaviors", str(behaviors), "--out", str(tmp_path / "out"),
+            "--steps", "10", "--search-width", "16", "--topk", "8", "--suffix-len", "4", "--no-early-stop",
+            "--no-filter", "--no-progress", "--restart-patience", "2", "--probe-layers", "1", "--probe-ratio", "4",
+            "--margin", "0.5"]
+    assert main(args) == 0
+    row = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    assert row["candidates_evaluated"] == 10 * (2 + 4)   # the model scored 2 probes + the draft's best 16/4
+    assert row["stall_restarts"] >= 1                      # 2 steps without a better suffix happen in 10
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    assert main(args + ["--probe-layers", "2"]) != 0       # the tiny model has 2 layers: no draft of 2
+    assert "probe_layers" in capsys.readouterr().err
