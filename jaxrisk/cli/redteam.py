@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
                    help="probe sampling: the model's first L layers rank the candidates, the model scores a random "
                         "1/16 and the draft's best 1/R (0: off)")
     p.add_argument("--probe-ratio", type=POSITIVE, default=None, metavar="R")
+    p.add_argument("--init-from-target", action="store_true", default=None,
+                   help="start each suffix as the target's text repeated (else '! ! ...')")
     p.add_argument("--restart-patience", type=int, default=None, metavar="P",
                    help="a lane with no better suffix for P steps starts again from its start suffix (0: off)")
     p.add_argument("--system-prompt", metavar="TEXT", help="chat models: a system turn before each request")
@@ -87,7 +89,8 @@ def cmd_redteam(args) -> int:
         fluency = ARCAConfig().plausibility_weight if arca else 0.0
     parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
                                                             "warm_start_step", "max_perplexity", "margin",
-                                                            "restart_patience", "probe_layers", "probe_ratio")
+                                                            "restart_patience", "probe_layers", "probe_ratio",
+                                                            "init_from_target")
              if getattr(args, name) is not None}
     if args.revisit is not None:
         parts["no_revisit"] = not args.revisit

@@ -35,6 +35,7 @@ class GCGConfig:
     #                                       than this to the model itself (a perplexity filter)
     probe_layers: int = 0            # 0: off; L: probe sampling, the model's first L layers draft-rank the B candidates
     probe_ratio: int = 8             # ... and the model scores B/16 random ones and the draft's best B/probe_ratio
+    init_from_target: bool = False   # start each suffix as the target's text repeated (else init_token repeated)
     restart_patience: int = 0        # 0: off; P: a lane whose best since its last restart has not improved for P steps
     #                                  starts again from its start suffix (the best ever is kept)
     warm_start_step: int = 0         # 0: off; S: after S steps, unsolved behaviours go on from the suffix (their own

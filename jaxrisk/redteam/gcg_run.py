@@ -27,6 +27,19 @@ def init_suffix(tokenizer, cfg: GCGConfig) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+def target_start(tokenizer, target: str, suffix0: np.ndarray) -> np.ndarray:
+    """A start suffix that ends with the target's text, repeated to fill it (the rest: the initial suffix): the
+    prompt then already holds what the model should say, for it to copy; falls back to `suffix0` where that
+    text does not survive decode / encode."""
+    ls = len(suffix0)
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not ids or len(ids) > ls:
+        return suffix0
+    reps = ls // len(ids)
+    start = np.concatenate([suffix0[:ls - reps * len(ids)], np.tile(ids, reps)]).astype(np.int32)
+    return start if RoundTrip(tokenizer)(start[None])[0] else suffix0
+
+
 def check_roundtrip(tokenizer, suffix: np.ndarray) -> None:
     if not RoundTrip(tokenizer)(suffix[None])[0]:
         text = tokenizer.decode(suffix.tolist())
@@ -143,6 +156,9 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
                          plausibility=plausibility, plausibility_extra=_same_scorer(plausibility, extras),
                          max_steps=run_cfg.max_steps)
     lane_inputs = {k: np.repeat(v, settings * restarts, axis=0) for k, v in lanes.items()}   # behaviour-major
+    if cfg.init_from_target:
+        starts = np.stack([target_start(tok, b.target, suffix0) for b in behaviors])
+        lane_inputs["start"] = np.repeat(starts, settings * restarts, axis=0)
     if grid is not None:
         lane_inputs["extra_weights"] = np.tile(np.repeat(grid, restarts, axis=0), (len(behaviors), 1))
     found = _search(lm, problem, lane_inputs, after, cfg, run_cfg)

@@ -79,7 +79,8 @@ def plot_plausibility_front(front: list[dict], path: Path, title: str, reference
     return path
 
 
-LATER_GCG_FIELDS = {"margin": None, "restart_patience": 0, "probe_layers": 0, "probe_ratio": 8}   # and their defaults
+LATER_GCG_FIELDS = {"margin": None, "restart_patience": 0, "probe_layers": 0, "probe_ratio": 8,
+                    "init_from_target": False}   # and their defaults
 
 
 def run_settings(lm, config: RedteamConfig, extras=()) -> dict:

@@ -232,6 +232,23 @@ def test_probe_sampling_with_the_model_as_its_own_draft_searches_as_gcg_scoring_
     assert any(m["probe_agreement"] < 1.0 for m in metrics)
 
 
+def test_a_start_from_the_target_ends_with_its_text_and_keeps_the_suffix_length(tiny_lm_dir):
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.redteam.gcg_run import init_suffix, target_start
+    from jaxrisk.redteam.problem import RoundTrip
+
+    tok = load_pretrained(tiny_lm_dir).tokenizer
+    suffix0 = init_suffix(tok, GCGConfig(suffix_len=9))
+    ids = tok("red ball", add_special_tokens=False)["input_ids"]
+    start = target_start(tok, "red ball", suffix0)
+    reps = 9 // len(ids)
+    assert len(start) == 9 and reps >= 1
+    assert start[9 - reps * len(ids):].tolist() == ids * reps and start[:9 - reps * len(ids)].tolist() == \
+        suffix0[:9 - reps * len(ids)].tolist()
+    assert RoundTrip(tok)(start[None])[0]
+    assert target_start(tok, "a story far longer than the nine tokens of this suffix", suffix0) is suffix0
+
+
 def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
     problem = GCGProblem(params=None, after=None, allowed=None, init_suffix=None, graphdef=None,
                          cfg=GCGConfig(select="matches"))
