@@ -79,15 +79,17 @@ def plot_plausibility_front(front: list[dict], path: Path, title: str, reference
     return path
 
 
+# GCG fields added after results were first written, with their defaults: a row's settings name them only when
+# set, so results written before them still resume
 LATER_GCG_FIELDS = {"margin": None, "restart_patience": 0, "probe_layers": 0, "probe_ratio": 8,
-                    "init_from_target": False}   # and their defaults
+                    "init_from_target": False}
 
 
 def run_settings(lm, config: RedteamConfig, extras=()) -> dict:
     """What makes two redteam runs the same run: each result row carries it, and a resume checks it."""
     run = config.run
-    gcg = {name: value for name, value in dataclasses.asdict(config.gcg).items()   # fields newer than results
-           if name not in LATER_GCG_FIELDS or value != LATER_GCG_FIELDS[name]}        # on disk: only when set
+    gcg = {name: value for name, value in dataclasses.asdict(config.gcg).items()
+           if name not in LATER_GCG_FIELDS or value != LATER_GCG_FIELDS[name]}
     settings = {"model": str(Path(lm.path).resolve()) if lm.path else None, "gcg": gcg,
                 "restarts": run.restarts, "max_steps": run.max_steps, "seed": run.seed,
                 "extras": [[float(w), type(scorer).__name__] for w, scorer in extras]}
