@@ -19,6 +19,8 @@ RUNS=${2:-runs}
 .venv/bin/python benchmarks/detection_study.py --mnist "$MNIST" --zoo "$RUNS/zoo40" --out "$RUNS/study40"
 .venv/bin/python benchmarks/lm_vs_torch.py --out "$RUNS/bench_lm.json"
 .venv/bin/python benchmarks/gcg_vs_nanogcg.py --out "$RUNS/bench_gcg.json"   # needs .venv-nanogcg (see the script)
+.venv/bin/python benchmarks/gcg_success.py --steps 500 --suffix-len 40 \
+  --variants gcg,restart,restart_matches,probe,restart_matches_target --out "$RUNS/bench_gcg_success.json"
 .venv/bin/python benchmarks/circuits_vs_attribution.py --out "$RUNS/bench_circuits.json"
 .venv/bin/python benchmarks/circuit_freezing.py --seeds 2 --out "$RUNS/bench_freezing.json"
 .venv/bin/python benchmarks/fragility_vs_torch.py --out "$RUNS/bench_fragility.json"
