@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxrisk.mesh import host_callback
-from jaxrisk.models.lm import broadcast_cache, embed, token_logprobs
+from jaxrisk.models.lm import broadcast_cache, embed, pick_logprobs, token_logprobs
 from jaxrisk.redteam.config import GCGConfig
 from jaxrisk.scorers.lm import target_logprob
 
@@ -115,7 +115,7 @@ def target_margin_loss(logits_btv, target_bt, valid_bt, margin: float):
     when every target token is the argmax by at least `margin` (greedy success), and only the tokens that are not
     yet carry gradient (a Carlini-Wagner loss; mean cross-entropy can be low while one token is still wrong)."""
     is_target = jax.nn.one_hot(target_bt, logits_btv.shape[-1], dtype=bool)
-    mine = jnp.sum(jnp.where(is_target, logits_btv, 0.0), -1)
+    mine = pick_logprobs(logits_btv, target_bt)      # the target's logit, by the one gather every loss uses
     other = jnp.max(jnp.where(is_target, -jnp.inf, logits_btv), -1)
     hinge = jnp.maximum(margin - (mine - other), 0.0)
     return jnp.sum(jnp.where(valid_bt, hinge, 0.0), -1) / valid_bt.sum(-1)
