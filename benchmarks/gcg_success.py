@@ -50,8 +50,11 @@ VARIANTS = {
     # the model's first layer ranks 256 candidates, the model scores 16 + 32 of them: about plain GCG's compute
     "probe": {"probe_layers": 1, "search_width": 256},
     "target_init": {"init_from_target": True},
+    "random_positions": {"positions": "random"},
     "restart_matches": {"restart_patience": 50, "select": "matches"},
     "restart_matches_target": {"restart_patience": 50, "select": "matches", "init_from_target": True},
+    "restart_matches_target_random": {"restart_patience": 50, "select": "matches", "init_from_target": True,
+                                      "positions": "random"},
     "warm": {"warm_start_step": 100},   # half of the default budget, then unsolved ones go on from solved suffixes
     "all": {"select": "matches", "buffer_size": 4, "n_replace": 4, "n_replace_final": 1, "no_revisit": True},
 }

@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
                    help="search from the best of the K best suffixes kept (0: move to each step's best)")
     p.add_argument("--n-replace", type=POSITIVE, default=None, help="positions swapped per candidate at the start")
     p.add_argument("--n-replace-final", type=POSITIVE, default=None, help="... falling linearly to this at the end")
+    p.add_argument("--positions", choices=("cyclic", "random"), default=None,
+                   help="single swaps: positions spread evenly over the candidates (default) or drawn at random")
     p.add_argument("--revisit", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-revisit: never evaluate a suffix twice")
     p.add_argument("--max-perplexity", type=number(1.0), default=None, metavar="PPL",
@@ -90,7 +92,7 @@ def cmd_redteam(args) -> int:
     parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
                                                             "warm_start_step", "max_perplexity", "margin",
                                                             "restart_patience", "probe_layers", "probe_ratio",
-                                                            "init_from_target")
+                                                            "init_from_target", "positions")
              if getattr(args, name) is not None}
     if args.revisit is not None:
         parts["no_revisit"] = not args.revisit

@@ -10,6 +10,7 @@ from jaxrisk.search.config import RunConfig
 
 METHODS = ("gcg", "arca")
 SELECT = ("loss", "matches")
+POSITIONS = ("cyclic", "random")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,8 @@ class GCGConfig:
     buffer_size: int = 0             # 0: move to each step's best candidate (GCG); K: search from the best of K kept
     n_replace: int = 1               # positions swapped per candidate at the first step ...
     n_replace_final: int = 1         # ... falling linearly to this by the last step (I-GCG's multi-coordinate)
+    positions: Literal["cyclic", "random"] = "cyclic"   # single swaps: positions spread evenly over the B candidates,
+    #                                                     or each drawn at random (GCG's reference code)
     no_revisit: bool = False         # never evaluate a suffix twice (a per-lane Bloom filter of evaluated suffixes)
     max_perplexity: float | None = None   # never take a candidate whose request (goal + suffix) is more perplexing
     #                                       than this to the model itself (a perplexity filter)
@@ -50,6 +53,7 @@ class GCGConfig:
         require_int("GCGConfig.probe_layers", self.probe_layers, 0)
         require_int("GCGConfig.probe_ratio", self.probe_ratio, 1)
         require_choice("GCGConfig.select", self.select, SELECT)
+        require_choice("GCGConfig.positions", self.positions, POSITIONS)
         if max(self.n_replace, self.n_replace_final) > self.suffix_len:
             raise InputError(f"GCGConfig.n_replace: {max(self.n_replace, self.n_replace_final)} positions per "
                              f"candidate, more than the suffix's {self.suffix_len}")

@@ -8,8 +8,9 @@ lanes x B candidate evaluations per step). Per step and lane:
    into a KV cache, candidates and target after it);
 2. the top-k tokens per position (disallowed tokens precomputed once);
 3. B candidates, each swapping `n_replace` positions (1: positions spread
-   evenly; more: random distinct positions, falling linearly to
-   `n_replace_final` over the budget), tokens drawn from the top-k;
+   evenly, or drawn at random with positions="random"; more: random distinct
+   positions, falling linearly to `n_replace_final` over the budget), tokens
+   drawn from the top-k;
 4. filters: a host-side one drops candidates whose decode/encode does not
    round-trip, and with `no_revisit` a per-lane Bloom filter drops suffixes
    already evaluated (and repeats within the draw); oversample x B are drawn,
@@ -281,8 +282,11 @@ class GCGProblem:
         b = cfg.search_width
         filtering = cfg.filter_retokenization and self.roundtrip is not None
         n = b * cfg.oversample if filtering or cfg.no_revisit else b   # draw more, keep the first B that pass
-        if max(cfg.n_replace, cfg.n_replace_final) == 1:
+        if max(cfg.n_replace, cfg.n_replace_final) == 1 and cfg.positions == "cyclic":
             pos = (jnp.arange(n) % ls)[:, None]        # cyclic: any prefix of the draws covers all positions
+        elif max(cfg.n_replace, cfg.n_replace_final) == 1:
+            key, k_pos = jax.random.split(key)
+            pos = jax.random.randint(k_pos, (n, 1), 0, ls)
         else:                                           # distinct random positions, the first r of them swapped
             key, k_pos = jax.random.split(key)
             pos = jnp.argsort(jax.random.uniform(k_pos, (n, ls)), axis=1)[:, :max(cfg.n_replace, cfg.n_replace_final)]

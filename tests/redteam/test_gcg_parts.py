@@ -92,27 +92,54 @@ def test_gcg_without_buffer_moves_to_each_steps_best_even_if_worse():
     assert float(states[-1].best_loss) == pytest.approx(min(losses))
 
 
-def test_multi_coordinate_swaps_fall_from_n_replace_to_the_final_count():
-    cfg = GCGConfig(search_width=32, topk=8, suffix_len=6, early_stop=False, filter_retokenization=False,
-                    n_replace=4, n_replace_final=1)
+def run_six_tokens(cfg: GCGConfig, steps: int):
+    """Eager steps from a 6-token suffix on the tiny random Llama: (the problem, recorded candidates)."""
     from jaxrisk.models.lm import LanguageModel
 
     lm = LanguageModel.random(tiny_llama_config(), seed=0)
     problem = Recording(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.ones((64,), bool),
-                        init_suffix=jnp.arange(20, 26, dtype=jnp.int32), graphdef=lm.graphdef, cfg=cfg, max_steps=10)
-    assert [int(problem._n_replace(t)) for t in range(10)] == [4, 4, 3, 3, 3, 2, 2, 2, 1, 1]
+                        init_suffix=jnp.arange(20, 26, dtype=jnp.int32), graphdef=lm.graphdef, cfg=cfg,
+                        max_steps=steps)
     object.__setattr__(problem, "log", [])
     state = problem.init(None, dict(before=jnp.asarray([1, 9], jnp.int32), before_valid=jnp.ones((2,), bool),
                                     goal=jnp.asarray([9], jnp.int32), goal_valid=jnp.ones((1,), bool),
                                     target=jnp.asarray([11, 12], jnp.int32), target_valid=jnp.ones((2,), bool)))
     step = jax.jit(problem.step)
-    for t, key in enumerate(jax.random.split(jax.random.key(0), 10)):
+    for key in jax.random.split(jax.random.key(0), steps):
         state, _ = step(state, key)
-        jax.effects_barrier()
-        _, current, cands, ok = problem.log[-1]
+    jax.effects_barrier()
+    return problem, problem.log
+
+
+def test_multi_coordinate_swaps_fall_from_n_replace_to_the_final_count():
+    cfg = GCGConfig(search_width=32, topk=8, suffix_len=6, early_stop=False, filter_retokenization=False,
+                    n_replace=4, n_replace_final=1)
+    problem, log = run_six_tokens(cfg, steps=10)
+    assert [int(problem._n_replace(t)) for t in range(10)] == [4, 4, 3, 3, 3, 2, 2, 2, 1, 1]
+    for t, (_, current, cands, ok) in enumerate(log):
         changed = (cands[ok] != current[None]).sum(1)
         r = int(problem._n_replace(t))
         assert changed.max() == r and changed.mean() > r - 1   # r positions (a drawn token may equal the old one)
+
+
+@pytest.mark.parametrize("positions", ["cyclic", "random"])
+def test_single_swaps_change_one_position_spread_evenly_or_drawn_at_random(positions):
+    cfg = GCGConfig(search_width=32, topk=8, suffix_len=6, early_stop=False, filter_retokenization=False,
+                    positions=positions)
+    _, log = run_six_tokens(cfg, steps=5)
+    at = []
+    for _, current, cands, ok in log:
+        changed = cands != current[None]
+        assert ok.all() and changed.sum(1).max() == 1   # one position each (a drawn token may equal the old one)
+        at.append(np.where(changed.any(1), changed.argmax(1), -1))
+    at = np.stack(at)                                   # [steps, B]: the position each candidate swapped
+    cyclic = np.broadcast_to(np.arange(32) % 6, at.shape)
+    swapped = at >= 0
+    if positions == "cyclic":
+        np.testing.assert_array_equal(at[swapped], cyclic[swapped])
+    else:
+        assert np.mean(at[swapped] != cyclic[swapped]) > 0.5   # drawn at random: ~5/6 differ from the cycle
+        assert set(at[swapped].tolist()) == set(range(6))
 
 
 def test_perplexity_filter_never_moves_to_a_request_above_the_bound():
@@ -259,7 +286,7 @@ def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
 
 
 @pytest.mark.parametrize("kw, expected", [(dict(n_replace=0), "n_replace"), (dict(buffer_size=-1), "buffer_size"),
-                                          (dict(select="best"), "select"),
+                                          (dict(select="best"), "select"), (dict(positions="spread"), "positions"),
                                           (dict(max_perplexity=0.5), "max_perplexity"),
                                           (dict(suffix_len=3, n_replace=4), "more than the suffix"),
                                           (dict(restart_patience=-1), "restart_patience"),
@@ -407,7 +434,7 @@ def test_cli_sweeps_the_plausibility_weight_and_writes_the_front(tiny_lm_dir, tm
 
 
 @pytest.mark.slow   # a whole run through the command line
-def test_cli_restarts_probe_sampling_and_margin_reach_the_search(tiny_lm_dir, tmp_path, capsys):
+def test_cli_restarts_probe_sampling_margin_and_positions_reach_the_search(tiny_lm_dir, tmp_path, capsys):
     import json
 
     from jaxrisk.cli import main
@@ -417,9 +444,10 @@ def test_cli_restarts_probe_sampling_and_margin_reach_the_search(tiny_lm_dir, tm
     args = ["redteam", "--model", str(tiny_lm_dir), "--behaviors", str(behaviors), "--out", str(tmp_path / "out"),
             "--steps", "10", "--search-width", "16", "--topk", "8", "--suffix-len", "4", "--no-early-stop",
             "--no-filter", "--no-progress", "--restart-patience", "2", "--probe-layers", "1", "--probe-ratio", "4",
-            "--margin", "0.5"]
+            "--margin", "0.5", "--positions", "random"]
     assert main(args) == 0
     row = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    assert row["run"]["gcg"]["positions"] == "random"
     assert row["candidates_evaluated"] == 10 * (2 + 4)   # the model scored 2 probes + the draft's best 16/4
     assert row["stall_restarts"] >= 1                      # 2 steps without a better suffix happen in 10
     args[args.index("--out") + 1] = str(tmp_path / "other")
