@@ -40,7 +40,7 @@ from jaxrisk.io import write_json  # noqa: E402
 from jaxrisk.models.lm import LanguageModel, forward  # noqa: E402
 from jaxrisk.models.lm_config import config_from_hf  # noqa: E402
 from jaxrisk.models.named import NAMED_CONFIGS  # noqa: E402
-from jaxrisk.redteam import GCGConfig  # noqa: E402
+from jaxrisk.redteam import PLAIN_GCG, GCGConfig  # noqa: E402
 from jaxrisk.redteam.problem import GCGProblem, RoundTrip  # noqa: E402
 from jaxrisk.search import RunConfig, run as engine_run  # noqa: E402
 
@@ -163,7 +163,8 @@ def nanogcg_rate(hf: dict, args, workdir: Path, goal: str, target: str, steps: i
 def bench_gcg(name: str, hf: dict, args, peak, workdir: Path) -> dict:
     cfg = config_from_hf(hf)
     width, steps, suffix, prompt, target, lanes = args.search_width, args.gcg_steps, 20, 16, 8, args.gcg_lanes
-    gcg = GCGConfig(search_width=width, topk=min(256, cfg.vocab_size), suffix_len=suffix, early_stop=False)
+    gcg = GCGConfig(search_width=width, topk=min(256, cfg.vocab_size), suffix_len=suffix, early_stop=False,
+                    **PLAIN_GCG)
     (workdir / "random-model").mkdir()
     save_word_tokenizer(cfg.vocab_size, workdir / "random-model")
     from transformers import AutoTokenizer

@@ -24,7 +24,7 @@ from gcg_success import BEHAVIOURS, MODEL, lands
 from jaxrisk.data.prompts import load_behaviors
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
-from jaxrisk.redteam import GCGConfig
+from jaxrisk.redteam import PLAIN_GCG, GCGConfig
 from jaxrisk.redteam.gcg_run import run_group
 from jaxrisk.redteam.report import plot_plausibility_front
 from jaxrisk.scorers import SequenceScorer
@@ -61,7 +61,7 @@ def main() -> None:
     weights = [float(w) for w in args.weights.split(",")]
     lm = load_pretrained(args.model, dtype="float32")
     scorer = SequenceScorer.of(lm)
-    cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len)
+    cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len, **PLAIN_GCG)
     t = time.perf_counter()
     rows = run_group(lm, behaviours, cfg, RunConfig(max_steps=args.steps, chunk_steps=10, seed=args.seed,
                                                     progress=True),

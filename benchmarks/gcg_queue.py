@@ -27,7 +27,7 @@ import jax
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
-from jaxrisk.redteam import GCGConfig
+from jaxrisk.redteam import PLAIN_GCG, GCGConfig
 from jaxrisk.redteam.gcg_run import run_group
 from jaxrisk.search import RunConfig
 
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_gcg_queue.json")
     args = p.parse_args()
     lm = load_pretrained(args.model)
-    cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len)
+    cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len, **PLAIN_GCG)
     run_cfg = RunConfig(max_steps=args.steps, chunk_steps=args.chunk, progress=False, devices=1)
     fixed = GCGConfig(**{**cfg.__dict__, "early_stop": False})
     kept = run_cfg.replace(shrink_lanes=False)

@@ -30,14 +30,14 @@ import numpy as np
 from jaxrisk.data.prompts import load_behaviors
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
-from jaxrisk.redteam import GCGConfig, RedteamConfig, run
+from jaxrisk.redteam import PLAIN_GCG, GCGConfig, RedteamConfig, run
 from jaxrisk.search import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "assets" / "models" / "tinyllamas-stories260K"
 BEHAVIOURS = ROOT / "benchmarks" / "data" / "story_targets.jsonl"
 
-# each part alone on plain GCG, then all together
+# each part alone on plain GCG (GCGConfig(**PLAIN_GCG)), then together
 VARIANTS = {
     "gcg": {},
     "matches": {"select": "matches"},
@@ -53,8 +53,7 @@ VARIANTS = {
     "random_positions": {"positions": "random"},
     "restart_matches": {"restart_patience": 50, "select": "matches"},
     "restart_matches_target": {"restart_patience": 50, "select": "matches", "init_from_target": True},
-    "restart_matches_target_random": {"restart_patience": 50, "select": "matches", "init_from_target": True,
-                                      "positions": "random"},
+    "defaults": {name: getattr(GCGConfig(), name) for name in PLAIN_GCG},   # GCGConfig()'s: the four above
     "warm": {"warm_start_step": 100},   # half of the default budget, then unsolved ones go on from solved suffixes
     "all": {"select": "matches", "buffer_size": 4, "n_replace": 4, "n_replace_final": 1, "no_revisit": True},
 }
@@ -118,7 +117,7 @@ def main() -> None:
     unprompted = [b.target for b in behaviours if lands(lm, b.goal, b.target)]
     if unprompted:
         raise SystemExit(f"the model already says these unprompted: {unprompted}")
-    base = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len)
+    base = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len, **PLAIN_GCG)
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "jax_device": str(jax.devices()[0]), "model": args.model, "behaviours": len(behaviours),
               "budget": {"steps": args.steps, "search_width": args.search_width, "topk": args.topk,

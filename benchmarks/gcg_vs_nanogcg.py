@@ -29,7 +29,7 @@ import jax
 from jaxrisk.data.prompts import Behavior
 from jaxrisk.io import write_json
 from jaxrisk.models import load_pretrained
-from jaxrisk.redteam import GCGConfig
+from jaxrisk.redteam import PLAIN_GCG, GCGConfig
 from jaxrisk.redteam.gcg_run import run_group
 from jaxrisk.search import RunConfig
 
@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
 
     behaviors = [Behavior(g, t, i + 1) for i, (g, t) in enumerate(BEHAVIORS)]
-    cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len)
+    cfg = GCGConfig(search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len, **PLAIN_GCG)
     lm = load_pretrained(args.model, dtype="float32")
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "jax_device": str(jax.devices()[0]), "model": args.model, "steps": args.steps,

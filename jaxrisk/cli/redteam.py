@@ -35,14 +35,17 @@ def add_parser(sub) -> None:
     p.add_argument("--danger-probe-data", metavar="FILE",
                    help="JSONL of {text, label}: train a linear danger probe and add its log-score")
     p.add_argument("--danger-weight", type=number(), default=1.0)
+    p.add_argument("--plain", action="store_true",
+                   help="plain GCG: rank by loss, no restarts, '! ! ...' start, positions spread evenly (each may "
+                        "still be set by its own flag)")
     p.add_argument("--select", choices=["loss", "matches"], default=None,
-                   help="rank candidates by loss, or first by the target tokens the model gets right")
+                   help="rank candidates first by the target tokens the model gets right (default), or by loss")
     p.add_argument("--buffer-size", type=int, default=None, metavar="K",
                    help="search from the best of the K best suffixes kept (0: move to each step's best)")
     p.add_argument("--n-replace", type=POSITIVE, default=None, help="positions swapped per candidate at the start")
     p.add_argument("--n-replace-final", type=POSITIVE, default=None, help="... falling linearly to this at the end")
     p.add_argument("--positions", choices=("cyclic", "random"), default=None,
-                   help="single swaps: positions spread evenly over the candidates (default) or drawn at random")
+                   help="single swaps: positions drawn at random per candidate (default) or spread evenly")
     p.add_argument("--revisit", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-revisit: never evaluate a suffix twice")
     p.add_argument("--max-perplexity", type=number(1.0), default=None, metavar="PPL",
@@ -54,10 +57,11 @@ def add_parser(sub) -> None:
                    help="probe sampling: the model's first L layers rank the candidates, the model scores a random "
                         "1/16 and the draft's best 1/R (0: off)")
     p.add_argument("--probe-ratio", type=POSITIVE, default=None, metavar="R")
-    p.add_argument("--init-from-target", action="store_true", default=None,
-                   help="start each suffix as the target's text repeated (else '! ! ...')")
+    p.add_argument("--init-from-target", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each suffix as the target's text repeated (default; --no-init-from-target: '! ! ...')")
     p.add_argument("--restart-patience", type=int, default=None, metavar="P",
-                   help="a lane with no better suffix for P steps starts again from its start suffix (0: off)")
+                   help="a lane with no better suffix for P steps starts again from its start suffix (default 50; "
+                        "0: off)")
     p.add_argument("--system-prompt", metavar="TEXT", help="chat models: a system turn before each request")
     p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
     p.add_argument("--allow-non-ascii", action="store_true")
@@ -74,7 +78,7 @@ def add_parser(sub) -> None:
 def cmd_redteam(args) -> int:
     """Search every behaviour; writes OUT/results.jsonl (resumable)."""
     from jaxrisk.data.prompts import load_behaviors
-    from jaxrisk.redteam import ARCAConfig, GCGConfig, RedteamConfig, run
+    from jaxrisk.redteam import PLAIN_GCG, ARCAConfig, GCGConfig, RedteamConfig, run
     from jaxrisk.scorers.lm import SequenceScorer
 
     behaviors = load_behaviors(args.behaviors)
@@ -89,7 +93,8 @@ def cmd_redteam(args) -> int:
     fluency = 0.0 if sweep is not None else args.fluency_weight
     if fluency is None:
         fluency = ARCAConfig().plausibility_weight if arca else 0.0
-    parts = {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
+    parts = dict(PLAIN_GCG) if args.plain else {}
+    parts |= {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
                                                             "warm_start_step", "max_perplexity", "margin",
                                                             "restart_patience", "probe_layers", "probe_ratio",
                                                             "init_from_target", "positions")

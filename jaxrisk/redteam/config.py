@@ -15,10 +15,13 @@ POSITIONS = ("cyclic", "random")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GCGConfig:
+    """GCG's hyperparameters. `GCGConfig(**PLAIN_GCG)` is plain GCG (Zou et al. 2023; single swaps at positions
+    spread evenly), the baseline the stronger parts are measured against."""
+
     search_width: int = 512          # B candidates per step
     topk: int = 256
     suffix_len: int = 20
-    init_token: str = "!"            # the suffix starts as "! ! ! ..."
+    init_token: str = "!"            # without init_from_target, the suffix starts as "! ! ! ..."
     mellowmax_alpha: float | None = None
     margin: float | None = None      # None: cross-entropy target loss; m: the margin loss (each target token the
     #                                  argmax by at least m logits; see problem.target_margin_loss)
@@ -26,20 +29,21 @@ class GCGConfig:
     filter_retokenization: bool = True
     oversample: int = 2              # draw oversample x B swaps so ~B survive the round-trip filter
     allow_non_ascii: bool = False
-    # the stronger search: each part switchable (benchmarks/gcg_success.py measures what each buys)
-    select: Literal["loss", "matches"] = "loss"   # rank candidates by loss, or first by target tokens matched
+    # the stronger search: each part switchable (benchmarks/gcg_success.py measures what each buys); the defaults
+    # are the parts that measured better than plain GCG on two seeds (PLAIN_GCG turns them off)
+    select: Literal["loss", "matches"] = "matches"   # rank candidates by loss, or first by target tokens matched
     buffer_size: int = 0             # 0: move to each step's best candidate (GCG); K: search from the best of K kept
     n_replace: int = 1               # positions swapped per candidate at the first step ...
     n_replace_final: int = 1         # ... falling linearly to this by the last step (I-GCG's multi-coordinate)
-    positions: Literal["cyclic", "random"] = "cyclic"   # single swaps: positions spread evenly over the B candidates,
+    positions: Literal["cyclic", "random"] = "random"   # single swaps: positions spread evenly over the B candidates,
     #                                                     or each drawn at random (GCG's reference code)
     no_revisit: bool = False         # never evaluate a suffix twice (a per-lane Bloom filter of evaluated suffixes)
     max_perplexity: float | None = None   # never take a candidate whose request (goal + suffix) is more perplexing
     #                                       than this to the model itself (a perplexity filter)
     probe_layers: int = 0            # 0: off; L: probe sampling, the model's first L layers draft-rank the B candidates
     probe_ratio: int = 8             # ... and the model scores B/16 random ones and the draft's best B/probe_ratio
-    init_from_target: bool = False   # start each suffix as the target's text repeated (else init_token repeated)
-    restart_patience: int = 0        # 0: off; P: a lane whose best since its last restart has not improved for P steps
+    init_from_target: bool = True    # start each suffix as the target's text repeated (else init_token repeated)
+    restart_patience: int = 50       # 0: off; P: a lane whose best since its last restart has not improved for P steps
     #                                  starts again from its start suffix (the best ever is kept)
     warm_start_step: int = 0         # 0: off; S: after S steps, unsolved behaviours go on from the suffix (their own
     #                                  best or one that solved another behaviour) scoring their target best
@@ -68,6 +72,10 @@ class GCGConfig:
             require_number("GCGConfig.mellowmax_alpha", self.mellowmax_alpha, 0.0, above=True)
         if not isinstance(self.init_token, str) or not self.init_token.strip():
             raise InputError(f"GCGConfig.init_token: expected a non-empty token text, got {self.init_token!r}")
+
+
+# the default parts turned off: plain GCG (rank by loss, no restarts, "! ! ..." start, positions spread evenly)
+PLAIN_GCG = {"select": "loss", "restart_patience": 0, "init_from_target": False, "positions": "cyclic"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -11,12 +11,13 @@ import pytest
 
 from conftest import tiny_llama_config
 from jaxrisk.errors import InputError
-from jaxrisk.redteam import GCGConfig
+from jaxrisk.redteam import PLAIN_GCG, GCGConfig
 from jaxrisk.redteam.problem import GCGProblem
 
 # 2 suffix tokens over a 64-token vocabulary and top-k 8: 64 reachable suffixes from any current one, so
 # 30 steps of 16 candidates revisit many of them unless told not to
-TINY = GCGConfig(search_width=16, topk=8, suffix_len=2, early_stop=False, filter_retokenization=False)
+# plain GCG (PLAIN_GCG), each test switching on the part it tests
+TINY = GCGConfig(search_width=16, topk=8, suffix_len=2, early_stop=False, filter_retokenization=False, **PLAIN_GCG)
 STEPS = 30
 
 
@@ -281,7 +282,7 @@ def test_select_by_matches_prefers_more_target_tokens_right_over_a_lower_loss():
                          cfg=GCGConfig(select="matches"))
     assert bool(problem._ranked_before(2.0, 3, 0.5, 2))       # more tokens right wins despite the higher loss
     assert bool(problem._ranked_before(0.5, 3, 0.6, 3))       # equal tokens: the lower loss
-    by_loss = dataclasses.replace(problem, cfg=GCGConfig())
+    by_loss = dataclasses.replace(problem, cfg=GCGConfig(select="loss"))
     assert not bool(by_loss._ranked_before(2.0, 3, 0.5, 2))
 
 
@@ -345,7 +346,7 @@ def test_warm_start_carries_a_solved_suffix_to_an_unsolved_behaviour_and_resumes
 
     lm = load_pretrained(tiny_lm_dir)
     behaviors = [Behavior(goal, "a a a", i) for i, goal in enumerate(["Lily had", "Tom saw", "The kite", "Tom had"])]
-    gcg = GCGConfig(search_width=16, topk=8, suffix_len=3, init_token="ball")
+    gcg = GCGConfig(search_width=16, topk=8, suffix_len=3, init_token="ball", **PLAIN_GCG)
     run = RunConfig(max_steps=6, chunk_steps=2, progress=False)
     cold = redteam.run(lm, behaviors, RedteamConfig(run=run, gcg=gcg)).rows
     assert [r["steps"] for r in cold] == [1, 1, 3, 1] and all(r["success"] for r in cold)
@@ -383,7 +384,7 @@ def test_plausibility_weight_swept_as_lanes_of_one_run_trades_target_for_plausib
     monkeypatch.setattr(engine, "run", lambda problem, lanes, *a, **k: runs.append(len(lanes["before"]))
                         or real_run(problem, lanes, *a, **k))
     behaviors = [Behavior("Lily had", "a red ball", 1), Behavior("Tom saw", "the park", 2)]
-    cfg = GCGConfig(search_width=16, topk=8, suffix_len=4, init_token="ball", early_stop=False)
+    cfg = GCGConfig(search_width=16, topk=8, suffix_len=4, init_token="ball", early_stop=False, **PLAIN_GCG)
     extras = [(0.0, SequenceScorer.of(lm))]
     rows = run_group(lm, behaviors, cfg, RunConfig(max_steps=10, chunk_steps=5, progress=False), extras=extras,
                      weight_grid=[[0.0], [3.0]])
