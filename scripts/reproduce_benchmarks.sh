@@ -21,6 +21,12 @@ RUNS=${2:-runs}
 .venv/bin/python benchmarks/gcg_vs_nanogcg.py --out "$RUNS/bench_gcg.json"   # needs .venv-nanogcg (see the script)
 .venv/bin/python benchmarks/gcg_success.py --steps 500 --suffix-len 40 \
   --variants gcg,restart,restart_matches,probe,restart_matches_target --out "$RUNS/bench_gcg_success.json"
+for seed in 0 1; do
+  .venv/bin/python benchmarks/gcg_success.py --steps 500 --suffix-len 40 --seed $seed --no-nanogcg \
+    --variants gcg,random_positions,restart_matches_target,defaults --out "$RUNS/bench_gcg_success_s$seed.json"
+done
+.venv/bin/python benchmarks/gcg_plausibility.py --out "$RUNS/bench_gcg_plausibility.json"
+.venv/bin/python benchmarks/arca_danger.py --out "$RUNS/bench_arca_danger.json"
 .venv/bin/python benchmarks/circuits_vs_attribution.py --out "$RUNS/bench_circuits.json"
 .venv/bin/python benchmarks/circuit_freezing.py --seeds 2 --out "$RUNS/bench_freezing.json"
 .venv/bin/python benchmarks/fragility_vs_torch.py --out "$RUNS/bench_fragility.json"
