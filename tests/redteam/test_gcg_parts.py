@@ -448,9 +448,14 @@ def test_cli_restarts_probe_sampling_margin_and_positions_reach_the_search(tiny_
             "--margin", "0.5", "--positions", "random"]
     assert main(args) == 0
     row = json.loads((tmp_path / "out" / "results.jsonl").read_text())
-    assert row["run"]["gcg"]["positions"] == "random"
+    assert row["run"]["gcg"]["positions"] == "random" and row["run"]["gcg"]["select"] == "matches"   # the default
     assert row["candidates_evaluated"] == 10 * (2 + 4)   # the model scored 2 probes + the draft's best 16/4
     assert row["stall_restarts"] >= 1                      # 2 steps without a better suffix happen in 10
+    args[args.index("--out") + 1] = str(tmp_path / "plain")   # plain GCG, but the flags given still win
+    assert main(args + ["--plain", "--steps", "1"]) == 0
+    plain = json.loads((tmp_path / "plain" / "results.jsonl").read_text())["run"]["gcg"]
+    assert (plain["select"], plain["restart_patience"], plain["positions"]) == ("loss", 2, "random")
+    assert "init_from_target" not in plain   # off: as results written before the field had it
     args[args.index("--out") + 1] = str(tmp_path / "other")
     assert main(args + ["--probe-layers", "2"]) != 0       # the tiny model has 2 layers: no draft of 2
     assert "probe_layers" in capsys.readouterr().err
