@@ -8,7 +8,7 @@ to move to any output the model can be led to say that the probe scores dangerou
 behaviours:
 
 - the goals alone (what the model says unprompted),
-- GCG with the plan as its target (a 20-token suffix, 128 candidates per step);
+- plain GCG with the plan as its target (a 20-token suffix, 128 candidates per step);
 
 ARCA runs once per weight of plausibility w_p, tracing the front of danger against request perplexity.
 
