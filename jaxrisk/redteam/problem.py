@@ -282,14 +282,15 @@ class GCGProblem:
         b = cfg.search_width
         filtering = cfg.filter_retokenization and self.roundtrip is not None
         n = b * cfg.oversample if filtering or cfg.no_revisit else b   # draw more, keep the first B that pass
-        if max(cfg.n_replace, cfg.n_replace_final) == 1 and cfg.positions == "cyclic":
+        most = max(cfg.n_replace, cfg.n_replace_final)
+        if most == 1 and cfg.positions == "cyclic":
             pos = (jnp.arange(n) % ls)[:, None]        # cyclic: any prefix of the draws covers all positions
-        elif max(cfg.n_replace, cfg.n_replace_final) == 1:
+        elif most == 1:
             key, k_pos = jax.random.split(key)
             pos = jax.random.randint(k_pos, (n, 1), 0, ls)
         else:                                           # distinct random positions, the first r of them swapped
             key, k_pos = jax.random.split(key)
-            pos = jnp.argsort(jax.random.uniform(k_pos, (n, ls)), axis=1)[:, :max(cfg.n_replace, cfg.n_replace_final)]
+            pos = jnp.argsort(jax.random.uniform(k_pos, (n, ls)), axis=1)[:, :most]
         pick = jax.random.randint(key, pos.shape, 0, cfg.topk)   # single swaps: the same draws as before the parts
         swap = jnp.arange(pos.shape[1])[None] < self._n_replace(state.step)
         rows = jnp.broadcast_to(jnp.arange(n)[:, None], pos.shape)

@@ -41,6 +41,13 @@ def mean_residual(graphdef, params, tokens, valid_bl, layer: int) -> jax.Array:
     return jnp.sum(residuals(graphdef, params, tokens, valid_bl, layer) * w, 1) / jnp.maximum(w.sum(1), 1.0)
 
 
+def features(graphdef, params, tokens, valid_bl, layer: int, pool: str) -> jax.Array:
+    """What the probe reads: the mean residual [B, D] (pool="mean") or every position's [B, L, D] (pool="max")."""
+    if pool == "mean":
+        return mean_residual(graphdef, params, tokens, valid_bl, layer)
+    return residuals(graphdef, params, tokens, valid_bl, layer)
+
+
 def _pooled_logits(h_bld, valid_bl, w, b, pool: str) -> jax.Array:
     """Probe logits [B] of standardised residuals [B, L, D] (pool="max") or their means [B, D] (pool="mean")."""
     if pool == "mean":
@@ -62,10 +69,7 @@ class ProbeScorer:
     pool: str = struct.field(pytree_node=False, default="mean")
 
     def logits(self, tokens, valid_bl) -> jax.Array:
-        if self.pool == "mean":
-            h = mean_residual(self.graphdef, self.params, tokens, valid_bl, self.layer)
-        else:
-            h = residuals(self.graphdef, self.params, tokens, valid_bl, self.layer)
+        h = features(self.graphdef, self.params, tokens, valid_bl, self.layer, self.pool)
         return _pooled_logits((h - self.mu) / self.sigma, valid_bl, self.w, self.b, self.pool)
 
     def __call__(self, tokens, valid_bl) -> jax.Array:
@@ -84,15 +88,10 @@ def train_probe(lm, texts: list[str], labels, *, layer: int | None = None, pool:
         raise InputError(f"train_probe: layer {layer} is outside 0..{lm.cfg.n_layers - 1}")
     require_choice("train_probe: pool", pool, POOLS)
     tokens, valid = pad_batch([lm.encode(t) for t in texts])
-    if pool == "mean":
-        feats = jax.jit(mean_residual, static_argnames=("graphdef", "layer"))(lm.graphdef, lm.params, tokens, valid,
-                                                                               layer=layer)
-        mu, sigma = feats.mean(0), feats.std(0) + 1e-6
-    else:   # standardised over every valid position
-        feats = jax.jit(residuals, static_argnames=("graphdef", "layer"))(lm.graphdef, lm.params, tokens, valid,
-                                                                           layer=layer)
-        at = feats[np.asarray(valid)]
-        mu, sigma = at.mean(0), at.std(0) + 1e-6
+    feats = jax.jit(features, static_argnames=("graphdef", "layer", "pool"))(lm.graphdef, lm.params, tokens, valid,
+                                                                             layer=layer, pool=pool)
+    at = feats if pool == "mean" else feats[np.asarray(valid)]   # max: standardised over every valid position
+    mu, sigma = at.mean(0), at.std(0) + 1e-6
     x = (feats - mu) / sigma
     y = jnp.asarray(labels)
 
