@@ -452,6 +452,10 @@ def test_danger_probe_file_rows_are_checked(tiny_lm_dir, behaviors_file, tmp_pat
     code, err = run_cli(["redteam", "--model", tiny_lm_dir, "--behaviors", behaviors_file, "--out", tmp_path / "o",
                          "--danger-probe-data", probe], capsys)
     assert code == 2 and "probe.jsonl:2: expected a JSON object with 'text' and 'label'" in one_line(err)
+    probe.write_text('{"text": "Lily had a ball", "label": 1}\n{"text": "Tom was sad", "label": 0}\n')
+    code, err = run_cli(["redteam", "--model", tiny_lm_dir, "--behaviors", behaviors_file, "--out", tmp_path / "o",
+                         "--danger-probe-data", probe, "--danger-probe-layer", "2"], capsys)
+    assert code == 2 and "--danger-probe-layer: 2 is not a layer of the model (0..1)" in one_line(err)
 
 
 # ---- 7. silently wrong results that must be right or refused -----------------------------------------

@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
                    "OUT/front.json and OUT/front.png")
     p.add_argument("--danger-probe-data", metavar="FILE",
                    help="JSONL of {text, label}: train a linear danger probe and add its log-score")
+    p.add_argument("--danger-probe-layer", type=int, default=None, metavar="N",
+                   help="the layer whose residual the danger probe reads (default: the middle one)")
+    p.add_argument("--danger-probe-pool", choices=("mean", "max"), default="mean",
+                   help="the probe's logit on the mean residual over the text, or at its highest-scoring position")
     p.add_argument("--danger-weight", type=number(), default=1.0)
     p.add_argument("--plain", action="store_true",
                    help="plain GCG: rank by loss, no restarts, '! ! ...' start, positions spread evenly (each may "
@@ -116,7 +120,8 @@ def cmd_redteam(args) -> int:
     if fluency or arca or sweep is not None:
         extras.append((1.0 if arca else fluency, SequenceScorer.of(lm)))
     if args.danger_probe_data:
-        extras.append((1.0 if arca else args.danger_weight, _probe_from_file(lm, args.danger_probe_data)))
+        extras.append((1.0 if arca else args.danger_weight, _probe_from_file(lm, args.danger_probe_data, args.danger_probe_layer,
+                                                                       args.danger_probe_pool)))
     rows = run(lm, behaviors, config, out_dir=out, extras=extras, source=args.behaviors).rows
     if sweep is not None:
         _write_front(rows, out, config)
@@ -143,7 +148,7 @@ def _write_front(rows, out, config) -> None:
                                 f"behaviours, {config.run.max_steps} steps x {config.gcg.search_width} candidates")
 
 
-def _probe_from_file(lm, path):
+def _probe_from_file(lm, path, layer: int | None, pool: str):
     from jaxrisk.data.text import jsonl_rows, text_field
     from jaxrisk.scorers.probe import train_probe
 
@@ -156,4 +161,6 @@ def _probe_from_file(lm, path):
         labels.append(int(row["label"]))
     if len(set(labels)) < 2:
         raise InputError(f"{path}: a danger probe needs rows of both labels 0 and 1 (found {sorted(set(labels))})")
-    return train_probe(lm, texts, labels)
+    if layer is not None and not 0 <= layer < lm.cfg.n_layers:
+        raise InputError(f"--danger-probe-layer: {layer} is not a layer of the model (0..{lm.cfg.n_layers - 1})")
+    return train_probe(lm, texts, labels, layer=layer, pool=pool)

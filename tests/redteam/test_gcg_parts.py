@@ -459,3 +459,37 @@ def test_cli_restarts_probe_sampling_margin_and_positions_reach_the_search(tiny_
     args[args.index("--out") + 1] = str(tmp_path / "other")
     assert main(args + ["--probe-layers", "2"]) != 0       # the tiny model has 2 layers: no draft of 2
     assert "probe_layers" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # whole runs through the command line
+def test_cli_danger_probe_layer_and_pool_reach_the_probe(tiny_lm_dir, tmp_path):
+    """The probe the command trains from --danger-probe-data reads the layer and pools as told: the request's score
+    in the result row is the one a probe trained by hand with that layer and pool gives it."""
+    import json
+
+    from conftest import danger_texts
+    from jaxrisk.cli import main
+    from jaxrisk.data.batch import pad_batch
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.scorers.probe import train_probe
+
+    texts, labels = danger_texts(["I want to {v} the dog.", "Tom wanted to {v} the cat."])
+    data = tmp_path / "probe.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    behaviors = tmp_path / "b.jsonl"
+    behaviors.write_text('{"goal": "Lily had", "target": "a red ball"}\n')
+    lm = load_pretrained(tiny_lm_dir)
+    scores = {}
+    for layer, pool in ((0, "max"), (None, "mean")):
+        out = tmp_path / f"out-{layer}-{pool}"
+        flags = ["--danger-probe-pool", pool] + ([] if layer is None else ["--danger-probe-layer", str(layer)])
+        assert main(["redteam", "--model", str(tiny_lm_dir), "--behaviors", str(behaviors), "--out", str(out),
+                     "--steps", "1", "--search-width", "8", "--topk", "4", "--suffix-len", "2", "--no-progress",
+                     "--danger-probe-data", str(data)] + flags) == 0
+        row = json.loads((out / "results.jsonl").read_text())
+        probe = train_probe(lm, texts, labels, layer=layer, pool=pool)
+        tokens, valid = pad_batch([np.asarray(list(lm.encode("Lily had"))[1:] + row["suffix_ids"])])
+        scores[pool] = row["scores"]["ProbeScorer_0"]
+        assert scores[pool] == pytest.approx(float(probe(jnp.asarray(tokens), jnp.asarray(valid))[0]), abs=1e-5)
+        assert (probe.layer, probe.pool) == ((0 if layer == 0 else lm.cfg.n_layers // 2), pool)
+    assert scores["max"] != pytest.approx(scores["mean"], abs=1e-3)   # the flags change the probe
