@@ -76,9 +76,10 @@ def _warm_starts(lm, lanes: dict, after: np.ndarray, best: np.ndarray, solved: n
 def _search(lm, problem: GCGProblem, lane_inputs: dict, after: np.ndarray, cfg: GCGConfig, run_cfg: RunConfig):
     """Every lane's outcome (numpy, one row per lane; lanes behaviour-major, `run_cfg.restarts` each): one engine
     run, or with a warm start two (the lanes of behaviours no restart solved go on for the rest of the budget from
-    the best-scoring suffix, their own best if none that solved another behaviour scores higher; a lane keeps round
-    one's result where round two did not beat it)."""
+    the best-scoring suffix, their own best if none that solved another behaviour scores higher, with their buffer
+    and filter of evaluated suffixes; a lane keeps round one's result where round two did not beat it)."""
     first = cfg.warm_start_step if 0 < cfg.warm_start_step < run_cfg.max_steps else run_cfg.max_steps
+    problem = problem.replace(filter_steps=run_cfg.max_steps)   # one filter of evaluated suffixes for both rounds
     result = engine.run(problem.replace(max_steps=first), lane_inputs, run_cfg.replace(max_steps=first), desc="gcg")
     state = result.state
     out = dict(best=state.best.copy(), best_loss=state.best_loss.copy(), success=state.success.copy(),
@@ -91,7 +92,8 @@ def _search(lm, problem: GCGProblem, lane_inputs: dict, after: np.ndarray, cfg: 
         return out
     starts, sources = _warm_starts(lm, lane_inputs, after, state.best, solved, unsolved)
     rest = run_cfg.max_steps - first
-    items = {k: v[unsolved] for k, v in lane_inputs.items()} | {"start": starts}
+    carried = {name: getattr(state, name)[unsolved] for name in ("buffer", "buffer_loss", "buffer_matched", "seen")}
+    items = {k: v[unsolved] for k, v in lane_inputs.items()} | carried | {"start": starts}
     second = engine.run(problem.replace(max_steps=rest), items,
                         run_cfg.replace(max_steps=rest, checkpoint_dir=warm_dir(run_cfg.checkpoint_dir)),
                         desc="gcg warm start")

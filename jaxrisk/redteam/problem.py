@@ -178,7 +178,9 @@ class GCGProblem:
     plausibility: Any = None         # mean log p(request) scorer for cfg.max_perplexity (a SequenceScorer)
     plausibility_extra: int | None = struct.field(pytree_node=False, default=None)   # the extra that is that
     #                                  same scorer: the filter reuses its scores instead of computing them again
-    max_steps: int = struct.field(pytree_node=False, default=250)   # for the n_replace schedule and the filter's size
+    max_steps: int = struct.field(pytree_node=False, default=250)   # for the n_replace schedule
+    filter_steps: int | None = struct.field(pytree_node=False, default=None)   # steps the no-revisit filter is
+    #                                  sized for (None: max_steps; a warm start: both rounds, which share one filter)
 
     @property
     def seen_bits(self) -> int:
@@ -186,23 +188,29 @@ class GCGProblem:
         'seen' at the end of the budget; a false 'seen' only skips a candidate, never re-evaluates one)."""
         if not self.cfg.no_revisit:
             return 1
-        return 1 << max(10, (16 * self.max_steps * self.cfg.search_width - 1).bit_length())
+        steps = self.filter_steps or self.max_steps
+        return 1 << max(10, (16 * steps * self.cfg.search_width - 1).bit_length())
 
     def init(self, key, lane):
         """A lane's first state. Optional lane inputs: `start` [Ls] replaces the initial suffix (a warm start);
-        `extra_weights` [E] replaces the extras' own weights (a sweep of them as lanes)."""
+        `extra_weights` [E] replaces the extras' own weights (a sweep of them as lanes); `buffer`, `buffer_loss`,
+        `buffer_matched` and `seen` carry a first round's buffer and filter of evaluated suffixes into a second."""
         del key
         lane = dict(lane)
         start = lane.pop("start", self.init_suffix)
         weights = lane.pop("extra_weights", jnp.asarray([w for w, _ in self.extras] or [0.0], jnp.float32))
         k, ls = max(self.cfg.buffer_size, 1), self.init_suffix.shape[0]
-        return GCGState(**lane, current=start, best=start,
+        carried = dict(buffer=lane.pop("buffer", jnp.broadcast_to(start, (k, ls))),
+                       buffer_loss=lane.pop("buffer_loss", jnp.full((k,), jnp.inf, jnp.float32)),
+                       buffer_matched=lane.pop("buffer_matched", jnp.full((k,), -1, jnp.int32)),
+                       seen=lane.pop("seen", jnp.zeros((self.seen_bits,), bool)))
+        if carried["seen"].shape != (self.seen_bits,):   # a carried filter must be the size this problem hashes into
+            raise ValueError(f"GCGProblem.init: a carried filter of {carried['seen'].shape} bits, expected "
+                             f"{self.seen_bits} (set filter_steps to the budget of both rounds)")
+        return GCGState(**lane, **carried, current=start, best=start,
                         best_loss=jnp.asarray(jnp.inf, jnp.float32), success=jnp.asarray(False),
                         n_evals=jnp.asarray(0, jnp.int32), step=jnp.asarray(0, jnp.int32),
-                        best_matched=jnp.asarray(-1, jnp.int32),
-                        buffer=jnp.broadcast_to(start, (k, ls)),
-                        buffer_loss=jnp.full((k,), jnp.inf, jnp.float32), buffer_matched=jnp.full((k,), -1, jnp.int32),
-                        seen=jnp.zeros((self.seen_bits,), bool), extra_weights=jnp.asarray(weights, jnp.float32),
+                        best_matched=jnp.asarray(-1, jnp.int32), extra_weights=jnp.asarray(weights, jnp.float32),
                         start=start, run_best_loss=jnp.asarray(jnp.inf, jnp.float32),
                         run_best_matched=jnp.asarray(-1, jnp.int32), stale=jnp.asarray(0, jnp.int32),
                         restarts=jnp.asarray(0, jnp.int32))
@@ -342,7 +350,10 @@ class GCGProblem:
         cands, ok = self._candidates(state, top, key)
         must = jnp.zeros(ok.shape, bool)
         if cfg.warm_start_step:   # a warm start may already succeed: its first step evaluates the start itself too
-            first = state.step == 0
+            first = state.step == 0   # (with no_revisit, unless the first round evaluated it: its own best)
+            if cfg.no_revisit:
+                bits = self._seen_bits(state.current[None])[0]
+                first = first & ~(state.seen[bits[0]] & state.seen[bits[1]])
             cands, ok = cands.at[0].set(jnp.where(first, state.current, cands[0])), ok.at[0].set(ok[0] | first)
             must = must.at[0].set(first)
         extra_metrics = {}

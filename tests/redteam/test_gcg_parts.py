@@ -75,6 +75,45 @@ def test_no_revisit_never_evaluates_a_suffix_twice():
     assert len(filtered) >= len(set(plain))     # and reaches at least as many distinct suffixes
 
 
+@pytest.mark.parametrize("buffer_size", [0, 3])
+def test_a_warm_round_carries_the_buffer_and_the_filter_of_evaluated_suffixes(buffer_size):
+    """A warm start's second round goes on with the first round's buffer and filter: over both rounds no suffix is
+    evaluated twice (the start, the lane's own best, is not evaluated again) and the buffer never loses its best."""
+    from jaxrisk.models.lm import LanguageModel
+
+    cfg = dataclasses.replace(TINY, no_revisit=True, buffer_size=buffer_size, warm_start_step=10)
+    lm = LanguageModel.random(tiny_llama_config(), seed=0)
+    log = []
+    first = Recording(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.ones((64,), bool),
+                      init_suffix=jnp.asarray([5, 6], jnp.int32), graphdef=lm.graphdef, cfg=cfg, max_steps=10,
+                      filter_steps=STEPS)
+    second = first.replace(max_steps=STEPS - 10)
+    for problem in (first, second):
+        object.__setattr__(problem, "log", log)
+    lane = dict(before=jnp.asarray([1, 9, 10], jnp.int32), before_valid=jnp.ones((3,), bool),
+                goal=jnp.asarray([9, 10], jnp.int32), goal_valid=jnp.ones((2,), bool),
+                target=jnp.asarray([11, 12, 13], jnp.int32), target_valid=jnp.ones((3,), bool))
+    keys = jax.random.split(jax.random.key(0), STEPS)
+    state, step = first.init(None, lane), jax.jit(first.step)
+    for key in keys[:10]:
+        state, _ = step(state, key)
+    jax.effects_barrier()
+    in_first = len(evaluated(log))
+    carried = {name: getattr(state, name) for name in ("buffer", "buffer_loss", "buffer_matched", "seen")}
+    warm, step = second.init(None, lane | carried | {"start": state.best}), jax.jit(second.step)
+    assert warm.seen.shape == state.seen.shape and bool(warm.seen.any())
+    for key in keys[10:]:
+        warm, _ = step(warm, key)
+        if buffer_size:
+            assert float(warm.buffer_loss.min()) <= float(state.buffer_loss.min())
+    jax.effects_barrier()
+    suffixes = evaluated(log)
+    assert len(set(suffixes)) == len(suffixes)
+    assert tuple(np.asarray(state.best)) in set(suffixes[:in_first])   # evaluated once, in the first round
+    if not buffer_size:   # the search moves on from the start: the second round evaluates many new suffixes
+        assert len(suffixes) - in_first > 50
+
+
 def test_buffer_keeps_the_best_suffixes_and_searches_from_the_best():
     states, metrics, _ = run_tiny(dataclasses.replace(TINY, buffer_size=3))
     for t, state in enumerate(states):   # after every step: the 3 best step winners so far, searched from the best
