@@ -386,6 +386,24 @@ def test_redteam_refuses_results_of_a_different_run(tiny_lm_dir, tmp_path):
                     out_dir=tmp_path)
 
 
+def test_redteam_results_name_the_danger_probe_they_were_searched_with(tiny_lm_dir):
+    """A probe reading another layer or pooling otherwise makes another run (its results are not resumed into);
+    one with train_probe's defaults is named as before, so earlier results still resume."""
+    from jaxrisk import redteam
+    from jaxrisk.models import load_pretrained
+    from jaxrisk.redteam.report import run_settings
+    from jaxrisk.scorers.probe import ProbeScorer
+
+    lm = load_pretrained(tiny_lm_dir)
+    probe = lambda layer, pool: ProbeScorer(params=None, w=None, b=None, mu=None, sigma=None,  # noqa: E731
+                                            graphdef=None, layer=layer, pool=pool)
+    named = lambda layer, pool: run_settings(lm, redteam.RedteamConfig(),  # noqa: E731
+                                             [(1.0, probe(layer, pool))])["extras"]
+    assert named(1, "mean") == [[1.0, "ProbeScorer"]]   # the tiny model's middle layer: the default
+    assert named(1, "max") == [[1.0, "ProbeScorer", {"layer": 1, "pool": "max"}]]
+    assert named(0, "mean") == [[1.0, "ProbeScorer", {"layer": 0, "pool": "mean"}]]
+
+
 def test_stale_group_checkpoints_are_dropped_and_foreign_files_refused(tmp_path):
     from jaxrisk.redteam.run import _group_checkpoints
     from jaxrisk.search import RunConfig, run

@@ -11,6 +11,7 @@ from jaxrisk.data.text import jsonl_rows
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write, json_text
 from jaxrisk.redteam.config import RedteamConfig
+from jaxrisk.scorers.probe import ProbeScorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,16 @@ LATER_GCG_FIELDS = {"margin": None, "restart_patience": 0, "probe_layers": 0, "p
                     "init_from_target": False, "positions": "cyclic"}
 
 
+def _extra_setting(weight, scorer, lm) -> list:
+    """An extra scorer as a row's settings name it: its weight and class, and for a danger probe that reads another
+    layer or pools otherwise than `train_probe`'s defaults, which (a probe with the defaults is named as before
+    this was recorded, so its results still resume)."""
+    setting = [float(weight), type(scorer).__name__]
+    if isinstance(scorer, ProbeScorer) and (scorer.layer, scorer.pool) != (lm.cfg.n_layers // 2, "mean"):
+        setting.append({"layer": scorer.layer, "pool": scorer.pool})
+    return setting
+
+
 def run_settings(lm, config: RedteamConfig, extras=()) -> dict:
     """What makes two redteam runs the same run: each result row carries it, and a resume checks it."""
     run = config.run
@@ -92,7 +103,7 @@ def run_settings(lm, config: RedteamConfig, extras=()) -> dict:
            if name not in LATER_GCG_FIELDS or value != LATER_GCG_FIELDS[name]}
     settings = {"model": str(Path(lm.path).resolve()) if lm.path else None, "gcg": gcg,
                 "restarts": run.restarts, "max_steps": run.max_steps, "seed": run.seed,
-                "extras": [[float(w), type(scorer).__name__] for w, scorer in extras]}
+                "extras": [_extra_setting(w, scorer, lm) for w, scorer in extras]}
     if config.system_prompt is not None:   # only when set: results written before these settings still resume
         settings["system_prompt"] = config.system_prompt
     if config.weight_grid is not None:
