@@ -54,6 +54,8 @@ VARIANTS = {
     "restart_matches": {"restart_patience": 50, "select": "matches"},
     "restart_matches_target": {"restart_patience": 50, "select": "matches", "init_from_target": True},
     "defaults": {name: getattr(GCGConfig(), name) for name in PLAIN_GCG},   # GCGConfig()'s: the four above
+    # the defaults, each restart redrawing half of the start's tokens at random (explores other basins)
+    "defaults_noisy_restarts": {name: getattr(GCGConfig(), name) for name in PLAIN_GCG} | {"restart_noise": 0.5},
     "warm": {"warm_start_step": 100},   # half of the default budget, then unsolved ones go on from solved suffixes
     "all": {"select": "matches", "buffer_size": 4, "n_replace": 4, "n_replace_final": 1, "no_revisit": True},
 }

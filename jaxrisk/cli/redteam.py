@@ -66,6 +66,8 @@ def add_parser(sub) -> None:
     p.add_argument("--restart-patience", type=int, default=None, metavar="P",
                    help="a lane with no better suffix for P steps starts again from its start suffix (default 50; "
                         "0: off)")
+    p.add_argument("--restart-noise", type=number(0.0), default=None, metavar="SHARE",
+                   help="each restart redraws this share (0-1) of the start suffix's tokens at random (default 0)")
     p.add_argument("--system-prompt", metavar="TEXT", help="chat models: a system turn before each request")
     p.add_argument("--no-filter", action="store_true", help="skip the decode/encode round-trip filter")
     p.add_argument("--allow-non-ascii", action="store_true")
@@ -101,7 +103,7 @@ def cmd_redteam(args) -> int:
     parts |= {name: getattr(args, name) for name in ("select", "buffer_size", "n_replace", "n_replace_final",
                                                             "warm_start_step", "max_perplexity", "margin",
                                                             "restart_patience", "probe_layers", "probe_ratio",
-                                                            "init_from_target", "positions")
+                                                            "init_from_target", "positions", "restart_noise")
              if getattr(args, name) is not None}
     if args.revisit is not None:
         parts["no_revisit"] = not args.revisit

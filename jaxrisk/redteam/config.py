@@ -45,6 +45,8 @@ class GCGConfig:
     init_from_target: bool = True    # start each suffix as the target's text repeated (else init_token repeated)
     restart_patience: int = 50       # 0: off; P: a lane whose best since its last restart has not improved for P steps
     #                                  starts again from its start suffix (the best ever is kept)
+    restart_noise: float = 0.0       # share of the start's positions a restart replaces by random allowed tokens
+    #                                  (0: back to the start itself; 1: a random suffix), so restarts explore elsewhere
     warm_start_step: int = 0         # 0: off; S: after S steps, unsolved behaviours go on from the suffix (their own
     #                                  best or one that solved another behaviour) scoring their target best
 
@@ -56,6 +58,8 @@ class GCGConfig:
         require_int("GCGConfig.restart_patience", self.restart_patience, 0)
         require_int("GCGConfig.probe_layers", self.probe_layers, 0)
         require_int("GCGConfig.probe_ratio", self.probe_ratio, 1)
+        if not 0.0 <= require_number("GCGConfig.restart_noise", self.restart_noise, 0.0) <= 1.0:
+            raise InputError(f"GCGConfig.restart_noise: expected a share in [0, 1], got {self.restart_noise!r}")
         require_choice("GCGConfig.select", self.select, SELECT)
         require_choice("GCGConfig.positions", self.positions, POSITIONS)
         if max(self.n_replace, self.n_replace_final) > self.suffix_len:

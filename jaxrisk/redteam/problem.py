@@ -27,7 +27,7 @@ lanes x B candidate evaluations per step). Per step and lane:
    lane stops once the greedy continuation equals the target (teacher-forced
    argmax at every target position); with `restart_patience`, a lane whose best
    since its last restart has not improved for that many steps goes back to
-   its start suffix.
+   its start suffix (with `restart_noise`, a share of its tokens redrawn).
 
 A lane may start from a suffix of its own (lane input `start`: a warm start
 from a suffix that solved another behaviour, see gcg_run); its first step then
@@ -336,6 +336,17 @@ class GCGProblem:
         return (spread(loss, jnp.inf), spread(matched, -1), [spread(x, -jnp.inf) for x in scores], exact,
                 agreement)
 
+    def _restart_suffix(self, start, key):
+        """Where a restart goes: the start suffix with a `restart_noise` share of its positions (drawn at random)
+        replaced by random allowed tokens."""
+        noise = self.cfg.restart_noise
+        if not noise:
+            return start
+        k_pos, k_tok = jax.random.split(key)
+        swap = jax.random.uniform(k_pos, start.shape) < noise
+        tokens = jax.random.categorical(k_tok, jnp.where(self.allowed, 0.0, -jnp.inf), shape=start.shape)
+        return jnp.where(swap, tokens.astype(start.dtype), start)
+
     def step(self, state, key):
         cfg = self.cfg
         model = nnx.merge(self.graphdef, self.params)
@@ -399,8 +410,9 @@ class GCGProblem:
             run_best_matched = jnp.where(improved, matched[i], run_best_matched)
             stale = jnp.where(improved, 0, stale + 1)
             again = stale >= cfg.restart_patience
-            current = jnp.where(again, state.start, current)
-            buffer = jnp.where(again, jnp.broadcast_to(state.start, buffer.shape), buffer)
+            start = self._restart_suffix(state.start, jax.random.fold_in(key, 2))
+            current = jnp.where(again, start, current)
+            buffer = jnp.where(again, jnp.broadcast_to(start, buffer.shape), buffer)
             buffer_loss = jnp.where(again, jnp.inf, buffer_loss)
             buffer_matched = jnp.where(again, -1, buffer_matched)
             run_best_loss = jnp.where(again, jnp.inf, run_best_loss)

@@ -83,7 +83,7 @@ def plot_plausibility_front(front: list[dict], path: Path, title: str, reference
 # GCG fields added after results were first written, with their defaults: a row's settings name them only when
 # set, so results written before them still resume
 LATER_GCG_FIELDS = {"margin": None, "restart_patience": 0, "probe_layers": 0, "probe_ratio": 8,
-                    "init_from_target": False, "positions": "cyclic"}
+                    "init_from_target": False, "positions": "cyclic", "restart_noise": 0.0}
 
 
 def _extra_setting(weight, scorer, lm) -> list:

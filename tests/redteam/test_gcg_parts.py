@@ -246,6 +246,30 @@ def test_restarts_go_back_to_the_start_after_patience_steps_without_a_better_suf
     assert float(states[-1].best_loss) == pytest.approx(min(m["loss"] for m in metrics))   # best ever kept
 
 
+def test_noisy_restarts_redraw_that_share_of_the_start_from_the_allowed_tokens():
+    from jaxrisk.models.lm import LanguageModel
+
+    lm = LanguageModel.random(tiny_llama_config(), seed=0)
+    allowed = jnp.zeros((64,), bool).at[30:40].set(True)
+    start = jnp.full((400,), 5, jnp.int32)   # a token never allowed: every redrawn position shows
+    for noise, low, high in ((0.0, 0, 0), (0.5, 160, 240), (1.0, 400, 400)):
+        problem = GCGProblem(params=lm.params, after=jnp.zeros((0,), jnp.int32), allowed=allowed,
+                             init_suffix=jnp.asarray([5, 6], jnp.int32), graphdef=lm.graphdef,
+                             cfg=dataclasses.replace(TINY, restart_patience=3, restart_noise=noise))
+        again = np.asarray(problem._restart_suffix(start, jax.random.key(1)))
+        redrawn = again != 5
+        assert low <= redrawn.sum() <= high
+        assert np.all((again[redrawn] >= 30) & (again[redrawn] < 40))
+        assert len(set(again[redrawn].tolist())) == (10 if noise else 0)   # drawn over all the allowed tokens
+    # in a search: each restart searches on from a random suffix, not from the start
+    states, _, _ = run_tiny(dataclasses.replace(TINY, restart_patience=3, restart_noise=1.0))
+    at_restart = [s for before, s in zip(states, states[1:]) if int(s.restarts) > int(before.restarts)]
+    assert len(at_restart) >= 2
+    assert all(not np.array_equal(s.current, [5, 6]) for s in at_restart)
+    with pytest.raises(InputError, match="restart_noise"):
+        GCGConfig(restart_noise=1.5)
+
+
 def test_margin_loss_is_zero_exactly_when_every_target_token_leads_by_the_margin():
     from jaxrisk.redteam.problem import target_margin_loss
 
@@ -484,10 +508,11 @@ def test_cli_restarts_probe_sampling_margin_and_positions_reach_the_search(tiny_
     args = ["redteam", "--model", str(tiny_lm_dir), "--behaviors", str(behaviors), "--out", str(tmp_path / "out"),
             "--steps", "10", "--search-width", "16", "--topk", "8", "--suffix-len", "4", "--no-early-stop",
             "--no-filter", "--no-progress", "--restart-patience", "2", "--probe-layers", "1", "--probe-ratio", "4",
-            "--margin", "0.5", "--positions", "random"]
+            "--margin", "0.5", "--positions", "random", "--restart-noise", "0.5"]
     assert main(args) == 0
     row = json.loads((tmp_path / "out" / "results.jsonl").read_text())
     assert row["run"]["gcg"]["positions"] == "random" and row["run"]["gcg"]["select"] == "matches"   # the default
+    assert row["run"]["gcg"]["restart_noise"] == 0.5
     assert row["candidates_evaluated"] == 10 * (2 + 4)   # the model scored 2 probes + the draft's best 16/4
     assert row["stall_restarts"] >= 1                      # 2 steps without a better suffix happen in 10
     args[args.index("--out") + 1] = str(tmp_path / "plain")   # plain GCG, but the flags given still win
