@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "assets" / "models" / "tinyllamas-stories260K"
 BEHAVIOURS = ROOT / "benchmarks" / "data" / "story_targets.jsonl"
 
+DEFAULTS = {name: getattr(GCGConfig(), name) for name in PLAIN_GCG}   # GCGConfig()'s four parts over plain GCG
+
 # each part alone on plain GCG (GCGConfig(**PLAIN_GCG)), then together
 VARIANTS = {
     "gcg": {},
@@ -53,9 +55,12 @@ VARIANTS = {
     "random_positions": {"positions": "random"},
     "restart_matches": {"restart_patience": 50, "select": "matches"},
     "restart_matches_target": {"restart_patience": 50, "select": "matches", "init_from_target": True},
-    "defaults": {name: getattr(GCGConfig(), name) for name in PLAIN_GCG},   # GCGConfig()'s: the four above
+    "defaults": DEFAULTS,   # the four above
     # the defaults, each restart redrawing half of the start's tokens at random (explores other basins)
-    "defaults_noisy_restarts": {name: getattr(GCGConfig(), name) for name in PLAIN_GCG} | {"restart_noise": 0.5},
+    "defaults_noisy_restarts": DEFAULTS | {"restart_noise": 0.5},
+    # the defaults with a target loss that weighs the tokens still wrong (deep target tokens lose to the prior)
+    "defaults_margin": DEFAULTS | {"margin": 1.0},
+    "defaults_mellowmax": DEFAULTS | {"mellowmax_alpha": 1.0},
     "warm": {"warm_start_step": 100},   # half of the default budget, then unsolved ones go on from solved suffixes
     "all": {"select": "matches", "buffer_size": 4, "n_replace": 4, "n_replace_final": 1, "no_revisit": True},
 }

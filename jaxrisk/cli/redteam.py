@@ -122,8 +122,8 @@ def cmd_redteam(args) -> int:
     if fluency or arca or sweep is not None:
         extras.append((1.0 if arca else fluency, SequenceScorer.of(lm)))
     if args.danger_probe_data:
-        extras.append((1.0 if arca else args.danger_weight, _probe_from_file(lm, args.danger_probe_data, args.danger_probe_layer,
-                                                                       args.danger_probe_pool)))
+        probe = _probe_from_file(lm, args.danger_probe_data, args.danger_probe_layer, args.danger_probe_pool)
+        extras.append((1.0 if arca else args.danger_weight, probe))
     rows = run(lm, behaviors, config, out_dir=out, extras=extras, source=args.behaviors).rows
     if sweep is not None:
         _write_front(rows, out, config)
