@@ -12,7 +12,7 @@ from jaxrisk.data.prompts import Behavior
 from jaxrisk.errors import InputError
 from jaxrisk.redteam.config import GCGConfig
 from jaxrisk.redteam.lanes import encode_behaviors
-from jaxrisk.redteam.problem import GCGProblem, RoundTrip, allowed_tokens
+from jaxrisk.redteam.problem import GCGProblem, RoundTrip, allowed_tokens, word_start_tokens
 from jaxrisk.scorers.lm import SequenceScorer
 from jaxrisk.search import engine
 from jaxrisk.search.config import RunConfig
@@ -155,6 +155,7 @@ def run_group(lm, behaviors: list[Behavior], cfg: GCGConfig, run_cfg: RunConfig,
     problem = GCGProblem(params=lm.params, after=jnp.asarray(after), allowed=jnp.asarray(allowed),
                          init_suffix=jnp.asarray(suffix0), graphdef=lm.graphdef, cfg=cfg,
                          roundtrip=RoundTrip(tok) if cfg.filter_retokenization else None, extras=tuple(extras),
+                         restart_allowed=jnp.asarray(word_start_tokens(tok, allowed)) if cfg.restart_noise else None,
                          plausibility=plausibility, plausibility_extra=_same_scorer(plausibility, extras),
                          max_steps=run_cfg.max_steps)
     lane_inputs = {k: np.repeat(v, settings * restarts, axis=0) for k, v in lanes.items()}   # behaviour-major

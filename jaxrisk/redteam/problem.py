@@ -104,6 +104,21 @@ def allowed_tokens(tokenizer, vocab_size: int, allow_non_ascii: bool = False) ->
     return ok
 
 
+def word_start_tokens(tokenizer, allowed: np.ndarray) -> np.ndarray:
+    """[V] bool: the allowed tokens that begin a word (SentencePiece's '▁', byte-level BPE's 'Ġ'), which keep a
+    suffix's decode / encode round trip far more often than word pieces do (a noisy restart draws from them);
+    every allowed token where the tokenizer marks no word starts."""
+    def starts_a_word(i: int) -> bool:
+        try:
+            piece = tokenizer.convert_ids_to_tokens(i)
+        except (IndexError, KeyError, OverflowError, TypeError):
+            return False
+        return isinstance(piece, str) and len(piece) > 1 and piece[0] in "▁Ġ"
+
+    words = allowed & np.array([starts_a_word(i) for i in range(len(allowed))], bool)
+    return words if words.any() else allowed
+
+
 def prompt_cache(model, before_p, valid_p, room: int):
     """KV cache (batch 1) of a left-padded prompt [P] with mask [P], and `room` free positions after it."""
     cache = model.init_cache(1, before_p.shape[0] + room)
@@ -175,6 +190,7 @@ class GCGProblem:
     cfg: GCGConfig = struct.field(pytree_node=False, default=GCGConfig())
     roundtrip: Any = struct.field(pytree_node=False, default=None)
     extras: tuple = ()               # ((weight, scorer), ...): scorers of (goal + suffix), pytrees
+    restart_allowed: jax.Array | None = None   # [V] bool the tokens a noisy restart draws (None: `allowed`)
     plausibility: Any = None         # mean log p(request) scorer for cfg.max_perplexity (a SequenceScorer)
     plausibility_extra: int | None = struct.field(pytree_node=False, default=None)   # the extra that is that
     #                                  same scorer: the filter reuses its scores instead of computing them again
@@ -336,16 +352,23 @@ class GCGProblem:
         return (spread(loss, jnp.inf), spread(matched, -1), [spread(x, -jnp.inf) for x in scores], exact,
                 agreement)
 
-    def _restart_suffix(self, start, key):
+    def _restart_suffix(self, start, key, draws: int = 8):
         """Where a restart goes: the start suffix with a `restart_noise` share of its positions (drawn at random)
-        replaced by random allowed tokens."""
+        replaced by random tokens of `restart_allowed` (else `allowed`); of `draws` such suffixes the first that
+        survives decode / encode (with the round-trip filter on; else the first), or the start if none does: a
+        suffix that does not round-trip would leave every single swap of it to the filter."""
         noise = self.cfg.restart_noise
         if not noise:
             return start
         k_pos, k_tok = jax.random.split(key)
-        swap = jax.random.uniform(k_pos, start.shape) < noise
-        tokens = jax.random.categorical(k_tok, jnp.where(self.allowed, 0.0, -jnp.inf), shape=start.shape)
-        return jnp.where(swap, tokens.astype(start.dtype), start)
+        pool = self.allowed if self.restart_allowed is None else self.restart_allowed
+        swap = jax.random.uniform(k_pos, (draws,) + start.shape) < noise
+        tokens = jax.random.categorical(k_tok, jnp.where(pool, 0.0, -jnp.inf), shape=(draws,) + start.shape)
+        drawn = jnp.where(swap, tokens.astype(start.dtype), start)
+        if not (self.cfg.filter_retokenization and self.roundtrip is not None):
+            return drawn[0]
+        ok = host_callback(self.roundtrip, jax.ShapeDtypeStruct((draws,), jnp.bool_), drawn)
+        return jnp.where(ok.any(), drawn[jnp.argmax(ok)], start)
 
     def step(self, state, key):
         cfg = self.cfg

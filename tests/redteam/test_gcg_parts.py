@@ -270,6 +270,36 @@ def test_noisy_restarts_redraw_that_share_of_the_start_from_the_allowed_tokens()
         GCGConfig(restart_noise=1.5)
 
 
+@pytest.mark.assets
+def test_noisy_restarts_on_a_real_tokenizer_go_to_suffixes_a_user_could_type(stories_lm):
+    """Random word pieces almost never survive decode / encode next to each other, so a restart drawing from every
+    allowed token would leave all later candidates to the round-trip filter; drawn from the tokens that begin a
+    word, one of 8 draws survives and the restart takes it."""
+    from jaxrisk.redteam.gcg_run import init_suffix, target_start
+    from jaxrisk.redteam.problem import RoundTrip, allowed_tokens, word_start_tokens
+
+    tok = stories_lm.tokenizer
+    allowed = allowed_tokens(tok, stories_lm.cfg.vocab_size)
+    words = word_start_tokens(tok, allowed)
+    assert 0 < words.sum() < allowed.sum() and not (words & ~allowed).any()
+    cfg = GCGConfig(suffix_len=40, restart_patience=50, restart_noise=0.5)
+    start = jnp.asarray(target_start(tok, "found a hat", init_suffix(tok, cfg)))
+    keys = jax.random.split(jax.random.key(0), 20)
+    roundtrip = RoundTrip(tok)
+    for pool, check in ((allowed, None), (allowed, roundtrip), (words, roundtrip)):
+        problem = GCGProblem(params=stories_lm.params, after=jnp.zeros((0,), jnp.int32), allowed=jnp.asarray(allowed),
+                             restart_allowed=jnp.asarray(pool), init_suffix=start, graphdef=stories_lm.graphdef,
+                             cfg=cfg, roundtrip=check)
+        again = np.stack([np.asarray(problem._restart_suffix(start, k)) for k in keys])
+        moved, typable = (again != np.asarray(start)).any(1), roundtrip(again)
+        if check is None:      # unchecked draws from every allowed token: none a user could type
+            assert moved.all() and not typable.any()
+        elif pool is allowed:  # checked, none of them survives: the restart stays at the start
+            assert not moved.any()
+        else:                  # from word starts: nearly every restart moves, always to a suffix that round-trips
+            assert moved.sum() >= 18 and typable.all()
+
+
 def test_margin_loss_is_zero_exactly_when_every_target_token_leads_by_the_margin():
     from jaxrisk.redteam.problem import target_margin_loss
 
