@@ -25,10 +25,8 @@ for seed in 0 1; do
   .venv/bin/python benchmarks/gcg_success.py --steps 500 --suffix-len 40 --seed $seed --no-nanogcg \
     --variants gcg,random_positions,restart_matches_target,defaults --out "$RUNS/bench_gcg_success_s$seed.json"
 done
-for seed in 0 1; do
-  .venv/bin/python benchmarks/gcg_success.py --steps 500 --suffix-len 40 --seed $seed --no-nanogcg \
-    --variants defaults_noisy_restarts --out "$RUNS/bench_gcg_success_noisy_s$seed.json"
-done
+.venv/bin/python benchmarks/gcg_success.py --steps 500 --suffix-len 40 --no-nanogcg --variants defaults_noisy_restarts \
+  --out "$RUNS/bench_gcg_success_noisy_s0.json"
 .venv/bin/python benchmarks/gcg_success.py --steps 1000 --suffix-len 40 --no-nanogcg --variants defaults \
   --out "$RUNS/bench_gcg_success_1000_s0.json"
 .venv/bin/python benchmarks/gcg_success.py --steps 500 --suffix-len 40 --no-nanogcg --variants defaults_margin \
