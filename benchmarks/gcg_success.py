@@ -74,8 +74,8 @@ def lands(lm, prompt: str, target: str) -> bool:
     return lm.generate([np.asarray(ids, np.int32)], max_new_tokens=len(target_ids))[0][:len(target_ids)] == target_ids
 
 
-def run_variant(lm, behaviours, base: GCGConfig, parts: dict, steps: int, seed: int) -> dict:
-    cfg = RedteamConfig(run=RunConfig(max_steps=steps, chunk_steps=10, seed=seed, progress=False),
+def run_variant(lm, behaviours, base: GCGConfig, parts: dict, steps: int, seed: int, restarts: int = 1) -> dict:
+    cfg = RedteamConfig(run=RunConfig(max_steps=steps, chunk_steps=10, seed=seed, progress=False, restarts=restarts),
                         group=len(behaviours), gcg=dataclasses.replace(base, **parts))
     t = time.perf_counter()
     rows = run(lm, behaviours, cfg).rows
@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=128)
     ap.add_argument("--suffix-len", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--restarts", type=int, default=1,
+                    help="independent lanes per behaviour, each of --steps steps (the budget is their sum; a "
+                         "behaviour's lanes stop when one lands)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--no-nanogcg", action="store_true")
     ap.add_argument("--nanogcg-python", default=str(ROOT / ".venv-nanogcg" / "bin" / "python"))
@@ -128,10 +131,12 @@ def main() -> None:
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "jax_device": str(jax.devices()[0]), "model": args.model, "behaviours": len(behaviours),
               "budget": {"steps": args.steps, "search_width": args.search_width, "topk": args.topk,
-                         "suffix_len": args.suffix_len, "candidates_per_behaviour": args.steps * args.search_width},
+                         "suffix_len": args.suffix_len, "restarts": args.restarts,
+                         "candidates_per_behaviour": args.steps * args.search_width * args.restarts},
               "variants": {}}
     for name in args.variants.split(","):
-        record["variants"][name] = run_variant(lm, behaviours, base, VARIANTS[name], args.steps, args.seed)
+        record["variants"][name] = run_variant(lm, behaviours, base, VARIANTS[name], args.steps, args.seed,
+                                               args.restarts)
         v = record["variants"][name]
         print(f"{name:>11}: {v['successes']}/{len(behaviours)} landed, {v['wall_seconds']} s, "
               f"{v['candidates']} candidates, {v['mean_steps']:.0f} steps on average", flush=True)

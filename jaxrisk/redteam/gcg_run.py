@@ -92,7 +92,7 @@ def _search(lm, problem: GCGProblem, lane_inputs: dict, after: np.ndarray, cfg: 
         return out
     starts, sources = _warm_starts(lm, lane_inputs, after, state.best, solved, unsolved)
     rest = run_cfg.max_steps - first
-    carried = {name: getattr(state, name)[unsolved] for name in ("buffer", "buffer_loss", "buffer_matched", "seen")}
+    carried = {name: getattr(state, name)[unsolved] for name in problem.CARRIED}
     items = {k: v[unsolved] for k, v in lane_inputs.items()} | carried | {"start": starts}
     second = engine.run(problem.replace(max_steps=rest), items,
                         run_cfg.replace(max_steps=rest, checkpoint_dir=warm_dir(run_cfg.checkpoint_dir)),

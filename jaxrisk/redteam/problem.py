@@ -182,6 +182,8 @@ class GCGProblem:
     """Engine problem. Lane inputs: before [P] (left-padded), before_valid [P], goal [G] / goal_valid [G]
     (the request text, right-padded, for the extra scorers), target [T] / target_valid [T] (right-padded)."""
 
+    CARRIED = ("buffer", "buffer_loss", "buffer_matched", "seen")   # state a second round may take from a first
+
     params: nnx.State
     after: jax.Array                 # [A] template tokens between the suffix and the target (may be empty)
     allowed: jax.Array               # [V] bool
@@ -216,10 +218,9 @@ class GCGProblem:
         start = lane.pop("start", self.init_suffix)
         weights = lane.pop("extra_weights", jnp.asarray([w for w, _ in self.extras] or [0.0], jnp.float32))
         k, ls = max(self.cfg.buffer_size, 1), self.init_suffix.shape[0]
-        carried = dict(buffer=lane.pop("buffer", jnp.broadcast_to(start, (k, ls))),
-                       buffer_loss=lane.pop("buffer_loss", jnp.full((k,), jnp.inf, jnp.float32)),
-                       buffer_matched=lane.pop("buffer_matched", jnp.full((k,), -1, jnp.int32)),
-                       seen=lane.pop("seen", jnp.zeros((self.seen_bits,), bool)))
+        fresh = dict(buffer=jnp.broadcast_to(start, (k, ls)), buffer_loss=jnp.full((k,), jnp.inf, jnp.float32),
+                     buffer_matched=jnp.full((k,), -1, jnp.int32), seen=jnp.zeros((self.seen_bits,), bool))
+        carried = {name: lane.pop(name, fresh[name]) for name in self.CARRIED}
         if carried["seen"].shape != (self.seen_bits,):   # a carried filter must be the size this problem hashes into
             raise ValueError(f"GCGProblem.init: a carried filter of {carried['seen'].shape} bits, expected "
                              f"{self.seen_bits} (set filter_steps to the budget of both rounds)")

@@ -11,7 +11,7 @@ from jaxrisk.data.text import jsonl_rows
 from jaxrisk.errors import InputError
 from jaxrisk.io import atomic_write, json_text
 from jaxrisk.redteam.config import RedteamConfig
-from jaxrisk.scorers.probe import ProbeScorer
+from jaxrisk.scorers.probe import ProbeScorer, default_probe_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _extra_setting(weight, scorer, lm) -> list:
     layer or pools otherwise than `train_probe`'s defaults, which (a probe with the defaults is named as before
     this was recorded, so its results still resume)."""
     setting = [float(weight), type(scorer).__name__]
-    if isinstance(scorer, ProbeScorer) and (scorer.layer, scorer.pool) != (lm.cfg.n_layers // 2, "mean"):
+    if isinstance(scorer, ProbeScorer) and (scorer.layer, scorer.pool) != (default_probe_layer(lm.cfg), "mean"):
         setting.append({"layer": scorer.layer, "pool": scorer.pool})
     return setting
 

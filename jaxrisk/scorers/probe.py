@@ -76,6 +76,11 @@ class ProbeScorer:
         return jax.nn.log_sigmoid(self.logits(tokens, valid_bl))
 
 
+def default_probe_layer(cfg) -> int:
+    """The layer a probe reads unless told otherwise: the middle of the model."""
+    return cfg.n_layers // 2
+
+
 def train_probe(lm, texts: list[str], labels, *, layer: int | None = None, pool: str = "mean", steps: int = 300,
                 l2: float = 1e-2, learning_rate: float = 0.05) -> ProbeScorer:
     """Fit the probe by logistic regression (optax adam, L2) on `lm`'s activations; labels: 1 = harmful."""
@@ -83,7 +88,7 @@ def train_probe(lm, texts: list[str], labels, *, layer: int | None = None, pool:
     if len(texts) != len(labels) or len(texts) < 4 or len(set(labels.tolist())) != 2:
         raise InputError(f"train_probe: need >= 4 texts with both labels 0 and 1 (got {len(texts)} texts, "
                          f"labels {sorted(set(labels.tolist()))})")
-    layer = lm.cfg.n_layers // 2 if layer is None else layer
+    layer = default_probe_layer(lm.cfg) if layer is None else layer
     if not 0 <= layer < lm.cfg.n_layers:
         raise InputError(f"train_probe: layer {layer} is outside 0..{lm.cfg.n_layers - 1}")
     require_choice("train_probe: pool", pool, POOLS)
