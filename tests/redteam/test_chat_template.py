@@ -82,6 +82,7 @@ def test_prompt_suffix_and_target_sit_where_the_chat_template_puts_them(style, s
     assert placed == tok(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow   # a compiled search of 15-30 s on 2 busy cores
 def test_gcg_runs_through_a_chat_template_and_its_prompt_keeps_the_template():
     from jaxrisk.redteam import GCGConfig
     from jaxrisk.redteam.gcg_run import run_group

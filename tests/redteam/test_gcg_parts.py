@@ -67,6 +67,7 @@ def evaluated(log) -> list[tuple]:
     return [tuple(row) for _, _, cands, ok in log for row in cands[ok]]
 
 
+@pytest.mark.slow   # a compiled search of 15-30 s on 2 busy cores
 def test_no_revisit_never_evaluates_a_suffix_twice():
     plain = evaluated(run_tiny(TINY)[2])
     assert len(set(plain)) < len(plain) - 50   # the setting revisits a lot without the filter
@@ -75,6 +76,7 @@ def test_no_revisit_never_evaluates_a_suffix_twice():
     assert len(filtered) >= len(set(plain))     # and reaches at least as many distinct suffixes
 
 
+@pytest.mark.slow   # a compiled search of 15-30 s on 2 busy cores
 @pytest.mark.parametrize("buffer_size", [0, 3])
 def test_a_warm_round_carries_the_buffer_and_the_filter_of_evaluated_suffixes(buffer_size):
     """A warm start's second round goes on with the first round's buffer and filter: over both rounds no suffix is
@@ -182,6 +184,7 @@ def test_single_swaps_change_one_position_spread_evenly_or_drawn_at_random(posit
         assert set(at[swapped].tolist()) == set(range(6))
 
 
+@pytest.mark.slow   # a compiled search of 15-30 s on 2 busy cores
 def test_perplexity_filter_never_moves_to_a_request_above_the_bound():
     score = tiny_plausibility()
 
@@ -300,6 +303,7 @@ def test_noisy_restarts_on_a_real_tokenizer_go_to_suffixes_a_user_could_type(sto
             assert moved.sum() >= 18 and typable.all()
 
 
+@pytest.mark.slow   # a compiled search of 15-30 s on 2 busy cores
 def test_margin_loss_is_zero_exactly_when_every_target_token_leads_by_the_margin():
     from jaxrisk.redteam.problem import target_margin_loss
 
@@ -336,6 +340,7 @@ def test_margin_loss_is_zero_exactly_when_every_target_token_leads_by_the_margin
     np.testing.assert_array_equal(np.asarray(matched) == 3, solves)
 
 
+@pytest.mark.slow   # a compiled search of 15-30 s on 2 busy cores
 def test_probe_sampling_with_the_model_as_its_own_draft_searches_as_gcg_scoring_a_fraction():
     # the tiny Llama has 2 layers: a 2-layer draft is the model, so the draft's best B/R always hold the step's
     # best candidate and the search moves exactly as plain GCG's, the model scoring B/16 + B/R of B per step
@@ -392,6 +397,7 @@ def test_bad_search_parts_are_clear_errors(kw, expected):
         GCGConfig(**kw)
 
 
+@pytest.mark.slow   # a compiled search of 15-30 s on 2 busy cores
 def test_warm_start_takes_the_suffix_that_solves_its_target_and_reproduces_the_solution():
     from jaxrisk.models.lm import LanguageModel
     from jaxrisk.redteam.gcg_run import _warm_starts
