@@ -114,8 +114,8 @@ def main() -> None:
     ap.add_argument("--suffix-len", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--restarts", type=int, default=1,
-                    help="independent lanes per behaviour, each of --steps steps (the budget is their sum; a "
-                         "behaviour's lanes stop when one lands)")
+                    help="independent lanes per behaviour, each of --steps steps (the budget is their sum; each "
+                         "lane stops when it lands, a behaviour's other lanes go on)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--no-nanogcg", action="store_true")
     ap.add_argument("--nanogcg-python", default=str(ROOT / ".venv-nanogcg" / "bin" / "python"))
